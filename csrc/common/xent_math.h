@@ -1,0 +1,204 @@
+// The per-row math of cross-entropy, shared by the CPU and CUDA kernels.
+//
+// Everything that decides a number lives here, so the CPU tests also test the
+// formulas the CUDA kernels use. Kernels only move data: they accumulate
+// RowStats over a row (in chunks, merged with `merge`), turn them into a loss
+// with `index_row_loss` / `prob_row_loss`, and in backward evaluate
+// `grad = a * softmax - d * coef` plus a `-b` at the target class.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define XENT_HD __host__ __device__ __forceinline__
+#else
+#define XENT_HD inline
+#endif
+
+namespace xent_ext {
+
+// Same numbering as torch.nn._reduction.get_enum.
+enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
+
+namespace math {
+
+// Note [Row statistics]
+// For a row x_0..x_{C-1} and per-class coefficients coef_c we keep
+//   ref      a shift, the largest x seen so far (or -inf while every x is -inf)
+//   sum_exp  Σ exp(x_c - ref)
+//   coef_dot Σ coef_c (x_c - ref)        (Σ coef_c x_c while ref is -inf)
+//   coef_sum Σ coef_c
+// so that lse = ref + log(sum_exp) and
+//   Σ coef_c (lse - x_c) = coef_sum * log(sum_exp) - coef_dot.
+// The right-hand side is a sum of two non-negative terms when coef >= 0 (x_c
+// <= ref), so label smoothing and probability targets lose no precision to
+// cancellation even at large logit offsets, where `lse * Σcoef - Σ coef x`
+// would lose ~|lse| ulps. coef_c is w_c for label smoothing and w_c q_c for
+// probability targets. Merging two partial rows rescales to the larger ref:
+// one exp per chunk, never one per element.
+template <typename acc_t>
+struct RowStats {
+  acc_t ref;
+  acc_t sum_exp;
+  acc_t coef_dot;
+  acc_t coef_sum;
+};
+
+template <typename acc_t>
+XENT_HD acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// Note [Rows of -inf]
+// A chunk whose logits are all -inf contributes nothing to sum_exp but its
+// coefficients still see the -inf logits (torch's smoothing term is +inf
+// there, and 0 * -inf is nan). Shifting it by ref = -inf would make every
+// x - ref a nan, so such a chunk is accumulated with shift 0 (see
+// `accumulation_shift`) and merged without rescaling. A row of only -inf
+// ends with lse = -inf and a nan loss, as in torch.
+template <typename acc_t>
+XENT_HD acc_t accumulation_shift(acc_t ref) {
+  return ref == neg_inf<acc_t>() ? acc_t(0) : ref;
+}
+
+// Fold `b` (the later chunk) into `a`. The order of merges is fixed by the
+// chunk order, so a row's result never depends on how chunks were spread
+// across threads.
+template <typename acc_t>
+XENT_HD void merge(RowStats<acc_t>& a, const RowStats<acc_t>& b) {
+  if (b.ref == neg_inf<acc_t>()) {  // b adds no probability mass
+    a.coef_dot += b.coef_dot;
+    a.coef_sum += b.coef_sum;
+    return;
+  }
+  if (a.ref == neg_inf<acc_t>()) {  // a holds no probability mass
+    a.ref = b.ref;
+    a.sum_exp = b.sum_exp;
+    a.coef_dot += b.coef_dot;
+    a.coef_sum += b.coef_sum;
+    return;
+  }
+  // nan-propagating max: a nan ref must poison the row, as in torch.
+  const acc_t m = (a.ref != a.ref || a.ref > b.ref) ? a.ref : b.ref;
+  const acc_t da = a.ref - m;
+  const acc_t db = b.ref - m;
+  a.sum_exp = a.sum_exp * std::exp(da) + b.sum_exp * std::exp(db);
+  a.coef_dot = (a.coef_dot + a.coef_sum * da) + (b.coef_dot + b.coef_sum * db);
+  a.coef_sum += b.coef_sum;
+  a.ref = m;
+}
+
+// Note [lse in float64]
+// The saved log-sum-exp is kept in double for every input dtype. The backward
+// forms softmax as exp((x - lse_hi) - lse_lo) with lse_hi = float(lse) and
+// lse_lo = float(lse - lse_hi): x - lse_hi is exact near the row's maximum
+// (Sterbenz), so softmax keeps full fp32 accuracy even for logits around 1e4,
+// where a single fp32 lse would be off by up to half an ulp of 1e4 (5e-4).
+// It costs 8 bytes per row.
+XENT_HD double log_sum_exp(double ref, double sum_exp) {
+  return ref + std::log(sum_exp);
+}
+
+template <typename acc_t>
+struct SplitLse {
+  acc_t hi;
+  acc_t lo;
+};
+
+template <typename acc_t>
+XENT_HD SplitLse<acc_t> split_lse(double lse) {
+  const acc_t hi = static_cast<acc_t>(lse);
+  // Subtracting inf from inf would give nan; a non-finite lse has no low part.
+  const acc_t lo = std::isfinite(lse) ? static_cast<acc_t>(lse - static_cast<double>(hi)) : acc_t(0);
+  return {hi, lo};
+}
+
+// Loss of one row with a class-index target (torch's nll + label smoothing,
+// torch_semantics §5.2):
+//   (1 - eps) * w_y * (lse - x_y) + (eps / C) * Σ_c w_c (lse - x_c).
+// (lse - x_y) is formed as (ref - x_y) + log(sum_exp): both parts are exact
+// or small, so a large logit offset costs no accuracy.
+template <typename acc_t>
+XENT_HD acc_t index_row_loss(
+    const RowStats<acc_t>& st,
+    acc_t x_target,
+    acc_t w_target,
+    acc_t label_smoothing,
+    int64_t num_classes,
+    bool smoothing) {
+  const acc_t log_s = std::log(st.sum_exp);
+  const acc_t nll = w_target * ((st.ref - x_target) + log_s);
+  if (!smoothing) {
+    // Not multiplied by (1 - 0): an inf nll must stay inf, and the smoothing
+    // term (possibly inf from -inf logits) must not enter at all.
+    return nll;
+  }
+  const acc_t smooth = st.coef_sum * log_s - st.coef_dot;
+  return (acc_t(1) - label_smoothing) * nll + (label_smoothing / acc_t(num_classes)) * smooth;
+}
+
+// Loss of one row with a probability target: Σ_c w_c q_c (lse - x_c), with
+// q = target * (1 - eps) + eps / C already folded into coef.
+template <typename acc_t>
+XENT_HD acc_t prob_row_loss(const RowStats<acc_t>& st) {
+  return st.coef_sum * std::log(st.sum_exp) - st.coef_dot;
+}
+
+// Probability-target coefficient q_c = t_c * (1 - eps) + eps / C (torch §5.3).
+template <typename acc_t>
+struct SmoothedTarget {
+  acc_t scale;  // 1 - eps
+  acc_t shift;  // eps / C
+};
+
+template <typename acc_t>
+XENT_HD SmoothedTarget<acc_t> smoothed_target(acc_t label_smoothing, int64_t num_classes) {
+  if (label_smoothing > acc_t(0)) {
+    return {acc_t(1) - label_smoothing, label_smoothing / acc_t(num_classes)};
+  }
+  return {acc_t(1), acc_t(0)};
+}
+
+// Backward of one row: grad_c = a * softmax_c - d * coef_c - (c == y ? b : 0).
+// Derivation for index targets (torch §5.2), with s = grad_out * scale:
+//   a = s ((1-eps) w_y + (eps/C) Σw),  b = s (1-eps) w_y,  d = s eps / C,
+// coef_c = w_c (1 without a weight). For probability targets:
+//   a = s Σ_c w_c q_c,  b = 0,  d = s,  coef_c = w_c q_c.
+// An ignored row has a = b = d = 0 and still evaluates 0 * softmax, so a nan
+// or +inf logit gives a nan gradient there, exactly as torch's
+// log_softmax_backward does; kernels may write zeros directly when lse is
+// finite (then every softmax value is finite).
+template <typename acc_t>
+struct GradCoefs {
+  acc_t a;
+  acc_t b;
+  acc_t d;
+};
+
+template <typename acc_t>
+XENT_HD GradCoefs<acc_t> index_grad_coefs(
+    acc_t grad_scaled,  // grad_out * (1 / total_weight for mean, else 1)
+    bool valid,
+    acc_t w_target,
+    acc_t weight_sum,
+    acc_t label_smoothing,
+    int64_t num_classes) {
+  if (!valid) {
+    return {acc_t(0), acc_t(0), acc_t(0)};
+  }
+  // Note [Smoothing off]
+  // Without smoothing the coefficients are formed without eps at all, so a
+  // nan or inf in weight_sum cannot leak in through 0 * inf.
+  if (!(label_smoothing > acc_t(0))) {
+    const acc_t b = grad_scaled * w_target;
+    return {b, b, acc_t(0)};
+  }
+  const acc_t d = grad_scaled * (label_smoothing / acc_t(num_classes));
+  const acc_t b = grad_scaled * ((acc_t(1) - label_smoothing) * w_target);
+  return {b + d * weight_sum, b, d};
+}
+
+}  // namespace math
+}  // namespace xent_ext

@@ -1,0 +1,348 @@
+// xent_ext: op schemas, CPU wrappers (validate + allocate + call the kernel),
+// and the pybind11 module that reports how the extension was built.
+//
+// Call flow: xent_ext.cross_entropy (Python: torch-identical argument checks,
+// view as (N, C, K)) -> torch.ops.xent_ext.cross_entropy_*_forward ->
+// dispatcher -> the CPU (here) or CUDA (csrc/cuda) implementation. Autograd
+// and fake (meta) kernels are registered from Python (xent_ext/_ops.py).
+#include "common/xent_math.h"
+#include "cpu/xent_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+#include <torch/version.h>
+#include <pybind11/pybind11.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <atomic>
+#include <optional>
+#include <tuple>
+
+namespace xent_ext {
+namespace {
+
+using at::Tensor;
+
+at::ScalarType accumulation_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_input(const Tensor& input, const char* op) {
+  TORCH_CHECK(input.dim() == 3, op, ": expected input of shape (N, C, K), got ", input.sizes());
+  const at::ScalarType t = input.scalar_type();
+  TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
+              ": expected float64, float32, bfloat16 or float16 input, got ", t);
+}
+
+void check_reduction(int64_t reduction, const char* op) {
+  TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
+              op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// Class weights as a contiguous (C,) tensor of the accumulation dtype.
+Tensor canonical_weight(const std::optional<Tensor>& weight, const Tensor& input, const char* op) {
+  if (!weight.has_value() || !weight->defined()) {
+    return Tensor();
+  }
+  const int64_t C = input.size(1);
+  TORCH_CHECK(weight->dim() == 1 && weight->numel() == C, op,
+              ": weight tensor should be defined either for all ", C,
+              " classes or no classes but got weight tensor of shape: ", weight->sizes());
+  TORCH_CHECK(weight->device() == input.device(), op, ": weight is on ", weight->device(),
+              " but input is on ", input.device());
+  return weight->to(accumulation_dtype(input.scalar_type())).contiguous();
+}
+
+// (N, K) int64 class indices; uint8 is widened (O(N), cheap).
+Tensor canonical_index_target(const Tensor& target, const Tensor& input, const char* op) {
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
+              ": expected target dtype to be Long or Byte, but got ", target.scalar_type());
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2), op,
+              ": expected target of shape [", input.size(0), ", ", input.size(2), "], got ", target.sizes());
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+              " but input is on ", input.device());
+  return target.scalar_type() == at::kLong ? target : target.to(at::kLong);
+}
+
+// Every class index must be in [0, C) unless it is ignore_index. The error
+// names the first bad target in row order, as torch's does.
+void check_target_range(const Tensor& target, int64_t C, int64_t ignore_index) {
+  const int64_t N = target.size(0), K = target.size(1);
+  const int64_t tn = target.stride(0), tk = target.stride(1);
+  const int64_t* t = target.data_ptr<int64_t>();
+  const auto bad = [&](int64_t r) {
+    const int64_t y = t[(r / K) * tn + (r % K) * tk];
+    return y != ignore_index && (y < 0 || y >= C);
+  };
+  std::atomic<bool> any_bad{false};
+  at::parallel_for(0, N * K, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (bad(r)) {
+        any_bad.store(true, std::memory_order_relaxed);
+        return;
+      }
+    }
+  });
+  if (!any_bad.load()) {
+    return;
+  }
+  for (int64_t r = 0; r < N * K; ++r) {
+    if (bad(r)) {
+      TORCH_CHECK_INDEX(false, "Target ", t[(r / K) * tn + (r % K) * tk], " is out of bounds.");
+    }
+  }
+}
+
+Tensor loss_output(const Tensor& input, int64_t reduction) {
+  if (reduction == kReductionNone) {
+    return at::empty({input.size(0), input.size(2)}, input.options());
+  }
+  return at::empty({}, input.options());
+}
+
+void check_grad_loss(const Tensor& grad_loss, const Tensor& input, int64_t reduction, const char* op) {
+  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss has dtype ",
+              grad_loss.scalar_type(), " but input has ", input.scalar_type());
+  if (reduction == kReductionNone) {
+    TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == input.size(0) && grad_loss.size(1) == input.size(2),
+                op, ": expected grad_loss of shape [", input.size(0), ", ", input.size(2), "], got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": expected a scalar grad_loss, got shape ", grad_loss.sizes());
+  }
+}
+
+void check_row_stat(const Tensor& t, const Tensor& input, at::ScalarType dtype, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == input.size(0) && t.size(1) == input.size(2),
+              op, ": expected ", name, " of dtype ", dtype, " and shape [", input.size(0), ", ", input.size(2),
+              "], got ", t.scalar_type(), " ", t.sizes());
+}
+
+std::tuple<Tensor, Tensor, Tensor> index_forward_cpu(
+    const Tensor& input,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
+    int64_t ignore_index,
+    double label_smoothing,
+    int64_t reduction) {
+  constexpr const char* op = "xent_ext::cross_entropy_index_forward";
+  check_input(input, op);
+  check_reduction(reduction, op);
+  cpu::IndexForwardArgs args;
+  args.input = input;
+  args.target = canonical_index_target(target, input, op);
+  args.weight = canonical_weight(weight, input, op);
+  check_target_range(args.target, input.size(1), ignore_index);
+  args.ignore_index = ignore_index;
+  args.label_smoothing = label_smoothing;
+  args.reduction = reduction;
+  args.loss = loss_output(input, reduction);
+  args.lse = at::empty({input.size(0), input.size(2)}, input.options().dtype(at::kDouble));
+  args.total_weight = at::empty({}, input.options().dtype(accumulation_dtype(input.scalar_type())));
+  cpu::kernels().index_forward(args);
+  return {args.loss, args.lse, args.total_weight};
+}
+
+Tensor index_backward_cpu(
+    const Tensor& grad_loss,
+    const Tensor& input,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
+    const Tensor& lse,
+    const Tensor& total_weight,
+    int64_t ignore_index,
+    double label_smoothing,
+    int64_t reduction) {
+  constexpr const char* op = "xent_ext::cross_entropy_index_backward";
+  check_input(input, op);
+  check_reduction(reduction, op);
+  check_grad_loss(grad_loss, input, reduction, op);
+  check_row_stat(lse, input, at::kDouble, "lse", op);
+  TORCH_CHECK(total_weight.numel() == 1 && total_weight.scalar_type() == accumulation_dtype(input.scalar_type()),
+              op, ": total_weight must be the 0-d tensor returned by the forward");
+  cpu::IndexBackwardArgs args;
+  args.grad_loss = grad_loss;
+  args.input = input;
+  args.target = canonical_index_target(target, input, op);
+  args.weight = canonical_weight(weight, input, op);
+  args.lse = lse.contiguous();
+  args.total_weight = total_weight;
+  args.ignore_index = ignore_index;
+  args.label_smoothing = label_smoothing;
+  args.reduction = reduction;
+  // Keeps the input's memory format (channels-last stays channels-last), so
+  // the gradient is written in the order the logits are read.
+  args.grad_input = at::empty_like(input);
+  cpu::kernels().index_backward(args);
+  return args.grad_input;
+}
+
+Tensor canonical_prob_target(const Tensor& target, const Tensor& input, const char* op) {
+  TORCH_CHECK(target.sizes() == input.sizes(), op, ": expected probability target of shape ", input.sizes(),
+              ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), op, ": expected probability target of dtype ",
+              input.scalar_type(), ", got ", target.scalar_type());
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+              " but input is on ", input.device());
+  return target;
+}
+
+std::tuple<Tensor, Tensor, Tensor> prob_forward_cpu(
+    const Tensor& input,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
+    double label_smoothing,
+    int64_t reduction) {
+  constexpr const char* op = "xent_ext::cross_entropy_prob_forward";
+  check_input(input, op);
+  check_reduction(reduction, op);
+  cpu::ProbForwardArgs args;
+  args.input = input;
+  args.target = canonical_prob_target(target, input, op);
+  args.weight = canonical_weight(weight, input, op);
+  args.label_smoothing = label_smoothing;
+  args.reduction = reduction;
+  args.loss = loss_output(input, reduction);
+  args.lse = at::empty({input.size(0), input.size(2)}, input.options().dtype(at::kDouble));
+  args.coef_sum = at::empty({input.size(0), input.size(2)}, input.options().dtype(accumulation_dtype(input.scalar_type())));
+  cpu::kernels().prob_forward(args);
+  return {args.loss, args.lse, args.coef_sum};
+}
+
+std::tuple<Tensor, Tensor> prob_backward_cpu(
+    const Tensor& grad_loss,
+    const Tensor& input,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
+    const Tensor& lse,
+    const Tensor& coef_sum,
+    double label_smoothing,
+    int64_t reduction,
+    bool input_grad,
+    bool target_grad) {
+  constexpr const char* op = "xent_ext::cross_entropy_prob_backward";
+  check_input(input, op);
+  check_reduction(reduction, op);
+  check_grad_loss(grad_loss, input, reduction, op);
+  check_row_stat(lse, input, at::kDouble, "lse", op);
+  check_row_stat(coef_sum, input, accumulation_dtype(input.scalar_type()), "coef_sum", op);
+  cpu::ProbBackwardArgs args;
+  args.grad_loss = grad_loss;
+  args.input = input;
+  args.target = canonical_prob_target(target, input, op);
+  args.weight = canonical_weight(weight, input, op);
+  args.lse = lse.contiguous();
+  args.coef_sum = coef_sum.contiguous();
+  args.label_smoothing = label_smoothing;
+  args.reduction = reduction;
+  if (input_grad) {
+    args.grad_input = at::empty_like(input);
+  }
+  if (target_grad) {
+    args.grad_target = at::empty_like(target);
+  }
+  cpu::kernels().prob_backward(args);
+  // A gradient that was not asked for comes back as an empty tensor: op
+  // schemas cannot return None.
+  const auto or_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, input.options()); };
+  return {or_empty(args.grad_input), or_empty(args.grad_target)};
+}
+
+}  // namespace
+}  // namespace xent_ext
+
+// Note [Op schemas]
+// Inputs are canonical: logits (N, C, K) with any strides, class-index
+// targets (N, K), probability targets (N, C, K). The Python layer reshapes
+// every torch-accepted shape to this. `reduction` uses torch's enum (0 none,
+// 1 mean, 2 sum). Forwards return (loss, lse, aux): lse (N, K) float64 is
+// what the backward recomputes softmax from; aux is the weighted-mean
+// denominator (index) or the per-row Σ w q (probability).
+// Room to grow without breaking callers: new options (z_loss, logit_softcap,
+// logit_scale) are appended as trailing arguments with defaults that mean
+// "off", which keeps old call sites valid; an in-place gradient is a
+// separate `*_backward_` op that writes into the logits; a CUDA
+// implementation is a TORCH_LIBRARY_IMPL(xent_ext, CUDA, m) block.
+TORCH_LIBRARY(xent_ext, m) {
+  m.def(
+      "cross_entropy_index_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction) -> (Tensor loss, Tensor lse, Tensor total_weight)");
+  m.def(
+      "cross_entropy_index_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor total_weight, int ignore_index, float label_smoothing, int reduction) -> Tensor");
+  m.def(
+      "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
+      "int reduction) -> (Tensor loss, Tensor lse, Tensor coef_sum)");
+  m.def(
+      "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor coef_sum, float label_smoothing, int reduction, bool input_grad, bool target_grad) "
+      "-> (Tensor grad_input, Tensor grad_target)");
+}
+
+TORCH_LIBRARY_IMPL(xent_ext, CPU, m) {
+  m.impl("cross_entropy_index_forward", &xent_ext::index_forward_cpu);
+  m.impl("cross_entropy_index_backward", &xent_ext::index_backward_cpu);
+  m.impl("cross_entropy_prob_forward", &xent_ext::prob_forward_cpu);
+  m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_cpu);
+}
+
+#define XENT_STR_(x) #x
+#define XENT_STR(x) XENT_STR_(x)
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "xent_ext compiled core: importing it registers the torch.ops.xent_ext operators.";
+  m.def(
+      "build_info",
+      []() {
+        pybind11::dict info;
+        info["torch_version"] = TORCH_VERSION;
+#ifdef XENT_WITH_CUDA
+        info["cuda_version"] = XENT_STR(XENT_CUDA_VERSION);
+        info["cuda_archs"] = XENT_STR(XENT_CUDA_ARCHS);
+#else
+        info["cuda_version"] = pybind11::none();
+        info["cuda_archs"] = pybind11::none();
+#endif
+        pybind11::list isas;
+        isas.append("default");
+#ifdef XENT_HAVE_AVX2
+        isas.append("avx2");
+#endif
+#ifdef XENT_HAVE_AVX512
+        isas.append("avx512");
+#endif
+        info["cpu_isas"] = isas;
+#ifdef _OPENMP
+        info["openmp"] = true;
+        info["openmp_version"] = static_cast<int>(_OPENMP);
+#else
+        info["openmp"] = false;
+        info["openmp_version"] = pybind11::none();
+#endif
+#ifdef _GLIBCXX_USE_CXX11_ABI
+        info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
+#endif
+        return info;
+      },
+      "How this extension was built: torch version, CUDA version and archs (None for a CPU-only "
+      "build), CPU ISAs compiled, OpenMP.");
+  m.def(
+      "cpu_capability",
+      []() {
+        std::string isa = xent_ext::cpu::kernels().isa;
+        for (char& ch : isa) {
+          ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+        }
+        return isa;
+      },
+      "The CPU ISA whose kernels are in use: 'default', 'avx2' or 'avx512'.");
+  m.def(
+      "num_threads", []() { return at::get_num_threads(); },
+      "Threads at::parallel_for uses in this extension (follows torch.set_num_threads).");
+}

@@ -1,0 +1,114 @@
+"""Build script for xent_ext's compiled core (``xent_ext._C``).
+
+Build with ``pip install --no-build-isolation .`` (torch must already be
+installed: the extension is compiled against it). Environment variables:
+
+- ``XENT_EXT_CPU_ONLY=1``: skip the CUDA sources even when torch is a CUDA
+  build (fast local work; the only choice with a CPU build of torch).
+- ``CUDA_HOME``, ``TORCH_CUDA_ARCH_LIST``: where nvcc lives and which GPU
+  architectures to compile for (required without a visible GPU).
+- ``MAX_JOBS``: parallel compile jobs.
+- ``XENT_EXT_ISAS``: comma-separated CPU ISAs to compile (default
+  ``default,avx2,avx512`` on x86-64, ``default`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+# Note [Per-ISA kernels]
+# The CPU kernel (csrc/cpu/xent_kernel.h) is compiled once per ISA, each
+# translation unit with its own -m flags and CPU_CAPABILITY, and chosen at run
+# time (csrc/cpu/xent_cpu.cpp). Never -march=native: the wheel must run on any
+# x86-64 machine. The flags mirror the ones ATen compiles its own kernels with.
+ISA_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "avx512": [
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+    ],
+}
+
+
+def _isas() -> list[str]:
+    requested = os.environ.get("XENT_EXT_ISAS")
+    if requested:
+        isas = [s.strip().lower() for s in requested.split(",") if s.strip()]
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        isas = ["default", "avx2", "avx512"]
+    else:
+        isas = ["default"]
+    unknown = sorted(set(isas) - set(ISA_FLAGS))
+    if unknown or "default" not in isas:
+        raise SystemExit(f"XENT_EXT_ISAS={requested!r}: expected a list from {sorted(ISA_FLAGS)} including 'default'")
+    return isas
+
+
+ISAS = _isas()
+OPENMP_FLAGS = ["-fopenmp"]
+CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden", *OPENMP_FLAGS]
+DEFINES = [f"-DXENT_HAVE_{isa.upper()}" for isa in ISAS if isa != "default"]
+
+
+class XentBuildExtension(BuildExtension):
+    """BuildExtension that first compiles the per-ISA kernel files with their own flags.
+
+    setuptools compiles every source of an extension with the same flags, so the
+    per-ISA files are compiled here (in parallel) and linked in as objects.
+    """
+
+    def build_extension(self, ext) -> None:
+        cxx_args = ext.extra_compile_args
+        if isinstance(cxx_args, dict):
+            cxx_args = cxx_args.get("cxx", [])
+        sources = [os.path.join(CSRC, "cpu", f"xent_kernel_{isa}.cpp") for isa in ISAS]
+
+        def compile_one(isa_and_source: tuple[str, str]) -> list[str]:
+            isa, source = isa_and_source
+            return self.compiler.compile(
+                [source],
+                output_dir=self.build_temp,
+                include_dirs=ext.include_dirs,
+                extra_postargs=[*cxx_args, *ISA_FLAGS[isa]],
+            )
+
+        jobs = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
+        with ThreadPoolExecutor(max_workers=min(jobs, len(sources))) as pool:
+            objects = [obj for objs in pool.map(compile_one, zip(ISAS, sources)) for obj in objs]
+        ext.extra_objects = [*getattr(ext, "extra_objects", []), *objects]
+        super().build_extension(ext)
+
+
+def _extension():
+    include_dirs = [os.path.join(ROOT, CSRC)]
+    sources = [os.path.join(CSRC, "xent_ext.cpp"), os.path.join(CSRC, "cpu", "xent_cpu.cpp")]
+    print(f"xent_ext build: CPU ISAs {ISAS}, OpenMP on, CUDA off", file=sys.stderr)
+    return CppExtension(
+        "xent_ext._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": [*CXX_FLAGS, *DEFINES]},
+        extra_link_args=OPENMP_FLAGS,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": XentBuildExtension},
+)

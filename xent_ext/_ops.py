@@ -1,0 +1,183 @@
+"""Fake (meta) kernels and autograd for the ``torch.ops.xent_ext`` operators.
+
+The operators themselves are defined and implemented in C++ (``csrc/``);
+importing ``xent_ext._C`` registers them. Here we add what the dispatcher needs
+for ``torch.compile``/``torch.export`` (fake kernels that compute output
+metadata) and for training (backward formulas).
+
+Note [Double backward]
+The first-order backward runs the fused backward op. When autograd records the
+backward itself (``create_graph=True``, e.g. gradgradcheck or gradient
+penalties), the gradient is instead formed from differentiable torch ops that
+evaluate the same formula (``csrc/common/xent_math.h``), so any order of
+derivative is available. That path is slower and is only taken when asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the operators)
+
+_ops = torch.ops.xent_ext
+
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 logits, fp32 for fp32/bf16/fp16 (Note [Accumulation dtype])."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _loss_like(input: Tensor, reduction: int) -> Tensor:
+    n, _, k = input.shape
+    return input.new_empty((n, k) if reduction == REDUCTION_NONE else ())
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: output metadata only, mirroring the C++ allocations.
+
+
+@torch.library.register_fake("xent_ext::cross_entropy_index_forward")
+def _index_forward_fake(input, target, weight, ignore_index, label_smoothing, reduction):
+    n, _, k = input.shape
+    lse = input.new_empty((n, k), dtype=torch.float64)
+    total_weight = input.new_empty((), dtype=accumulation_dtype(input.dtype))
+    return _loss_like(input, reduction), lse, total_weight
+
+
+@torch.library.register_fake("xent_ext::cross_entropy_index_backward")
+def _index_backward_fake(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing, reduction):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("xent_ext::cross_entropy_prob_forward")
+def _prob_forward_fake(input, target, weight, label_smoothing, reduction):
+    n, _, k = input.shape
+    lse = input.new_empty((n, k), dtype=torch.float64)
+    coef_sum = input.new_empty((n, k), dtype=accumulation_dtype(input.dtype))
+    return _loss_like(input, reduction), lse, coef_sum
+
+
+@torch.library.register_fake("xent_ext::cross_entropy_prob_backward")
+def _prob_backward_fake(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad, target_grad):
+    grad_input = torch.empty_like(input) if input_grad else input.new_empty((0,))
+    grad_target = torch.empty_like(target) if target_grad else input.new_empty((0,))
+    return grad_input, grad_target
+
+
+# ---------------------------------------------------------------------------
+# Composite gradients for double backward (Note [Double backward]).
+
+
+def _rows_grad(grad_loss: Tensor, reduction: int, n: int, k: int, scale: Tensor | float, acc: torch.dtype) -> Tensor:
+    """Upstream gradient per row, (N, K), already multiplied by the mean's 1/denominator."""
+    g = grad_loss.to(acc)
+    if reduction != REDUCTION_NONE:
+        g = g.reshape(()).expand(n, k)
+    if reduction == REDUCTION_MEAN:
+        g = g * scale
+    return g
+
+
+def _index_grad_composite(grad_loss, input, target, weight, total_weight, ignore_index, label_smoothing, reduction):
+    acc = accumulation_dtype(input.dtype)
+    n, c, k = input.shape
+    p = torch.softmax(input.to(acc), dim=1)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    w_target = weight.to(acc)[safe_target] if weight is not None else torch.ones_like(safe_target, dtype=acc)
+    w_target = torch.where(valid, w_target, torch.zeros_like(w_target))
+    g = _rows_grad(grad_loss, reduction, n, k, 1.0 / total_weight.to(acc), acc)
+    one_hot = torch.nn.functional.one_hot(safe_target, c).permute(0, 2, 1).to(acc)
+    if label_smoothing > 0:
+        weight_c = weight.to(acc).view(1, c, 1) if weight is not None else torch.ones((), dtype=acc)
+        weight_sum = weight.to(acc).sum() if weight is not None else c
+        b = g * (1 - label_smoothing) * w_target
+        d = g * (label_smoothing / c) * valid.to(acc)
+        a = b + d * weight_sum
+        grad = a.unsqueeze(1) * p - d.unsqueeze(1) * weight_c - b.unsqueeze(1) * one_hot
+    else:
+        b = (g * w_target).unsqueeze(1)
+        grad = b * p - b * one_hot
+    return grad.to(input.dtype)
+
+
+def _prob_grads_composite(grad_loss, input, target, weight, label_smoothing, reduction, want_input, want_target):
+    acc = accumulation_dtype(input.dtype)
+    n, c, k = input.shape
+    x = input.to(acc)
+    g = _rows_grad(grad_loss, reduction, n, k, 1.0 / max(n * k, 1), acc).unsqueeze(1)
+    q_scale = 1 - label_smoothing if label_smoothing > 0 else 1.0
+    q = target.to(acc) * q_scale + (label_smoothing / c if label_smoothing > 0 else 0.0)
+    weight_c = weight.to(acc).view(1, c, 1) if weight is not None else None
+    coef = q * weight_c if weight_c is not None else q
+    grad_input = grad_target = None
+    if want_input:
+        p = torch.softmax(x, dim=1)
+        grad_input = (g * (p * coef.sum(1, keepdim=True) - coef)).to(input.dtype)
+    if want_target:
+        log_p = torch.log_softmax(x, dim=1)
+        scaled = -g * q_scale * log_p
+        grad_target = (scaled * weight_c if weight_c is not None else scaled).to(target.dtype)
+    return grad_input, grad_target
+
+
+# ---------------------------------------------------------------------------
+# Autograd.
+
+
+def _index_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    input, target, weight, ignore_index, label_smoothing, reduction = inputs
+    _, lse, total_weight = output
+    ctx.save_for_backward(input, target, weight, lse, total_weight)
+    ctx.ignore_index = ignore_index
+    ctx.label_smoothing = label_smoothing
+    ctx.reduction = reduction
+    ctx.mark_non_differentiable(lse, total_weight)
+
+
+def _index_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_total_weight: Tensor):
+    input, target, weight, lse, total_weight = ctx.saved_tensors
+    args = (ctx.ignore_index, ctx.label_smoothing, ctx.reduction)
+    if torch.is_grad_enabled():
+        grad_input = _index_grad_composite(grad_loss, input, target, weight, total_weight, *args)
+    else:
+        grad_input = _ops.cross_entropy_index_backward(grad_loss, input, target, weight, lse, total_weight, *args)
+    return grad_input, None, None, None, None, None
+
+
+def _prob_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    input, target, weight, label_smoothing, reduction = inputs
+    _, lse, coef_sum = output
+    ctx.save_for_backward(input, target, weight, lse, coef_sum)
+    ctx.label_smoothing = label_smoothing
+    ctx.reduction = reduction
+    ctx.mark_non_differentiable(lse, coef_sum)
+
+
+def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_coef_sum: Tensor):
+    input, target, weight, lse, coef_sum = ctx.saved_tensors
+    want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():
+        grad_input, grad_target = _prob_grads_composite(
+            grad_loss, input, target, weight, ctx.label_smoothing, ctx.reduction, want_input, want_target
+        )
+    else:
+        grad_input, grad_target = _ops.cross_entropy_prob_backward(
+            grad_loss, input, target, weight, lse, coef_sum, ctx.label_smoothing, ctx.reduction, want_input, want_target
+        )
+        grad_input = grad_input if want_input else None
+        grad_target = grad_target if want_target else None
+    return grad_input, grad_target, None, None, None
+
+
+torch.library.register_autograd(
+    "xent_ext::cross_entropy_index_forward", _index_backward, setup_context=_index_setup_context
+)
+torch.library.register_autograd(
+    "xent_ext::cross_entropy_prob_forward", _prob_backward, setup_context=_prob_setup_context
+)

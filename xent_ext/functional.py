@@ -1,0 +1,245 @@
+"""``xent_ext.cross_entropy``: torch-identical argument handling in front of the fused ops.
+
+Everything torch accepts is computed by the fused kernels; everything torch
+rejects is rejected with torch's exception type and message, in torch's order
+of checks (see ``shared/torch_semantics.md``). A few configurations that the
+kernels do not cover are handed to torch's own implementation, which gives
+exactly torch's result or error (Note [Handing over to torch]).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _Reduction
+from torch.overrides import handle_torch_function, has_torch_function_variadic
+
+from . import _ops
+
+__all__ = ["cross_entropy"]
+
+_KERNEL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DEVICES = ("cpu",)
+
+# c10's ScalarType names, which torch's C++ error messages use.
+_DTYPE_NAMES = {
+    torch.float64: "Double",
+    torch.float32: "Float",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    r"""Cross-entropy between logits and targets; a drop-in for :func:`torch.nn.functional.cross_entropy`.
+
+    Same arguments in the same positional order, same results (forward and
+    gradients), same errors, so ``torch.nn.functional.cross_entropy =
+    xent_ext.cross_entropy`` breaks no caller. The loss is computed by fused
+    kernels that read each logit once in the forward and once in the backward,
+    never materialize log-probabilities, and accumulate in fp32 (fp64 for
+    fp64 logits).
+
+    Args:
+        input: logits of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``;
+            float64, float32, bfloat16 or float16; any strides.
+        target: class indices of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)``
+            (int64 or uint8, each in ``[0, C)`` or equal to ``ignore_index``),
+            or class probabilities of the same shape as ``input`` (any floating
+            dtype; the result is type-promoted). As in torch, the two are told
+            apart by shape alone.
+        weight: optional class weights of shape ``(C)``. With class indices it
+            must have the input's dtype; the ``'mean'`` divides by the sum of
+            the weights of the non-ignored targets.
+        size_average: deprecated (see ``reduction``); overrides it when set.
+        ignore_index: a class index whose targets contribute neither loss nor
+            gradient. Any integer; must be negative with probability targets.
+        reduce: deprecated (see ``reduction``); overrides it when set.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+        label_smoothing: in ``[0.0, 1.0]``; mixes the target with the uniform
+            distribution exactly as torch does (with weights and
+            ``ignore_index``).
+
+    Returns:
+        The loss, in the input's dtype (or the promoted dtype with probability
+        targets): a 0-d tensor for ``'mean'``/``'sum'``, the target's shape
+        without the class dimension for ``'none'``.
+
+    Example::
+
+        >>> logits = torch.randn(8, 32000, requires_grad=True)
+        >>> target = torch.randint(32000, (8,))
+        >>> loss = xent_ext.cross_entropy(logits, target, label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            cross_entropy,
+            (input, target, weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            ignore_index=ignore_index,
+            reduce=reduce,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    reduction_enum = _Reduction.get_enum(reduction)  # torch's ValueError / deprecation warning
+    if _hand_over_to_torch(input, target, weight):
+        return torch._C._nn.cross_entropy_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
+    if input.shape == target.shape:
+        # torch tells probability targets from class indices by shape alone.
+        if not target.is_floating_point():
+            raise RuntimeError(
+                f"Expected floating point type for target with class probabilities, got {_dtype_name(target.dtype)}"
+            )
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        return _prob_target_loss(input, target, weight, reduction_enum, label_smoothing)
+    if label_smoothing > 0.0 and label_smoothing > 1.0:
+        # C++ streams print doubles with 6 significant digits, as %g does.
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")
+    return _index_target_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
+
+
+# Note [Handing over to torch]
+# These inputs go to torch's own cross_entropy (the C++ entry point, so a
+# caller who replaced F.cross_entropy with ours cannot recurse):
+# - dtypes and devices without a fused kernel: torch computes the result, or
+#   raises its own error (integer or complex logits, a 0-d input);
+# - tensors on different devices: torch raises its own device error;
+# - class weights that require grad (with grad enabled): on the probability
+#   path they are differentiable in torch, and on the index path torch
+#   raises "not differentiable"; either way torch's behaviour is the contract.
+def _hand_over_to_torch(input: Tensor, target: Tensor, weight: Optional[Tensor]) -> bool:
+    if input.dim() == 0 or input.dtype not in _KERNEL_DTYPES or input.device.type not in _KERNEL_DEVICES:
+        return True
+    if target.device != input.device or (weight is not None and weight.device != input.device):
+        return True
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        return True
+    # Probability targets with zero classes: torch's empty-sum conventions.
+    return input.shape == target.shape and target.is_floating_point() and input.shape[_class_dim(input)] == 0
+
+
+def _class_dim(input: Tensor) -> int:
+    return 0 if input.dim() == 1 else 1
+
+
+def _as_ncK(t: Tensor) -> Tensor:
+    """View a (C,), (N, C) or (N, C, d1, ...) tensor as (N, C, K); copies only if the strides can't be merged."""
+    if t.dim() == 1:
+        return t.unsqueeze(0).unsqueeze(-1)
+    if t.dim() == 2:
+        return t.unsqueeze(-1)
+    return t.flatten(2)
+
+
+def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, label_smoothing: float) -> Tensor:
+    num_classes = input.shape[_class_dim(input)]
+    if weight is not None and not (weight.dim() == 1 and weight.numel() == num_classes):
+        raise RuntimeError(
+            f"cross_entropy: weight tensor should be defined either for all {num_classes} classes "
+            f"or no classes but got weight tensor of shape: {list(weight.shape)}"
+        )
+    # torch multiplies log_softmax(input) * target * weight: the result type is
+    # promoted over all three.
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if weight is not None:
+        dtype = torch.promote_types(dtype, weight.dtype)
+    x = _as_ncK(input.to(dtype))
+    q = _as_ncK(target.to(dtype))
+    w = weight.to(dtype) if weight is not None else None
+    smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
+    loss, _, _ = torch.ops.xent_ext.cross_entropy_prob_forward(x, q, w, smoothing, reduction)
+    if reduction == _ops.REDUCTION_NONE:
+        out_shape = input.shape[:_class_dim(input)] + input.shape[_class_dim(input) + 1:]
+        loss = loss.reshape(out_shape)
+    return loss
+
+
+def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor]) -> None:
+    """torch's checks for class-index targets, in torch's order, with its messages."""
+    dim = input.dim()
+    if dim != 1:
+        if target.dim() == 0:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if input.shape[0] != target.shape[0]:
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+            )
+    elif target.dim() == 1 and target.shape[0] != 1:
+        raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+    num_classes = input.shape[_class_dim(input)]
+    if dim <= 2:  # nll_loss
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if weight is not None and not (weight.dim() == 1 and weight.numel() == num_classes):
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {num_classes} classes "
+                f"or no classes but got weight tensor of shape: {list(weight.shape)}"
+            )
+    else:  # nll_loss2d, after nll_loss_nd reshapes 3-D and >4-D inputs to 4-D
+        if dim != 4 and target.shape[1:] != input.shape[2:]:
+            expected = [input.shape[0], *input.shape[2:]]
+            raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+        if dim == 4 and target.dim() != 3:
+            raise RuntimeError(
+                f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}"
+            )
+        if weight is not None and weight.numel() != num_classes:
+            raise RuntimeError("weight tensor should be defined either for all or no classes")
+        if dim == 4 and (input.shape[0], *input.shape[2:]) != tuple(target.shape):
+            raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
+    if weight is not None and weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(weight.dtype)}"
+        )
+
+
+def _index_target_loss(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int, label_smoothing: float
+) -> Tensor:
+    _check_index_target(input, target, weight)
+    x = _as_ncK(input)
+    if input.dim() == 1:
+        y = target.reshape(1, 1)
+    elif input.dim() == 2:
+        y = target.unsqueeze(-1)
+    else:
+        y = target.flatten(1)
+    w = weight.reshape(-1) if weight is not None else None
+    # torch applies smoothing only for label_smoothing > 0 (negative and nan act as 0).
+    smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
+    loss, _, _ = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction)
+    if reduction == _ops.REDUCTION_NONE:
+        loss = loss.reshape(target.shape if input.dim() > 1 else ())
+    return loss
