@@ -81,9 +81,11 @@ class XentBuildExtension(BuildExtension):
 
         def compile_one(isa_and_source: tuple[str, str]) -> list[str]:
             isa, source = isa_and_source
+            # One output folder per ISA: with ninja, torch's compile() writes a
+            # build.ninja into output_dir, so parallel calls must not share it.
             return self.compiler.compile(
                 [source],
-                output_dir=self.build_temp,
+                output_dir=os.path.join(self.build_temp, f"isa_{isa}"),
                 include_dirs=ext.include_dirs,
                 extra_postargs=[*cxx_args, *ISA_FLAGS[isa]],
             )

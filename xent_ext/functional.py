@@ -122,9 +122,7 @@ def cross_entropy(
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
         return _prob_target_loss(input, target, weight, reduction_enum, label_smoothing)
-    if label_smoothing > 0.0 and label_smoothing > 1.0:
-        # C++ streams print doubles with 6 significant digits, as %g does.
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")
+    _check_label_smoothing(label_smoothing)
     return _index_target_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
 
 
@@ -144,8 +142,19 @@ def _hand_over_to_torch(input: Tensor, target: Tensor, weight: Optional[Tensor])
         return True
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         return True
+    # A 0-d class-index target with batched input: torch reads its missing
+    # batch dimension; whatever it reports is the contract.
+    if target.dim() == 0 and input.dim() != 1:
+        return True
     # Probability targets with zero classes: torch's empty-sum conventions.
     return input.shape == target.shape and target.is_floating_point() and input.shape[_class_dim(input)] == 0
+
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    # Only values > 1 are rejected; negative and nan act as 0 (torch checks > 0 first).
+    if label_smoothing > 0.0 and label_smoothing > 1.0:
+        # C++ streams print doubles with 6 significant digits, as %g does.
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")
 
 
 def _class_dim(input: Tensor) -> int:
@@ -168,6 +177,7 @@ def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], r
             f"cross_entropy: weight tensor should be defined either for all {num_classes} classes "
             f"or no classes but got weight tensor of shape: {list(weight.shape)}"
         )
+    _check_label_smoothing(label_smoothing)
     # torch multiplies log_softmax(input) * target * weight: the result type is
     # promoted over all three.
     dtype = torch.promote_types(input.dtype, target.dtype)
@@ -188,8 +198,6 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor])
     """torch's checks for class-index targets, in torch's order, with its messages."""
     dim = input.dim()
     if dim != 1:
-        if target.dim() == 0:
-            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
         if input.shape[0] != target.shape[0]:
             raise ValueError(
                 f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
@@ -240,6 +248,22 @@ def _index_target_loss(
     # torch applies smoothing only for label_smoothing > 0 (negative and nan act as 0).
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
     loss, _, _ = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction)
+    if target.dtype == torch.uint8 and w is not None and smoothing > 0 and reduction == _ops.REDUCTION_MEAN:
+        _raise_like_torch_uint8_smoothing(input, target, ignore_index)
     if reduction == _ops.REDUCTION_NONE:
         loss = loss.reshape(target.shape if input.dim() > 1 else ())
     return loss
+
+
+def _raise_like_torch_uint8_smoothing(input: Tensor, target: Tensor, ignore_index: int) -> None:
+    """torch cannot do a weighted 'mean' with label smoothing and uint8 targets.
+
+    Its denominator gathers the weights with the uint8 targets as indices, which
+    raises once any target is not ignored. We raise the same error (after the
+    same range check) rather than return a number torch does not give.
+    """
+    if not bool((target != ignore_index).any()):
+        return
+    if input.dim() <= 2:
+        raise RuntimeError("gather(): Expected dtype int32/int64 for index")
+    raise RuntimeError("expected scalar type Long but found Byte")

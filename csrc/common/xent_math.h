@@ -117,9 +117,29 @@ XENT_HD SplitLse<acc_t> split_lse(double lse) {
 
 // Loss of one row with a class-index target (torch's nll + label smoothing,
 // torch_semantics §5.2):
-//   (1 - eps) * w_y * (lse - x_y) + (eps / C) * Σ_c w_c (lse - x_c).
+//   (1 - eps) * nll + (eps / C) * smooth,
+//   nll = w_y * (lse - x_y),  smooth = Σ_c w_c (lse - x_c).
 // (lse - x_y) is formed as (ref - x_y) + log(sum_exp): both parts are exact
 // or small, so a large logit offset costs no accuracy.
+template <typename acc_t>
+XENT_HD acc_t index_row_nll(const RowStats<acc_t>& st, acc_t x_target, acc_t w_target) {
+  return w_target * ((st.ref - x_target) + std::log(st.sum_exp));
+}
+
+template <typename acc_t>
+XENT_HD acc_t index_row_smooth(const RowStats<acc_t>& st) {
+  return st.coef_sum * std::log(st.sum_exp) - st.coef_dot;
+}
+
+// Note [Smoothing off]
+// Without smoothing the nll is used alone, not multiplied by (1 - 0): an inf
+// nll must stay inf, and the smoothing term (inf when a logit is -inf) must
+// not enter at all, or 0 * inf would turn the loss into nan.
+template <typename T>
+XENT_HD T smoothed_loss(T nll, T smooth, T label_smoothing, int64_t num_classes) {
+  return (T(1) - label_smoothing) * nll + (label_smoothing / T(num_classes)) * smooth;
+}
+
 template <typename acc_t>
 XENT_HD acc_t index_row_loss(
     const RowStats<acc_t>& st,
@@ -128,15 +148,17 @@ XENT_HD acc_t index_row_loss(
     acc_t label_smoothing,
     int64_t num_classes,
     bool smoothing) {
-  const acc_t log_s = std::log(st.sum_exp);
-  const acc_t nll = w_target * ((st.ref - x_target) + log_s);
-  if (!smoothing) {
-    // Not multiplied by (1 - 0): an inf nll must stay inf, and the smoothing
-    // term (possibly inf from -inf logits) must not enter at all.
-    return nll;
-  }
-  const acc_t smooth = st.coef_sum * log_s - st.coef_dot;
-  return (acc_t(1) - label_smoothing) * nll + (label_smoothing / acc_t(num_classes)) * smooth;
+  const acc_t nll = index_row_nll(st, x_target, w_target);
+  return smoothing ? smoothed_loss(nll, index_row_smooth(st), label_smoothing, num_classes) : nll;
+}
+
+// The reduced loss with smoothing, in torch's order: each part is reduced
+// (and divided by the weighted-mean denominator) on its own, then combined.
+// This matters at the edges: with every target weight 0 the nll part is
+// 0/0 = nan and so is torch's loss, where (Σ loss) / 0 would give inf.
+XENT_HD double reduced_smoothed_loss(
+    double nll_sum, double smooth_sum, double denominator, double label_smoothing, int64_t num_classes) {
+  return smoothed_loss(nll_sum / denominator, smooth_sum / denominator, label_smoothing, num_classes);
 }
 
 // Loss of one row with a probability target: Σ_c w_c q_c (lse - x_c), with
@@ -188,9 +210,7 @@ XENT_HD GradCoefs<acc_t> index_grad_coefs(
   if (!valid) {
     return {acc_t(0), acc_t(0), acc_t(0)};
   }
-  // Note [Smoothing off]
-  // Without smoothing the coefficients are formed without eps at all, so a
-  // nan or inf in weight_sum cannot leak in through 0 * inf.
+  // Note [Smoothing off] applies here too: no eps term without smoothing.
   if (!(label_smoothing > acc_t(0))) {
     const acc_t b = grad_scaled * w_target;
     return {b, b, acc_t(0)};

@@ -446,23 +446,20 @@ double deterministic_sum(const acc_t* values, int64_t n) {
   return total;
 }
 
-// Writes 'none' row losses, or reduces them into the 0-d output.
+// Writes 'none' row losses.
 template <typename T>
-void write_loss(const at::Tensor& loss, int64_t reduction, const acc_type<T>* row_loss, int64_t R, double mean_denominator) {
-  if (reduction == kReductionNone) {
-    T* out = loss.data_ptr<T>();
-    at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        out[r] = static_cast<T>(row_loss[r]);
-      }
-    });
-    return;
-  }
-  double total = deterministic_sum(row_loss, R);
-  if (reduction == kReductionMean) {
-    total /= mean_denominator;
-  }
-  *loss.data_ptr<T>() = static_cast<T>(total);
+void write_rows(const at::Tensor& loss, const acc_type<T>* row_loss, int64_t R) {
+  T* out = loss.data_ptr<T>();
+  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      out[r] = static_cast<T>(row_loss[r]);
+    }
+  });
+}
+
+template <typename T>
+void write_scalar(const at::Tensor& loss, double value) {
+  *loss.data_ptr<T>() = static_cast<T>(value);
 }
 
 // ---------------------------------------------------------------------------
@@ -492,7 +489,11 @@ void index_forward_typed(const IndexForwardArgs& args) {
   double* lse = args.lse.data_ptr<double>();
   const CoefSource<T> coef = weight_source<T>(args.weight);
 
+  // 'none', or no smoothing: the row loss. Reduced with smoothing: the nll
+  // part, with the smoothing part in row_smooth (math::reduced_smoothed_loss).
+  const bool reduce = args.reduction != kReductionNone;
   std::vector<acc_t> row_loss(static_cast<size_t>(R));
+  std::vector<acc_t> row_smooth(static_cast<size_t>(reduce && smoothing ? R : 0));
   for_each_row_stats<T, kCoef>(
       R, C,
       [&](int64_t r) {
@@ -506,11 +507,19 @@ void index_forward_typed(const IndexForwardArgs& args) {
           // torch selects rather than multiplies: an ignored row is exactly 0
           // even when its logits hold a nan.
           row_loss[r] = acc_t(0);
+          if (!row_smooth.empty()) {
+            row_smooth[r] = acc_t(0);
+          }
           return;
         }
         const acc_t x_y = static_cast<acc_t>(x[(r / K) * sn + (r % K) * sk + y * sc]);
         const acc_t w_y = w ? w[y] : acc_t(1);
-        row_loss[r] = math::index_row_loss(st, x_y, w_y, eps, C, smoothing);
+        if (row_smooth.empty()) {
+          row_loss[r] = math::index_row_loss(st, x_y, w_y, eps, C, smoothing);
+        } else {
+          row_loss[r] = math::index_row_nll(st, x_y, w_y);
+          row_smooth[r] = math::index_row_smooth(st);
+        }
       });
 
   // Σ w[y] over non-ignored rows: the weighted mean's denominator.
@@ -523,7 +532,16 @@ void index_forward_typed(const IndexForwardArgs& args) {
   });
   const double total_weight = deterministic_sum(row_weight.data(), R);
   *args.total_weight.data_ptr<acc_t>() = static_cast<acc_t>(total_weight);
-  write_loss<T>(args.loss, args.reduction, row_loss.data(), R, total_weight);
+
+  if (!reduce) {
+    write_rows<T>(args.loss, row_loss.data(), R);
+    return;
+  }
+  const double denominator = args.reduction == kReductionMean ? total_weight : 1.0;
+  const double nll_sum = deterministic_sum(row_loss.data(), R);
+  write_scalar<T>(args.loss, smoothing
+      ? math::reduced_smoothed_loss(nll_sum, deterministic_sum(row_smooth.data(), R), denominator, args.label_smoothing, C)
+      : nll_sum / denominator);
 }
 
 // Upstream gradient of row r: per-row for 'none', the scalar otherwise.
@@ -750,8 +768,13 @@ void prob_forward_typed(const ProbForwardArgs& args) {
         coef_sum[r] = st.coef_sum;
         row_loss[r] = math::prob_row_loss(st);
       });
+  if (args.reduction == kReductionNone) {
+    write_rows<T>(args.loss, row_loss.data(), R);
+    return;
+  }
   // torch's mean divides by the number of rows N * d1 * ... * dk, not by weights.
-  write_loss<T>(args.loss, args.reduction, row_loss.data(), R, static_cast<double>(R));
+  const double denominator = args.reduction == kReductionMean ? static_cast<double>(R) : 1.0;
+  write_scalar<T>(args.loss, deterministic_sum(row_loss.data(), R) / denominator);
 }
 
 // grad_target_c = e * w_c * (x_c - lse) with e = -grad * (1 - eps).
