@@ -19,6 +19,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include <atomic>
 #include <optional>
@@ -124,6 +127,31 @@ void check_row_stat(const Tensor& t, const Tensor& input, at::ScalarType dtype, 
               "], got ", t.scalar_type(), " ", t.sizes());
 }
 
+// Note [Huge pages for the gradient]
+// The gradient is as large as the logits (1 GB for 4096 x 128256 bf16) and
+// freshly allocated, so the first write of every page takes a page fault: on
+// the VMs we measured, faulting 4 KB pages cost more than the whole backward
+// computation (350 ms of 520 ms for 512 MB). Asking for transparent huge pages
+// on the untouched allocation (what torch does for every tensor under
+// THP_MEM_ALLOC_ENABLE=1) cuts that ~5x. It is advice: where THP is off, or
+// the memory was already touched, nothing changes.
+Tensor empty_gradient_like(const Tensor& t) {
+  Tensor out = at::empty_like(t);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const size_t bytes = out.numel() * out.element_size();
+  if (bytes >= 4 * kHugePage) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
+    if (last > first) {
+      (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    }
+  }
+#endif
+  return out;
+}
+
 std::tuple<Tensor, Tensor, Tensor> index_forward_cpu(
     const Tensor& input,
     const Tensor& target,
@@ -178,7 +206,7 @@ Tensor index_backward_cpu(
   args.reduction = reduction;
   // Keeps the input's memory format (channels-last stays channels-last), so
   // the gradient is written in the order the logits are read.
-  args.grad_input = at::empty_like(input);
+  args.grad_input = empty_gradient_like(input);
   cpu::kernels().index_backward(args);
   return args.grad_input;
 }
@@ -242,10 +270,10 @@ std::tuple<Tensor, Tensor> prob_backward_cpu(
   args.label_smoothing = label_smoothing;
   args.reduction = reduction;
   if (input_grad) {
-    args.grad_input = at::empty_like(input);
+    args.grad_input = empty_gradient_like(input);
   }
   if (target_grad) {
-    args.grad_target = at::empty_like(target);
+    args.grad_target = empty_gradient_like(target);
   }
   cpu::kernels().prob_backward(args);
   // A gradient that was not asked for comes back as an empty tensor: op
