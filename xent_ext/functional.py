@@ -132,15 +132,15 @@ def cross_entropy(
 # - dtypes and devices without a fused kernel: torch computes the result, or
 #   raises its own error (integer or complex logits, a 0-d input);
 # - tensors on different devices: torch raises its own device error;
-# - class weights that require grad (with grad enabled): on the probability
-#   path they are differentiable in torch, and on the index path torch
-#   raises "not differentiable"; either way torch's behaviour is the contract.
+# - class weights that require grad (with grad enabled) on the index path:
+#   torch raises "not differentiable" there. (On the probability path they
+#   are differentiable; see _prob_loss_with_weight_grad.)
 def _hand_over_to_torch(input: Tensor, target: Tensor, weight: Optional[Tensor]) -> bool:
     if input.dim() == 0 or input.dtype not in _KERNEL_DTYPES or input.device.type not in _KERNEL_DEVICES:
         return True
     if target.device != input.device or (weight is not None and weight.device != input.device):
         return True
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+    if _weight_needs_grad(weight) and input.shape != target.shape:
         return True
     # A 0-d class-index target with batched input: torch reads its missing
     # batch dimension; whatever it reports is the contract.
@@ -148,6 +148,10 @@ def _hand_over_to_torch(input: Tensor, target: Tensor, weight: Optional[Tensor])
         return True
     # Probability targets with zero classes: torch's empty-sum conventions.
     return input.shape == target.shape and target.is_floating_point() and input.shape[_class_dim(input)] == 0
+
+
+def _weight_needs_grad(weight: Optional[Tensor]) -> bool:
+    return weight is not None and weight.requires_grad and torch.is_grad_enabled()
 
 
 def _check_label_smoothing(label_smoothing: float) -> None:
@@ -187,11 +191,34 @@ def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], r
     q = _as_ncK(target.to(dtype))
     w = weight.to(dtype) if weight is not None else None
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
-    loss, _, _ = torch.ops.xent_ext.cross_entropy_prob_forward(x, q, w, smoothing, reduction)
+    if _weight_needs_grad(weight):
+        loss = _prob_loss_with_weight_grad(x, q, w, reduction, smoothing)
+    else:
+        loss, _, _ = torch.ops.xent_ext.cross_entropy_prob_forward(x, q, w, smoothing, reduction)
     if reduction == _ops.REDUCTION_NONE:
         out_shape = input.shape[:_class_dim(input)] + input.shape[_class_dim(input) + 1:]
         loss = loss.reshape(out_shape)
     return loss
+
+
+def _prob_loss_with_weight_grad(x: Tensor, q: Tensor, w: Tensor, reduction: int, label_smoothing: float) -> Tensor:
+    """Probability-target loss that is differentiable w.r.t. the class weights.
+
+    Rare (learned class weights), so it is composed of torch ops rather than
+    fused: the same formula as the kernels, in the accumulation dtype, so it is
+    as accurate as the fused path (torch's own bf16 path rounds log_softmax).
+    """
+    acc = _ops.accumulation_dtype(x.dtype)
+    num_classes = x.shape[1]
+    q = q.to(acc)
+    if label_smoothing > 0:
+        q = q * (1 - label_smoothing) + label_smoothing / num_classes
+    rows = -(torch.log_softmax(x.to(acc), dim=1) * q * w.to(acc).view(1, num_classes, 1)).sum(1)
+    if reduction == _ops.REDUCTION_SUM:
+        rows = rows.sum()
+    elif reduction == _ops.REDUCTION_MEAN:
+        rows = rows.sum() / rows.numel()  # 0 / 0 = nan for no rows, as torch
+    return rows.to(x.dtype)
 
 
 def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor]) -> None:
@@ -227,6 +254,9 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor])
             raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
+    if target.dtype == torch.uint8 and dim >= 3:
+        # torch's nll_loss2d (every input of 3 or more dims) reads targets as int64 only.
+        raise RuntimeError("expected scalar type Long but found Byte")
     if weight is not None and weight.dtype != input.dtype:
         raise RuntimeError(
             f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(weight.dtype)}"
@@ -260,10 +290,8 @@ def _raise_like_torch_uint8_smoothing(input: Tensor, target: Tensor, ignore_inde
 
     Its denominator gathers the weights with the uint8 targets as indices, which
     raises once any target is not ignored. We raise the same error (after the
-    same range check) rather than return a number torch does not give.
+    same range check) rather than return a number torch does not give. (Inputs
+    of 3 or more dims reject uint8 targets earlier, in _check_index_target.)
     """
-    if not bool((target != ignore_index).any()):
-        return
-    if input.dim() <= 2:
+    if bool((target != ignore_index).any()):
         raise RuntimeError("gather(): Expected dtype int32/int64 for index")
-    raise RuntimeError("expected scalar type Long but found Byte")

@@ -413,13 +413,278 @@ int64_t chunk_len(int64_t C, int64_t chunk) {
   return std::min<int64_t>(kChunk, C - chunk * kChunk);
 }
 
-// Calls finish(r, stats) for every row r in [0, R), with stats accumulated
-// over the whole row. Rows run in parallel; when rows are few and long, their
-// chunks run in parallel too and are merged afterwards, in the same order as
-// the sequential path, so both give identical bits.
-template <typename T, Coef kCoef, typename RowOf, typename CoefOf, typename Finish>
-void for_each_row_stats(int64_t R, int64_t C, const RowOf& row_of, const CoefOf& coef_of, const Finish& finish) {
+// ---------------------------------------------------------------------------
+// Layout of the canonical (N, C, K) view, and the three ways to walk it.
+
+// Offsets of row r = n * K + k in a tensor with these (n, k) strides.
+struct RowStrides {
+  int64_t n = 0;
+  int64_t k = 0;
+};
+
+template <typename T>
+struct Layout {
+  int64_t N = 0, C = 0, K = 1;
+  const T* x = nullptr;
+  int64_t xc = 1;         // class stride of the logits
+  RowStrides xs;          // row strides of the logits
+  const T* q = nullptr;   // probability target of the same shape, or null
+  int64_t qc = 1;
+  RowStrides qs;
+
+  int64_t rows() const {
+    return N * K;
+  }
+  int64_t at(int64_t r, RowStrides s) const {
+    return (r / K) * s.n + (r % K) * s.k;
+  }
+  RowView<T> row(int64_t r) const {
+    return {x + at(r, xs), xc, q ? q + at(r, qs) : nullptr, qc};
+  }
+};
+
+template <typename T>
+Layout<T> make_layout(const at::Tensor& input, const at::Tensor* prob_target) {
+  Layout<T> L;
+  L.N = input.size(0);
+  L.C = input.size(1);
+  L.K = input.size(2);
+  L.x = input.data_ptr<T>();
+  L.xc = input.stride(1);
+  L.xs = {input.stride(0), input.stride(2)};
+  if (prob_target) {
+    L.q = prob_target->data_ptr<T>();
+    L.qc = prob_target->stride(1);
+    L.qs = {prob_target->stride(0), prob_target->stride(2)};
+  }
+  return L;
+}
+
+// Note [Three walks]
+// - kRows: each row's classes are walked in chunks with vector loads along
+//   the classes (contiguous classes: ordinary and channels-last inputs), or
+//   gathered chunk by chunk (Note [Strided class dim]).
+// - kColumns: consecutive rows are contiguous in memory and classes are
+//   strided (NCHW segmentation, a transposed (N, C) input): vectors run across
+//   kStep rows at a time, looping over the classes, with no gather at all.
+// - kGatheredColumns: contiguous rows of very few classes (C = 10): per-row
+//   vector code would be all tail, so a tile of rows is transposed into a
+//   small buffer and the column code runs on it.
+// The walk depends only on shapes and strides, never on the thread count.
+enum class Walk { kRows, kColumns, kGatheredColumns };
+
+constexpr int64_t kSmallClasses = 32;  // up to here, rows are walked as gathered columns
+
+template <typename T>
+Walk choose_walk(const Layout<T>& L, const RowStrides* grad = nullptr) {
+  if (L.C == 0 || L.rows() == 0) {
+    return Walk::kRows;
+  }
+  // Row strides in the order rows are enumerated within a tile.
+  const auto row_step = [&](RowStrides s) { return L.K > 1 ? s.k : s.n; };
+  const bool rows_contiguous = (L.K > 1 || L.N > 1) && row_step(L.xs) == 1 &&
+      (!L.q || row_step(L.qs) == 1) && (!grad || row_step(*grad) == 1);
+  if (rows_contiguous && L.xc != 1) {
+    return Walk::kColumns;
+  }
+  if (L.xc == 1 && (!L.q || L.qc == 1) && L.C <= kSmallClasses) {
+    return Walk::kGatheredColumns;
+  }
+  return Walk::kRows;
+}
+
+// For kColumns the rows of a tile must be consecutive k of one n; with K == 1
+// the rows are the n's, so view (N, C, 1) as (1, C, N). Row numbers r are
+// unchanged, so callers index their own per-row tensors as before.
+template <typename T>
+Layout<T> columns_view(Layout<T> L) {
+  if (L.K == 1) {
+    L.K = L.N;
+    L.N = 1;
+    L.xs = {0, L.xs.n};
+    L.qs = {0, L.qs.n};
+  }
+  return L;
+}
+
+RowStrides columns_view(RowStrides s, int64_t K) {
+  return K == 1 ? RowStrides{0, s.n} : s;
+}
+
+// kColumns tiles: kStep consecutive rows of one n.
+struct ColumnTiles {
+  int64_t per_n;
+  int64_t count;
+  int64_t K;
+  int64_t step;
+  ColumnTiles(int64_t N, int64_t K_, int64_t step_) : K(K_), step(step_) {
+    per_n = (K + step - 1) / step;
+    count = N * per_n;
+  }
+  int64_t n(int64_t t) const {
+    return t / per_n;
+  }
+  int64_t k0(int64_t t) const {
+    return (t % per_n) * step;
+  }
+  int64_t size(int64_t t) const {
+    return std::min(step, K - k0(t));
+  }
+};
+
+// Statistics of npos <= kStep rows whose classes are xc apart and whose rows
+// are adjacent: vectors across rows, one pass for the max and one for the
+// sums, classes in order (the same order for every lane and every thread).
+template <typename T, Coef kCoef>
+void column_stats(
+    const T* x,
+    int64_t xc,
+    const T* q,
+    int64_t qc,
+    const CoefSource<T>& coef,
+    int64_t C,
+    int64_t npos,
+    RowStats<acc_type<T>>* out) {
   using acc_t = acc_type<T>;
+  using V = Vectorized<acc_t>;
+  using IO = VecIO<T>;
+  constexpr int64_t kStep = IO::kStep;
+  const V neg_inf(math::neg_inf<acc_t>());
+  const V zero(acc_t(0));
+  const bool full = npos == kStep;
+  const auto load = [&](const T* p, V& a, V& b) {
+    if (full) {
+      IO::load(p, a, b);
+    } else {
+      IO::load(p, npos, a, b);  // lanes past npos are computed and dropped
+    }
+  };
+  V xa, xb, m0 = neg_inf, m1 = neg_inf;
+  for (int64_t c = 0; c < C; ++c) {
+    load(x + c * xc, xa, xb);
+    m0 = at::vec::maximum(m0, xa);
+    m1 = at::vec::maximum(m1, xb);
+  }
+  // math::accumulation_shift, lane-wise.
+  const V shift0 = V::blendv(m0, zero, m0 == neg_inf);
+  const V shift1 = V::blendv(m1, zero, m1 == neg_inf);
+  V s0 = zero, s1 = zero, t0 = zero, t1 = zero, c0 = zero, c1 = zero;
+  for (int64_t c = 0; c < C; ++c) {
+    load(x + c * xc, xa, xb);
+    const V da = xa - shift0;
+    const V db = xb - shift1;
+    s0 = s0 + vexp(da);
+    s1 = s1 + vexp(db);
+    if constexpr (kCoef != Coef::kNone) {
+      V ca(acc_t(1)), cb(acc_t(1));
+      if constexpr (uses_target(kCoef)) {
+        load(q + c * qc, ca, cb);
+        ca = at::vec::fmadd(ca, V(coef.q_scale), V(coef.q_shift));
+        cb = at::vec::fmadd(cb, V(coef.q_scale), V(coef.q_shift));
+      }
+      if constexpr (uses_weight(kCoef)) {
+        ca = ca * V(coef.w[c]);
+        cb = cb * V(coef.w[c]);
+      }
+      t0 = at::vec::fmadd(ca, da, t0);
+      t1 = at::vec::fmadd(cb, db, t1);
+      c0 = c0 + ca;
+      c1 = c1 + cb;
+    }
+  }
+  acc_t lanes[6][kStep];
+  m0.store(lanes[0]);
+  m1.store(lanes[0] + V::size());
+  s0.store(lanes[1]);
+  s1.store(lanes[1] + V::size());
+  t0.store(lanes[2]);
+  t1.store(lanes[2] + V::size());
+  c0.store(lanes[3]);
+  c1.store(lanes[3] + V::size());
+  for (int64_t j = 0; j < npos; ++j) {
+    out[j] = {lanes[0][j], lanes[1][j], kCoef == Coef::kNone ? acc_t(0) : lanes[2][j],
+              kCoef == Coef::kNone ? acc_t(0) : lanes[3][j]};
+  }
+}
+
+// Rows per gathered-columns tile (a multiple of every kStep).
+constexpr int64_t kTileRows = 64;
+static_assert(kSmallClasses * kTileRows <= kChunk, "a gathered tile must fit the scratch buffers");
+
+// Copies rows [r0, r0 + n) of a contiguous-class layout into column-major
+// scratch: dst[c * kTileRows + j] = row (r0 + j), class c.
+template <typename T, typename acc_t>
+void gather_tile(const T* base, RowStrides s, const Layout<T>& L, int64_t r0, int64_t n, acc_t* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = base + L.at(r0 + j, s);
+    for (int64_t c = 0; c < L.C; ++c) {
+      dst[c * kTileRows + j] = static_cast<acc_t>(src[c]);
+    }
+  }
+}
+
+// Calls finish(r, stats) for every row r, with stats accumulated over the
+// whole row, walking the layout as choose_walk decides. Rows run in
+// parallel; when rows are few and long, their chunks run in parallel too and
+// are merged afterwards, in the same order as the sequential path, so both
+// give identical bits.
+template <typename T, Coef kCoef, typename Finish>
+void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Finish& finish) {
+  using acc_t = acc_type<T>;
+  constexpr int64_t kStep = VecIO<T>::kStep;
+  const int64_t R = L.rows(), C = L.C;
+  switch (choose_walk(L)) {
+    case Walk::kColumns: {
+      const Layout<T> Lc = columns_view(L);
+      const ColumnTiles tiles(Lc.N, Lc.K, kStep);
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / (kStep * C));
+      at::parallel_for(0, tiles.count, grain, [&](int64_t begin, int64_t end) {
+        RowStats<acc_t> st[kStep];
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = tiles.n(t) * Lc.K + tiles.k0(t);
+          const int64_t npos = tiles.size(t);
+          const RowView<T> first = Lc.row(r0);
+          column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st);
+          for (int64_t j = 0; j < npos; ++j) {
+            finish(r0 + j, st[j]);
+          }
+        }
+      });
+      return;
+    }
+    case Walk::kGatheredColumns: {
+      constexpr int64_t kGroup = VecIO<acc_t>::kStep;
+      const int64_t tiles = (R + kTileRows - 1) / kTileRows;
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / (kTileRows * C));
+      CoefSource<acc_t> gathered;
+      gathered.w = coef.w;
+      gathered.q_scale = coef.q_scale;
+      gathered.q_shift = coef.q_shift;
+      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+        Scratch<acc_t> scratch;
+        RowStats<acc_t> st[kGroup];
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = t * kTileRows;
+          const int64_t n = std::min(kTileRows, R - r0);
+          gather_tile(L.x, L.xs, L, r0, n, scratch.x);
+          if (uses_target(kCoef)) {
+            gather_tile(L.q, L.qs, L, r0, n, scratch.q);
+          }
+          for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
+            const int64_t npos = std::min(kGroup, n - j0);
+            column_stats<acc_t, kCoef>(
+                scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, gathered, C, npos, st);
+            for (int64_t j = 0; j < npos; ++j) {
+              finish(r0 + j0 + j, st[j]);
+            }
+          }
+        }
+      });
+      return;
+    }
+    case Walk::kRows:
+      break;
+  }
   const int64_t chunks = num_chunks(C);
   const bool split_rows = chunks > 1 && R < 4 * static_cast<int64_t>(at::get_num_threads());
   if (!split_rows) {
@@ -427,8 +692,7 @@ void for_each_row_stats(int64_t R, int64_t C, const RowOf& row_of, const CoefOf&
     at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch;
       for (int64_t r = begin; r < end; ++r) {
-        const RowView<T> row = row_of(r);
-        const CoefSource<T> coef = coef_of(r, row);
+        const RowView<T> row = L.row(r);
         RowStats<acc_t> st = empty_stats<acc_t>();
         for (int64_t c = 0; c < chunks; ++c) {
           math::merge(st, row_chunk_stats<T, kCoef>(row, coef, c * kChunk, chunk_len(C, c), scratch));
@@ -444,8 +708,7 @@ void for_each_row_stats(int64_t R, int64_t C, const RowOf& row_of, const CoefOf&
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / chunks;
       const int64_t c = item % chunks;
-      const RowView<T> row = row_of(r);
-      partial[item] = row_chunk_stats<T, kCoef>(row, coef_of(r, row), c * kChunk, chunk_len(C, c), scratch);
+      partial[item] = row_chunk_stats<T, kCoef>(L.row(r), coef, c * kChunk, chunk_len(C, c), scratch);
     }
   });
   for (int64_t r = 0; r < R; ++r) {
@@ -537,11 +800,7 @@ void index_forward_typed(const IndexForwardArgs& args) {
   std::vector<acc_t> row_loss(static_cast<size_t>(R));
   std::vector<acc_t> row_smooth(static_cast<size_t>(reduce && smoothing ? R : 0));
   for_each_row_stats<T, kCoef>(
-      R, C,
-      [&](int64_t r) {
-        return RowView<T>{x + (r / K) * sn + (r % K) * sk, sc};
-      },
-      [&](int64_t, const RowView<T>&) { return coef; },
+      make_layout<T>(input, nullptr), coef,
       [&](int64_t r, const RowStats<acc_t>& st) {
         lse[r] = math::log_sum_exp(st.ref, st.sum_exp);
         const int64_t y = target[(r / K) * tn + (r % K) * tk];
@@ -696,15 +955,235 @@ void row_chunk_grad(
   }
 }
 
-// Parallel over (row, chunk) items: every gradient element is independent, so
-// any split gives the same bits; short rows get many rows per task.
-template <typename Body>
-void for_each_row_chunk(int64_t R, int64_t C, const Body& body) {
+// What the backward needs of row r: grad = a * softmax - d * coef, minus b at
+// class y (y < 0: no one-hot term), with softmax from the saved lse.
+template <typename acc_t>
+struct GradPlan {
+  math::GradCoefs<acc_t> k;
+  double lse;
+  int64_t y;
+};
+
+// The one-hot element, rewritten after the vector code wrote a * p - d * coef
+// there. coef_y is 0 when there are no coefficients.
+template <typename acc_t>
+acc_t one_hot_grad(acc_t x_y, acc_t coef_y, const GradPlan<acc_t>& plan) {
+  const math::SplitLse<acc_t> lse = math::split_lse<acc_t>(plan.lse);
+  return plan.k.a * std::exp((x_y - lse.hi) - lse.lo) - plan.k.d * coef_y - plan.k.b;
+}
+
+template <typename T, Coef kCoef>
+acc_type<T> coef_at(const CoefSource<T>& coef, const RowView<T>& row, int64_t c) {
+  using acc_t = acc_type<T>;
+  if constexpr (kCoef == Coef::kNone) {
+    return acc_t(0);
+  } else {
+    acc_t v = 1;
+    if constexpr (uses_target(kCoef)) {
+      v = static_cast<acc_t>(row.q[c * row.q_stride]) * coef.q_scale + coef.q_shift;
+    }
+    if constexpr (uses_weight(kCoef)) {
+      v *= coef.w[c];
+    }
+    return v;
+  }
+}
+
+// Input gradient of npos <= kStep adjacent rows (see column_stats), with
+// per-row a, d and lse given lane by lane.
+template <typename T, Coef kCoef>
+void column_grad(
+    const T* x,
+    int64_t xc,
+    const T* q,
+    int64_t qc,
+    T* grad,
+    int64_t gc,
+    const CoefSource<T>& coef,
+    int64_t C,
+    int64_t npos,
+    const acc_type<T>* a,
+    const acc_type<T>* d,
+    const acc_type<T>* lse_hi,
+    const acc_type<T>* lse_lo) {
+  using acc_t = acc_type<T>;
+  using V = Vectorized<acc_t>;
+  using IO = VecIO<T>;
+  constexpr int64_t kStep = IO::kStep;
+  const bool full = npos == kStep;
+  const V a0 = V::loadu(a), a1 = V::loadu(a + V::size());
+  const V d0 = V::loadu(d), d1 = V::loadu(d + V::size());
+  const V h0 = V::loadu(lse_hi), h1 = V::loadu(lse_hi + V::size());
+  const V l0 = V::loadu(lse_lo), l1 = V::loadu(lse_lo + V::size());
+  V xa, xb;
+  for (int64_t c = 0; c < C; ++c) {
+    if (full) {
+      IO::load(x + c * xc, xa, xb);
+    } else {
+      IO::load(x + c * xc, npos, xa, xb);
+    }
+    V ga = a0 * vexp((xa - h0) - l0);
+    V gb = a1 * vexp((xb - h1) - l1);
+    if constexpr (kCoef != Coef::kNone) {
+      V ca(acc_t(1)), cb(acc_t(1));
+      if constexpr (uses_target(kCoef)) {
+        if (full) {
+          IO::load(q + c * qc, ca, cb);
+        } else {
+          IO::load(q + c * qc, npos, ca, cb);
+        }
+        ca = at::vec::fmadd(ca, V(coef.q_scale), V(coef.q_shift));
+        cb = at::vec::fmadd(cb, V(coef.q_scale), V(coef.q_shift));
+      }
+      if constexpr (uses_weight(kCoef)) {
+        ca = ca * V(coef.w[c]);
+        cb = cb * V(coef.w[c]);
+      }
+      ga = ga - d0 * ca;
+      gb = gb - d1 * cb;
+    }
+    if (full) {
+      IO::store(grad + c * gc, ga, gb);
+    } else {
+      IO::store(grad + c * gc, npos, ga, gb);
+    }
+  }
+}
+
+// Per-lane plan arrays for column_grad; lanes past npos stay zero.
+template <typename acc_t, int64_t kLanes>
+struct LanePlans {
+  acc_t a[kLanes] = {};
+  acc_t d[kLanes] = {};
+  acc_t hi[kLanes] = {};
+  acc_t lo[kLanes] = {};
+  void set(int64_t j, const GradPlan<acc_t>& p) {
+    const math::SplitLse<acc_t> s = math::split_lse<acc_t>(p.lse);
+    a[j] = p.k.a;
+    d[j] = p.k.d;
+    hi[j] = s.hi;
+    lo[j] = s.lo;
+  }
+};
+
+// Writes the input gradient of every row: grad[r] = plan_of(r) applied to the
+// row's logits, walking the layout as choose_walk decides. Every element is
+// independent, so any split across threads gives the same bits.
+template <typename T, Coef kCoef, typename PlanOf>
+void for_each_row_grad(
+    const Layout<T>& L,
+    T* grad,
+    int64_t gc,
+    RowStrides gs,
+    const CoefSource<T>& coef,
+    const PlanOf& plan_of) {
+  using acc_t = acc_type<T>;
+  constexpr int64_t kStep = VecIO<T>::kStep;
+  const int64_t R = L.rows(), C = L.C;
+  switch (choose_walk(L, &gs)) {
+    case Walk::kColumns: {
+      const Layout<T> Lc = columns_view(L);
+      const RowStrides gsc = columns_view(gs, L.K);
+      const ColumnTiles tiles(Lc.N, Lc.K, kStep);
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / (kStep * C));
+      at::parallel_for(0, tiles.count, grain, [&](int64_t begin, int64_t end) {
+        GradPlan<acc_t> plans[kStep];
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = tiles.n(t) * Lc.K + tiles.k0(t);
+          const int64_t npos = tiles.size(t);
+          LanePlans<acc_t, kStep> lanes;
+          for (int64_t j = 0; j < npos; ++j) {
+            plans[j] = plan_of(r0 + j);
+            lanes.set(j, plans[j]);
+          }
+          const RowView<T> first = Lc.row(r0);
+          T* g0 = grad + Lc.at(r0, gsc);
+          column_grad<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, g0, gc, coef, C, npos, lanes.a, lanes.d, lanes.hi, lanes.lo);
+          for (int64_t j = 0; j < npos; ++j) {
+            const int64_t y = plans[j].y;
+            if (y >= 0) {
+              const RowView<T> row = Lc.row(r0 + j);
+              g0[j + y * gc] = static_cast<T>(one_hot_grad<acc_t>(
+                  static_cast<acc_t>(row.x[y * row.x_stride]), coef_at<T, kCoef>(coef, row, y), plans[j]));
+            }
+          }
+        }
+      });
+      return;
+    }
+    case Walk::kGatheredColumns: {
+      constexpr int64_t kGroup = VecIO<acc_t>::kStep;
+      const int64_t tiles = (R + kTileRows - 1) / kTileRows;
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / (kTileRows * C));
+      CoefSource<acc_t> gathered;
+      gathered.w = coef.w;
+      gathered.q_scale = coef.q_scale;
+      gathered.q_shift = coef.q_shift;
+      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+        Scratch<acc_t> scratch;
+        GradPlan<acc_t> plans[kTileRows];
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = t * kTileRows;
+          const int64_t n = std::min(kTileRows, R - r0);
+          gather_tile(L.x, L.xs, L, r0, n, scratch.x);
+          if (uses_target(kCoef)) {
+            gather_tile(L.q, L.qs, L, r0, n, scratch.q);
+          }
+          for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
+            const int64_t npos = std::min(kGroup, n - j0);
+            LanePlans<acc_t, kGroup> lanes;
+            for (int64_t j = 0; j < npos; ++j) {
+              plans[j0 + j] = plan_of(r0 + j0 + j);
+              lanes.set(j, plans[j0 + j]);
+            }
+            column_grad<acc_t, kCoef>(
+                scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, scratch.g + j0, kTileRows, gathered, C, npos,
+                lanes.a, lanes.d, lanes.hi, lanes.lo);
+          }
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t y = plans[j].y;
+            if (y >= 0) {
+              const RowView<acc_t> row{scratch.x + j, kTileRows, scratch.q + j, kTileRows};
+              scratch.g[y * kTileRows + j] =
+                  one_hot_grad<acc_t>(row.x[y * kTileRows], coef_at<acc_t, kCoef>(gathered, row, y), plans[j]);
+            }
+            T* dst = grad + L.at(r0 + j, gs);
+            for (int64_t c = 0; c < C; ++c) {
+              dst[c * gc] = static_cast<T>(scratch.g[c * kTileRows + j]);
+            }
+          }
+        }
+      });
+      return;
+    }
+    case Walk::kRows:
+      break;
+  }
   const int64_t chunks = num_chunks(C);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(std::min(C, kChunk), 1));
   at::parallel_for(0, R * chunks, grain, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch;
     for (int64_t item = begin; item < end; ++item) {
-      body(item / chunks, item % chunks);
+      const int64_t r = item / chunks;
+      const int64_t chunk = item % chunks;
+      const GradPlan<acc_t> plan = plan_of(r);
+      const RowView<T> row = L.row(r);
+      T* grad_row = grad + L.at(r, gs);
+      const int64_t c_begin = chunk * kChunk;
+      const int64_t len = chunk_len(C, chunk);
+      if (plan.k.a == 0 && plan.k.b == 0 && plan.k.d == 0 && std::isfinite(plan.lse)) {
+        // Every softmax value is finite, so a * p - d * coef - b is exactly 0.
+        for (int64_t i = 0; i < len; ++i) {
+          grad_row[(c_begin + i) * gc] = T(0);
+        }
+        continue;
+      }
+      row_chunk_grad<T, kCoef>(
+          row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, math::split_lse<acc_t>(plan.lse), scratch);
+      if (plan.y >= c_begin && plan.y < c_begin + len) {
+        grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<acc_t>(
+            static_cast<acc_t>(row.x[plan.y * row.x_stride]), coef_at<T, kCoef>(coef, row, plan.y), plan));
+      }
     }
   });
 }
@@ -713,19 +1192,13 @@ template <typename T, Coef kCoef>
 void index_backward_typed(const IndexBackwardArgs& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
-  const int64_t N = input.size(0), C = input.size(1), K = input.size(2);
-  const int64_t R = N * K;
-  const int64_t sn = input.stride(0), sc = input.stride(1), sk = input.stride(2);
+  const int64_t C = input.size(1), K = input.size(2);
   const int64_t tn = args.target.stride(0), tk = args.target.stride(1);
   const at::Tensor& grad_input = args.grad_input;
-  const int64_t gn = grad_input.stride(0), gc = grad_input.stride(1), gk = grad_input.stride(2);
-  const T* x = input.data_ptr<T>();
-  T* grad = grad_input.data_ptr<T>();
   const int64_t* target = args.target.data_ptr<int64_t>();
   const acc_t* w = args.weight.defined() ? args.weight.data_ptr<acc_t>() : nullptr;
   const double* lse = args.lse.data_ptr<double>();
   const acc_t eps = static_cast<acc_t>(args.label_smoothing);
-  const CoefSource<T> coef = weight_source<T>(args.weight);
 
   const double scale = args.reduction == kReductionMean
       ? 1.0 / static_cast<double>(*args.total_weight.data_ptr<acc_t>())
@@ -738,35 +1211,17 @@ void index_backward_typed(const IndexBackwardArgs& args) {
       weight_sum += static_cast<double>(w[c]);
     }
   }
-
-  for_each_row_chunk(R, C, [&](int64_t r, int64_t chunk) {
-    const int64_t n = r / K, k = r % K;
-    const int64_t y = target[n * tn + k * tk];
-    const bool valid = y != args.ignore_index;
-    const acc_t w_y = valid && w ? w[y] : acc_t(1);
-    const math::GradCoefs<acc_t> gc_ = math::index_grad_coefs<acc_t>(
-        grad_out(r), valid, w_y, static_cast<acc_t>(weight_sum), eps, C);
-    const RowView<T> row{x + n * sn + k * sk, sc};
-    T* grad_row = grad + n * gn + k * gk;
-    const int64_t c_begin = chunk * kChunk;
-    const int64_t len = chunk_len(C, chunk);
-    if (gc_.a == 0 && gc_.b == 0 && gc_.d == 0 && std::isfinite(lse[r])) {
-      for (int64_t i = 0; i < len; ++i) {
-        grad_row[(c_begin + i) * gc] = T(0);
-      }
-      return;
-    }
-    const math::SplitLse<acc_t> split = math::split_lse<acc_t>(lse[r]);
-    Scratch<acc_t> scratch;
-    row_chunk_grad<T, kCoef>(row, grad_row, gc, coef, c_begin, len, gc_.a, gc_.d, split, scratch);
-    if (valid && y >= c_begin && y < c_begin + len) {
-      // The one-hot term, added to the element the vector loop wrote.
-      const acc_t x_y = static_cast<acc_t>(row.x[y * sc]);
-      const acc_t p_y = std::exp((x_y - split.hi) - split.lo);
-      const acc_t coef_y = kCoef == Coef::kNone ? acc_t(0) : (w ? w[y] : acc_t(1));
-      grad_row[y * gc] = static_cast<T>(gc_.a * p_y - gc_.d * coef_y - gc_.b);
-    }
-  });
+  for_each_row_grad<T, kCoef>(
+      make_layout<T>(input, nullptr), grad_input.data_ptr<T>(), grad_input.stride(1),
+      RowStrides{grad_input.stride(0), grad_input.stride(2)}, weight_source<T>(args.weight),
+      [&](int64_t r) {
+        const int64_t y = target[(r / K) * tn + (r % K) * tk];
+        const bool valid = y != args.ignore_index;
+        const acc_t w_y = valid && w ? w[y] : acc_t(1);
+        return GradPlan<acc_t>{
+            math::index_grad_coefs<acc_t>(grad_out(r), valid, w_y, static_cast<acc_t>(weight_sum), eps, C),
+            lse[r], valid ? y : -1};
+      });
 }
 
 // ---------------------------------------------------------------------------
@@ -787,24 +1242,15 @@ void prob_forward_typed(const ProbForwardArgs& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
   const at::Tensor& target = args.target;
-  const int64_t N = input.size(0), C = input.size(1), K = input.size(2);
-  const int64_t R = N * K;
-  const int64_t sn = input.stride(0), sc = input.stride(1), sk = input.stride(2);
-  const int64_t qn = target.stride(0), qc = target.stride(1), qk = target.stride(2);
-  const T* x = input.data_ptr<T>();
-  const T* q = target.data_ptr<T>();
+  const int64_t C = input.size(1);
+  const int64_t R = input.size(0) * input.size(2);
   double* lse = args.lse.data_ptr<double>();
   acc_t* coef_sum = args.coef_sum.data_ptr<acc_t>();
   const CoefSource<T> coef = prob_source<T>(args.weight, args.label_smoothing, C);
 
   std::vector<acc_t> row_loss(static_cast<size_t>(R));
   for_each_row_stats<T, kCoef>(
-      R, C,
-      [&](int64_t r) {
-        const int64_t n = r / K, k = r % K;
-        return RowView<T>{x + n * sn + k * sk, sc, q + n * qn + k * qk, qc};
-      },
-      [&](int64_t, const RowView<T>&) { return coef; },
+      make_layout<T>(input, &target), coef,
       [&](int64_t r, const RowStats<acc_t>& st) {
         lse[r] = math::log_sum_exp(st.ref, st.sum_exp);
         coef_sum[r] = st.coef_sum;
@@ -819,57 +1265,50 @@ void prob_forward_typed(const ProbForwardArgs& args) {
   write_scalar<T>(args.loss, deterministic_sum(row_loss.data(), R) / denominator);
 }
 
-// grad_target_c = e * w_c * (x_c - lse) with e = -grad * (1 - eps).
 template <typename T, Coef kCoef>
 void prob_backward_typed(const ProbBackwardArgs& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
   const at::Tensor& target = args.target;
-  const int64_t N = input.size(0), C = input.size(1), K = input.size(2);
-  const int64_t R = N * K;
-  const int64_t sn = input.stride(0), sc = input.stride(1), sk = input.stride(2);
-  const int64_t qn = target.stride(0), qc = target.stride(1), qk = target.stride(2);
-  const T* x = input.data_ptr<T>();
-  const T* q = target.data_ptr<T>();
+  const int64_t C = input.size(1), K = input.size(2);
+  const Layout<T> L = make_layout<T>(input, &target);
+  const int64_t R = L.rows();
   const double* lse = args.lse.data_ptr<double>();
   const acc_t* coef_sum = args.coef_sum.data_ptr<acc_t>();
-  const acc_t* w = args.weight.defined() ? args.weight.data_ptr<acc_t>() : nullptr;
   const CoefSource<T> coef = prob_source<T>(args.weight, args.label_smoothing, C);
   const double scale = args.reduction == kReductionMean ? 1.0 / static_cast<double>(R) : 1.0;
   const GradOut<T> grad_out(args.grad_loss, args.reduction, K, scale);
-  const bool want_input = args.grad_input.defined();
-  const bool want_target = args.grad_target.defined();
-  T* gi = want_input ? args.grad_input.data_ptr<T>() : nullptr;
-  T* gt = want_target ? args.grad_target.data_ptr<T>() : nullptr;
-  const int64_t gin = want_input ? args.grad_input.stride(0) : 0;
-  const int64_t gic = want_input ? args.grad_input.stride(1) : 0;
-  const int64_t gik = want_input ? args.grad_input.stride(2) : 0;
-  const int64_t gtn = want_target ? args.grad_target.stride(0) : 0;
-  const int64_t gtc = want_target ? args.grad_target.stride(1) : 0;
-  const int64_t gtk = want_target ? args.grad_target.stride(2) : 0;
 
-  for_each_row_chunk(R, C, [&](int64_t r, int64_t chunk) {
-    const int64_t n = r / K, k = r % K;
-    const acc_t s = grad_out(r);
-    const RowView<T> row{x + n * sn + k * sk, sc, q + n * qn + k * qk, qc};
-    const int64_t c_begin = chunk * kChunk;
-    const int64_t len = chunk_len(C, chunk);
-    const math::SplitLse<acc_t> split = math::split_lse<acc_t>(lse[r]);
-    Scratch<acc_t> scratch;
-    if (want_input) {
-      row_chunk_grad<T, kCoef>(row, gi + n * gin + k * gik, gic, coef, c_begin, len, s * coef_sum[r], s, split, scratch);
-    }
-    if (want_target) {
-      // Rare (targets that require grad): a scalar loop is enough.
-      const acc_t e = -s * coef.q_scale;
-      T* grad_row = gt + n * gtn + k * gtk;
-      for (int64_t c = c_begin; c < c_begin + len; ++c) {
-        const acc_t xc = static_cast<acc_t>(row.x[c * sc]);
-        const acc_t wc = w ? w[c] : acc_t(1);
-        grad_row[c * gtc] = static_cast<T>(e * wc * ((xc - split.hi) - split.lo));
+  if (args.grad_input.defined()) {
+    // grad_c = s * (p_c * Σ_c' w q - w_c q_c): a = s Σ w q, d = s, no one-hot.
+    const at::Tensor& gi = args.grad_input;
+    for_each_row_grad<T, kCoef>(
+        L, gi.data_ptr<T>(), gi.stride(1), RowStrides{gi.stride(0), gi.stride(2)}, coef, [&](int64_t r) {
+          const acc_t s = grad_out(r);
+          return GradPlan<acc_t>{{s * coef_sum[r], acc_t(0), s}, lse[r], -1};
+        });
+  }
+  if (args.grad_target.defined()) {
+    // grad_target_c = -s (1 - eps) w_c (x_c - lse). Rare (targets that require
+    // grad), so a plain loop over rows.
+    const at::Tensor& gt = args.grad_target;
+    T* g = gt.data_ptr<T>();
+    const int64_t gtc = gt.stride(1);
+    const RowStrides gts{gt.stride(0), gt.stride(2)};
+    at::parallel_for(0, R, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const RowView<T> row = L.row(r);
+        const math::SplitLse<acc_t> split = math::split_lse<acc_t>(lse[r]);
+        const acc_t e = -grad_out(r) * coef.q_scale;
+        T* grad_row = g + L.at(r, gts);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t wc = coef.w ? coef.w[c] : acc_t(1);
+          const acc_t xc = static_cast<acc_t>(row.x[c * row.x_stride]);
+          grad_row[c * gtc] = static_cast<T>(e * wc * ((xc - split.hi) - split.lo));
+        }
       }
-    }
-  });
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,396 @@
+"""The registered operators (torch.library.opcheck), torch.compile, the nn.Module and
+build information."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent_ext
+from conftest import (
+    IS_STUB,
+    REDUCTION_ENUM,
+    REDUCTIONS,
+    dtype_name,
+    make_index_target,
+    make_logits,
+    make_prob_target,
+    random_like_loss,
+    random_weight,
+    requires_ext,
+    run_ce,
+)
+
+ours = xent_ext.cross_entropy
+
+# ----------------------------------------------------------------------------------
+# opcheck on the four operators
+# ----------------------------------------------------------------------------------
+
+# (weighted, label_smoothing) samples per (op, dtype, reduction)
+SAMPLES = [(False, 0.0), (True, 0.1)]
+OP_DTYPES = [torch.float32, torch.float64]
+
+
+def _ops():
+    return torch.ops.xent_ext
+
+
+def _index_inputs(dtype, weighted, ls, reduction, requires_grad=True, shape=(3, 5, 4), ignore_index=1):
+    x = make_logits(shape, dtype).requires_grad_(requires_grad)
+    t = make_index_target(shape, ignore_index=ignore_index, ignore_frac=0.25)
+    w = random_weight(shape[1], dtype) if weighted else None
+    return (x, t, w, ignore_index, ls, REDUCTION_ENUM[reduction])
+
+
+def _prob_inputs(dtype, weighted, ls, reduction, requires_grad=True, shape=(3, 5, 4)):
+    x = make_logits(shape, dtype).requires_grad_(requires_grad)
+    t = make_prob_target(shape, dtype, "softmax").requires_grad_(requires_grad)
+    w = random_weight(shape[1], dtype) if weighted else None
+    return (x, t, w, ls, REDUCTION_ENUM[reduction])
+
+
+def _opcheck(op, args):
+    # raise_exception=True (the default) makes any failing sub-test raise with its reason
+    torch.library.opcheck(op, args)
+
+
+@requires_ext
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
+def test_opcheck_index_forward(dtype, reduction, fresh_seed):
+    for weighted, ls in SAMPLES:
+        args = _index_inputs(dtype, weighted, ls, reduction)
+        _opcheck(_ops().cross_entropy_index_forward.default, args)
+        # and the loss it returns is torch's for the same (N, C, K) problem
+        loss, lse, total_weight = _ops().cross_entropy_index_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        x, t, w = args[0].detach(), args[1], args[2]
+        ref = F.cross_entropy(x, t, weight=w, ignore_index=args[3], label_smoothing=ls, reduction=reduction)
+        assert loss.shape == ref.shape and loss.dtype == ref.dtype
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@requires_ext
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
+def test_opcheck_index_backward(dtype, reduction, fresh_seed):
+    for weighted, ls in SAMPLES:
+        x, t, w, ii, ls_, red = _index_inputs(dtype, weighted, ls, reduction, requires_grad=False)
+        loss, lse, total_weight = _ops().cross_entropy_index_forward(x, t, w, ii, ls_, red)
+        g = random_like_loss(loss)
+        args = (g, x, t, w, lse, total_weight, ii, ls_, red)
+        _opcheck(_ops().cross_entropy_index_backward.default, args)
+        grad = _ops().cross_entropy_index_backward(*args)
+        _, ref = run_ce(F.cross_entropy, x, t, w, g, ("input",), ignore_index=ii, label_smoothing=ls, reduction=reduction)
+        assert grad.shape == x.shape and grad.dtype == x.dtype
+        torch.testing.assert_close(grad, ref["input"], rtol=1e-5, atol=1e-6)
+
+
+@requires_ext
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
+def test_opcheck_prob_forward(dtype, reduction, fresh_seed):
+    for weighted, ls in SAMPLES:
+        args = _prob_inputs(dtype, weighted, ls, reduction)
+        _opcheck(_ops().cross_entropy_prob_forward.default, args)
+        loss, lse, coef_sum = _ops().cross_entropy_prob_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        ref = F.cross_entropy(args[0].detach(), args[1].detach(), weight=args[2], label_smoothing=ls, reduction=reduction)
+        assert loss.shape == ref.shape and loss.dtype == ref.dtype
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@requires_ext
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
+def test_opcheck_prob_backward(dtype, reduction, fresh_seed):
+    for (weighted, ls), flags in zip(SAMPLES + SAMPLES[:1], [(True, True), (True, False), (False, True)]):
+        x, t, w, ls_, red = _prob_inputs(dtype, weighted, ls, reduction, requires_grad=False)
+        loss, lse, coef_sum = _ops().cross_entropy_prob_forward(x, t, w, ls_, red)
+        g = random_like_loss(loss)
+        args = (g, x, t, w, lse, coef_sum, ls_, red, *flags)
+        _opcheck(_ops().cross_entropy_prob_backward.default, args)
+        gi, gt = _ops().cross_entropy_prob_backward(*args)
+        wrt = tuple(n for n, f in zip(("input", "target"), flags) if f)
+        _, ref = run_ce(F.cross_entropy, x, t, w, g, wrt, label_smoothing=ls, reduction=reduction)
+        for name, flag, got in (("input", flags[0], gi), ("target", flags[1], gt)):
+            if flag:
+                assert got.shape == ref[name].shape and got.dtype == ref[name].dtype
+                torch.testing.assert_close(got, ref[name], rtol=1e-5, atol=1e-6)
+            else:
+                assert got.numel() == 0, f"not requested grad_{name} must be an empty tensor, got {tuple(got.shape)}"
+
+
+@requires_ext
+def test_ops_registered_with_expected_schemas():
+    ops = _ops()
+    expect = {
+        "cross_entropy_index_forward": ["input", "target", "weight", "ignore_index", "label_smoothing", "reduction"],
+        "cross_entropy_index_backward": ["grad_loss", "input", "target", "weight", "lse", "total_weight",
+                                         "ignore_index", "label_smoothing", "reduction"],
+        "cross_entropy_prob_forward": ["input", "target", "weight", "label_smoothing", "reduction"],
+        "cross_entropy_prob_backward": ["grad_loss", "input", "target", "weight", "lse", "coef_sum",
+                                        "label_smoothing", "reduction", "input_grad", "target_grad"],
+    }
+    for name, argnames in expect.items():
+        schema = getattr(ops, name).default._schema
+        assert [a.name for a in schema.arguments] == argnames, f"{name}: {schema}"
+        assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments), f"{name} mutates"
+    n_out = {"cross_entropy_index_forward": 3, "cross_entropy_prob_forward": 3,
+             "cross_entropy_index_backward": 1, "cross_entropy_prob_backward": 2}
+    for name, n in n_out.items():
+        assert len(getattr(ops, name).default._schema.returns) == n, name
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket).replace("torch.ops.", ""))
+        return func(*args, **(kwargs or {}))
+
+
+DISPATCH_CASES = [
+    ("index_2d_f32", (8, 33), torch.float32, "index", {}),
+    ("index_4d_bf16", (2, 9, 3, 4), torch.bfloat16, "index", {"label_smoothing": 0.1}),
+    ("index_weight_ignore", (8, 17), torch.float32, "index", {"weight": True, "ignore_index": 3}),
+    ("index_unbatched", (40,), torch.float64, "index", {}),
+    ("prob_2d_f32", (8, 33), torch.float32, "prob", {}),
+    ("prob_3d_f16_ls", (3, 9, 5), torch.float16, "prob", {"label_smoothing": 0.2, "weight": True}),
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", DISPATCH_CASES, ids=[c[0] for c in DISPATCH_CASES])
+def test_public_api_runs_the_fused_ops(case, reduction, fresh_seed):
+    # the common configurations must reach the xent_ext operators (forward and backward)
+    # rather than torch's log_softmax + nll_loss
+    _, shape, dtype, kind, kw = case
+    kw = dict(kw)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    if kw.get("weight"):
+        kw["weight"] = random_weight(C, dtype)
+    x = make_logits(shape, dtype).requires_grad_()
+    t = make_index_target(shape, ignore_index=kw.get("ignore_index", -100), ignore_frac=0.1) if kind == "index" \
+        else make_prob_target(shape, dtype)
+    rec = _OpRecorder()
+    with rec:
+        loss = ours(x, t, reduction=reduction, **kw)
+        loss.backward(random_like_loss(loss))
+    fwd = f"xent_ext.cross_entropy_{kind}_forward"
+    bwd = f"xent_ext.cross_entropy_{kind}_backward"
+    assert fwd in rec.ops and bwd in rec.ops, f"ops seen: {sorted(set(rec.ops))}"
+    for banned in ("aten._log_softmax", "aten.nll_loss_forward", "aten.nll_loss2d_forward"):
+        assert banned not in rec.ops, f"{banned} called; ops seen: {sorted(set(rec.ops))}"
+
+
+# ----------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------
+
+
+def _compiled_vs_eager(fn, backend, dynamic, cases):
+    """cases: list of (x, t, w, kwargs, wrt). Compares compiled(fn) with eager fn, value
+    and grads, bitwise-close."""
+    torch._dynamo.reset()
+    cfn = torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)
+    for x, t, w, kw, wrt in cases:
+        e_loss, e_grads = run_ce(fn, x, t, w, None, wrt, **kw)
+        g = random_like_loss(e_loss)
+        e_loss, e_grads = run_ce(fn, x, t, w, g, wrt, **kw)
+        c_loss, c_grads = run_ce(cfn, x, t, w, g, wrt, **kw)
+        assert c_loss.shape == e_loss.shape and c_loss.dtype == e_loss.dtype
+        torch.testing.assert_close(c_loss, e_loss, rtol=1e-6, atol=1e-7, equal_nan=True)
+        for n in wrt:
+            torch.testing.assert_close(c_grads[n], e_grads[n], rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+def _loss_fn(x, t, weight=None, **kw):
+    return ours(x, t, weight=weight, **kw)
+
+
+def _compile_cases(kind, reduction):
+    cases = []
+    for shape in [(6, 7), (3, 7, 4)]:
+        x = make_logits(shape, torch.float32)
+        if kind == "index":
+            t = make_index_target(shape, ignore_index=2, ignore_frac=0.2)
+            kw = dict(ignore_index=2, label_smoothing=0.1, reduction=reduction)
+            cases.append((x, t, random_weight(7), kw, ("input",)))
+        else:
+            t = make_prob_target(shape)
+            kw = dict(label_smoothing=0.1, reduction=reduction)
+            cases.append((x, t, random_weight(7), kw, ("input", "target")))
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_compile_inductor_fullgraph(kind, fresh_seed):
+    _compiled_vs_eager(_loss_fn, "inductor", False, _compile_cases(kind, "mean")[:1])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_compile_aot_eager_dynamic(kind, reduction, fresh_seed):
+    # two shapes through one dynamic compile: the fake kernels must handle symbolic sizes
+    _compiled_vs_eager(_loss_fn, "aot_eager", True, _compile_cases(kind, reduction))
+
+
+@pytest.mark.slow
+def test_compile_module_in_model(fresh_seed):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 5))
+    crit = xent_ext.CrossEntropyLoss(weight=random_weight(5), label_smoothing=0.1, ignore_index=0)
+    x = torch.randn(16, 8)
+    t = make_index_target((16, 5), ignore_index=0, ignore_frac=0.2)
+
+    def step(x, t):
+        return crit(model(x), t)
+
+    c = torch.compile(step, fullgraph=True, backend="aot_eager")
+    e_loss = step(x, t)
+    e_grads = torch.autograd.grad(e_loss, list(model.parameters()))
+    c_loss = c(x, t)
+    c_grads = torch.autograd.grad(c_loss, list(model.parameters()))
+    torch.testing.assert_close(c_loss, e_loss, rtol=1e-6, atol=1e-7)
+    for a, b in zip(c_grads, e_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------
+# nn.Module
+# ----------------------------------------------------------------------------------
+
+
+def test_module_weight_is_buffer_in_state_dict(fresh_seed):
+    w = random_weight(5)
+    m = xent_ext.CrossEntropyLoss(weight=w)
+    r = torch.nn.CrossEntropyLoss(weight=w)
+    assert list(m.state_dict().keys()) == list(r.state_dict().keys()) == ["weight"]
+    assert torch.equal(m.state_dict()["weight"], w)
+    assert [n for n, _ in m.named_buffers()] == ["weight"]
+    assert list(m.parameters()) == []
+    assert isinstance(m, torch.nn.Module)
+
+
+def test_module_without_weight_has_empty_state_dict():
+    m = xent_ext.CrossEntropyLoss()
+    assert m.weight is None
+    assert list(m.state_dict().keys()) == []
+    assert list(m.buffers()) == []
+    assert list(m.parameters()) == []
+
+
+def test_module_attributes_and_defaults():
+    m = xent_ext.CrossEntropyLoss()
+    r = torch.nn.CrossEntropyLoss()
+    for a in ("ignore_index", "reduction", "label_smoothing"):
+        assert getattr(m, a) == getattr(r, a), a
+    m2 = xent_ext.CrossEntropyLoss(ignore_index=3, reduction="sum", label_smoothing=0.25)
+    assert (m2.ignore_index, m2.reduction, m2.label_smoothing) == (3, "sum", 0.25)
+
+
+@pytest.mark.parametrize("size_average,reduce", [(False, None), (None, False), (True, True)])
+def test_module_legacy_args(size_average, reduce, fresh_seed):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as wo:
+        warnings.simplefilter("always")
+        m = xent_ext.CrossEntropyLoss(size_average=size_average, reduce=reduce)
+    with warnings.catch_warnings(record=True) as wr:
+        warnings.simplefilter("always")
+        r = torch.nn.CrossEntropyLoss(size_average=size_average, reduce=reduce)
+    assert [(w.category, str(w.message)) for w in wo] == [(w.category, str(w.message)) for w in wr]
+    assert m.reduction == r.reduction
+    x = make_logits((4, 5))
+    t = make_index_target((4, 5))
+    torch.testing.assert_close(m(x, t), r(x, t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=dtype_name)
+def test_module_follows_to_dtype(dtype, fresh_seed):
+    w = random_weight(5)
+    m = xent_ext.CrossEntropyLoss(weight=w, label_smoothing=0.1).to(dtype)
+    r = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1).to(dtype)
+    assert m.weight.dtype == dtype
+    assert torch.equal(m.weight, r.weight)
+    x = make_logits((6, 5), dtype)
+    t = make_index_target((6, 5))
+    got = m(x, t)
+    assert got.dtype == dtype
+    up = torch.float64 if dtype == torch.float64 else torch.float32
+    ref = F.cross_entropy(x.to(up), t, weight=r.weight.to(up), label_smoothing=0.1).to(dtype)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+    torch.testing.assert_close(got, ref, **tol)
+
+
+def test_module_state_dict_interchangeable_with_torch(fresh_seed):
+    w = random_weight(5)
+    r = torch.nn.CrossEntropyLoss(weight=w)
+    m = xent_ext.CrossEntropyLoss(weight=torch.ones(5))
+    m.load_state_dict(r.state_dict())
+    assert torch.equal(m.weight, w)
+    r2 = torch.nn.CrossEntropyLoss(weight=torch.ones(5))
+    r2.load_state_dict(m.state_dict())
+    assert torch.equal(r2.weight, w)
+
+
+def test_module_deepcopy_and_weight_is_used(fresh_seed):
+    w = random_weight(5)
+    m = xent_ext.CrossEntropyLoss(weight=w, reduction="sum")
+    m2 = copy.deepcopy(m)
+    x = make_logits((4, 5))
+    t = make_index_target((4, 5))
+    torch.testing.assert_close(m2(x, t), F.cross_entropy(x, t, weight=w, reduction="sum"), rtol=1e-5, atol=1e-6)
+    # changing the buffer changes the result like torch's module
+    m2.weight.mul_(2)
+    torch.testing.assert_close(m2(x, t), F.cross_entropy(x, t, weight=2 * w, reduction="sum"), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# build info and ISA report
+# ----------------------------------------------------------------------------------
+
+ISAS = {"default", "avx2", "avx512"}
+
+
+@requires_ext
+def test_build_info():
+    info = xent_ext._C.build_info()
+    assert isinstance(info, dict)
+    for k in ("torch_version", "cuda_version", "cpu_isas", "openmp"):
+        assert k in info, f"build_info() lacks {k!r}: {info}"
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0], info["torch_version"]
+    if torch.version.cuda is None:
+        assert info["cuda_version"] is None
+    else:
+        assert isinstance(info["cuda_version"], str) and info["cuda_version"]
+    isas = info["cpu_isas"]
+    assert isinstance(isas, list) and all(isinstance(s, str) for s in isas)
+    assert "default" in isas and set(isas) <= ISAS, isas
+    assert isinstance(info["openmp"], bool)
+    if "OpenMP" in torch.__config__.parallel_info().split("ATen parallel backend:")[1].splitlines()[0]:
+        assert info["openmp"] is True, "torch uses OpenMP but the extension was built without it"
+
+
+@requires_ext
+def test_build_info_public_alias():
+    if hasattr(xent_ext, "build_info"):
+        assert xent_ext.build_info() == xent_ext._C.build_info()
+
+
+def test_cpu_capability_reports_torch_choice():
+    cap = xent_ext.cpu_capability()
+    assert cap in ISAS
+    torch_cap = torch.backends.cpu.get_cpu_capability().lower()
+    if IS_STUB:
+        assert cap == torch_cap
+        return
+    isas = xent_ext._C.build_info()["cpu_isas"]
+    assert cap in isas
+    if torch_cap in isas:
+        assert cap == torch_cap, f"torch uses {torch_cap}, the extension {cap} (built: {isas})"

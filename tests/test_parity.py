@@ -1,0 +1,636 @@
+"""Value and gradient parity of xent_ext.cross_entropy with torch.nn.functional.cross_entropy.
+
+The main matrix is a full product over the cheap axes (dtype x reduction x weight x
+label_smoothing x target kind/ignore_index x shape kind). The remaining axes (sizes,
+memory layout of input and target, logit scale, which probability-target grads are
+requested) are drawn inside each test from its fresh seed; the draw is part of every
+assertion message together with the seed.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent_ext
+from conftest import (
+    DTYPES,
+    LOW_PRECISION,
+    REDUCTIONS,
+    check_against_torch,
+    dtype_name,
+    index_target_shape,
+    layouts_for,
+    make_index_target,
+    make_logits,
+    make_prob_target,
+    random_like_loss,
+    random_weight,
+    restride,
+    run_ce,
+)
+
+ours = xent_ext.cross_entropy
+
+# ----------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------
+
+SHAPE_KINDS = ("C", "NC", "NCd", "NCHW", "NCddd")
+
+# (target kind, ignore_index mode); probability targets only allow negative ignore_index
+TARGET_CASES = [
+    ("i64", "default"), ("i64", "in_range"), ("i64", "255"),
+    ("u8", "default"), ("u8", "in_range"), ("u8", "255"),
+    ("prob_softmax", "negative"), ("prob_randn", "negative"),
+]
+
+
+def draw_shape(rng, kind, C=None):
+    C = C if C is not None else rng.choice([2, 3, 5, 8, 13, 17])
+    N = rng.randint(1, 5)
+    if kind == "C":
+        return (C,)
+    if kind == "NC":
+        return (rng.randint(1, 9), C)
+    if kind == "NCd":
+        return (N, C, rng.randint(1, 5))
+    if kind == "NCHW":
+        return (N, C, rng.randint(1, 4), rng.randint(1, 4))
+    if kind == "NCddd":
+        return (rng.randint(1, 3), C, rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 3))
+    raise ValueError(kind)
+
+
+def build_case(rng, shape, dtype, target_kind, ignore_mode, weighted, layout=None, target_layout=None,
+               scale=None):
+    """Draw input/target/weight for one configuration. Returns a dict of tensors/kwargs
+    plus a human readable description."""
+    C = shape[0] if len(shape) == 1 else shape[1]
+    layout = layout or rng.choice(layouts_for(len(shape)))
+    scale = scale if scale is not None else rng.choice([0.5, 1.0, 3.0])
+    x = make_logits(shape, dtype, layout, scale)
+    desc = dict(shape=shape, layout=layout, scale=scale)
+    if target_kind.startswith("prob"):
+        ignore_index = rng.choice([-100, -1, -7])
+        t = make_prob_target(shape, dtype, target_kind.split("_")[1])
+        tl = target_layout or rng.choice(layouts_for(len(shape))[:4] if len(shape) > 1 else layouts_for(1))
+        if tl == "expanded":
+            tl = "contiguous"
+        t = restride(t, tl)
+    else:
+        tdtype = torch.int64 if target_kind == "i64" else torch.uint8
+        if ignore_mode == "default":
+            ignore_index = -100
+        elif ignore_mode == "in_range":
+            ignore_index = rng.randrange(C)
+        else:
+            ignore_index = 255
+        t = make_index_target(shape, tdtype, ignore_index, ignore_frac=rng.choice([0.2, 0.5]))
+        tnd = t.dim()
+        choices = ["contiguous"] + (["sliced", "sliced_batch"] if tnd >= 1 else []) + (["transposed"] if tnd >= 2 else [])
+        tl = target_layout or rng.choice(choices)
+        t = restride(t, tl)
+    desc.update(target=target_kind, target_layout=tl, ignore_index=ignore_index)
+    w = random_weight(C, dtype) if weighted else None
+    return x, t, w, ignore_index, desc
+
+
+def fmt_ctx(seed, **kw):
+    return "seed=%d " % seed + " ".join(f"{k}={v}" for k, v in kw.items())
+
+
+# ----------------------------------------------------------------------------------
+# the main matrix
+# ----------------------------------------------------------------------------------
+
+
+# The main matrix. torch accepts uint8 class indices only on its nll_loss path (input of
+# 1 or 2 dims) and not with weight + label_smoothing > 0 + 'mean' (see
+# test_errors.py::test_uint8_where_torch_fails), so those uint8 combinations are left out.
+def _matrix():
+    out = []
+    for dtype in DTYPES:
+        for reduction in REDUCTIONS:
+            for weighted in (False, True):
+                for ls in (0.0, 0.1, 1.0):
+                    for tc in TARGET_CASES:
+                        for sk in SHAPE_KINDS:
+                            if tc[0] == "u8" and (sk not in ("C", "NC") or (weighted and ls > 0 and reduction == "mean")):
+                                continue
+                            pid = f"{dtype_name(dtype)}-{reduction}-{'weight' if weighted else 'noweight'}-ls{ls}-{tc[0]}-ign_{tc[1]}-{sk}"
+                            out.append(pytest.param(dtype, reduction, weighted, ls, tc, sk, id=pid))
+    return out
+
+
+@pytest.mark.parametrize("dtype,reduction,weighted,label_smoothing,target_case,shape_kind", _matrix())
+def test_parity_matrix(dtype, reduction, weighted, label_smoothing, target_case, shape_kind, rng, fresh_seed):
+    target_kind, ignore_mode = target_case
+    shape = draw_shape(rng, shape_kind)
+    x, t, w, ii, desc = build_case(rng, shape, dtype, target_kind, ignore_mode, weighted)
+    if target_kind.startswith("prob"):
+        wrt = rng.choice([("input", "target"), ("input",), ("target",)])
+    else:
+        wrt = ("input",)
+    ctx = fmt_ctx(fresh_seed, dtype=dtype_name(dtype), reduction=reduction, weighted=weighted,
+                  ls=label_smoothing, wrt=wrt, **desc)
+    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii,
+                        label_smoothing=label_smoothing, wrt=wrt, ctx=ctx)
+
+
+# every layout of input and target for every shape kind (the matrix draws them at random)
+NDIM = {"C": 1, "NC": 2, "NCd": 3, "NCHW": 4, "NCddd": 5}
+LAYOUT_CASES = [(sk, lay) for sk in SHAPE_KINDS for lay in layouts_for(NDIM[sk])]
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("shape_kind,layout", LAYOUT_CASES, ids=[f"{a}-{b}" for a, b in LAYOUT_CASES])
+def test_layouts(shape_kind, layout, dtype, kind, rng, fresh_seed):
+    shape = draw_shape(rng, shape_kind)
+    reduction = rng.choice(REDUCTIONS)
+    ls = rng.choice([0.0, 0.2])
+    tk = "i64" if kind == "index" else "prob_softmax"
+    # the target takes the same layout when that is meaningful for it
+    tl = layout if layout in ("contiguous", "transposed", "sliced", "sliced_batch") else None
+    if kind == "index" and len(shape) == 1:
+        tl = "contiguous"
+    if kind == "index" and tl == "transposed" and len(index_target_shape(shape)) < 2:
+        tl = "contiguous"
+    if kind == "prob" and layout == "channels_last":
+        tl = "channels_last"
+    x, t, w, ii, desc = build_case(rng, shape, dtype, tk, "in_range", rng.random() < 0.5, layout=layout,
+                                   target_layout=tl)
+    wrt = ("input", "target") if kind == "prob" else ("input",)
+    ctx = fmt_ctx(fresh_seed, dtype=dtype_name(dtype), reduction=reduction, ls=ls, weighted=w is not None, **desc)
+    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt, ctx=ctx)
+
+
+# ----------------------------------------------------------------------------------
+# probability targets: grads, dtype promotion, weight gradient
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrt", [("input",), ("target",), ("input", "target")], ids="+".join)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_prob_target_gradients(dtype, reduction, wrt, rng, fresh_seed):
+    shape = draw_shape(rng, rng.choice(SHAPE_KINDS))
+    ls = rng.choice([0.0, 0.1, 1.0])
+    x, t, w, ii, desc = build_case(rng, shape, dtype, rng.choice(["prob_softmax", "prob_randn"]), "negative",
+                                   rng.random() < 0.5)
+    ctx = fmt_ctx(fresh_seed, dtype=dtype_name(dtype), reduction=reduction, ls=ls, wrt=wrt, **desc)
+    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt, ctx=ctx)
+
+
+PROMOTION_CASES = [
+    (torch.float32, torch.float64), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+    (torch.float64, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
+    (torch.bfloat16, torch.float16), (torch.float16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("in_dt,tg_dt", PROMOTION_CASES, ids=[f"{dtype_name(a)}-{dtype_name(b)}" for a, b in PROMOTION_CASES])
+def test_prob_target_type_promotion(in_dt, tg_dt, reduction, rng, fresh_seed):
+    shape = draw_shape(rng, rng.choice(SHAPE_KINDS))
+    x = make_logits(shape, in_dt, rng.choice(layouts_for(len(shape))))
+    t = make_prob_target(shape, tg_dt, rng.choice(["softmax", "randn"]))
+    ls = rng.choice([0.0, 0.1])
+    ctx = fmt_ctx(fresh_seed, input=dtype_name(in_dt), target=dtype_name(tg_dt), reduction=reduction,
+                  shape=shape, ls=ls)
+    loss, _ = check_against_torch(ours, x, t, None, reduction=reduction, label_smoothing=ls,
+                                  wrt=("input", "target"), ctx=ctx)
+    assert loss.dtype == torch.promote_types(in_dt, tg_dt), ctx
+
+
+@pytest.mark.parametrize("wdt", ["same", torch.float64], ids=["w_same", "w_f64"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_name)
+def test_prob_path_weight_requires_grad(dtype, reduction, wdt, rng, fresh_seed):
+    shape = draw_shape(rng, rng.choice(SHAPE_KINDS))
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = make_logits(shape, dtype, rng.choice(layouts_for(len(shape))))
+    t = make_prob_target(shape, dtype, rng.choice(["softmax", "randn"]))
+    w = random_weight(C, dtype if wdt == "same" else wdt)
+    ls = rng.choice([0.0, 0.1])
+    wrt = rng.choice([("input", "target", "weight"), ("weight",), ("input", "weight")])
+    ctx = fmt_ctx(fresh_seed, dtype=dtype_name(dtype), weight=dtype_name(w.dtype), reduction=reduction,
+                  shape=shape, ls=ls, wrt=wrt)
+    check_against_torch(ours, x, t, w, reduction=reduction, label_smoothing=ls, wrt=wrt, ctx=ctx)
+
+
+# ----------------------------------------------------------------------------------
+# argument handling: legacy size_average/reduce, elementwise_mean, positional, ls quirks
+# ----------------------------------------------------------------------------------
+
+LEGACY = [(sa, rd) for sa in (None, True, False) for rd in (None, True, False)]
+
+
+def _call_recording(fn, *args, **kw):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn(*args, **kw)
+    return out, [(w.category, str(w.message)) for w in rec]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("size_average,reduce", LEGACY, ids=[f"sa{a}-red{b}" for a, b in LEGACY])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_legacy_size_average_reduce(kind, size_average, reduce, reduction, rng, fresh_seed):
+    shape = draw_shape(rng, rng.choice(["NC", "NCd"]))
+    x = make_logits(shape, torch.float64)
+    t = make_index_target(shape, ignore_index=-100, ignore_frac=0.2) if kind == "index" else make_prob_target(shape, torch.float64)
+    w = random_weight(shape[1], torch.float64) if rng.random() < 0.5 else None
+    kw = dict(weight=w, size_average=size_average, reduce=reduce, reduction=reduction, label_smoothing=0.05)
+    ref, ref_w = _call_recording(F.cross_entropy, x, t, **kw)
+    got, got_w = _call_recording(ours, x, t, **kw)
+    ctx = fmt_ctx(fresh_seed, kind=kind, size_average=size_average, reduce=reduce, reduction=reduction, shape=shape)
+    assert got_w == ref_w, f"{ctx}: warnings differ: ours={got_w} torch={ref_w}"
+    assert got.shape == ref.shape and got.dtype == ref.dtype, ctx
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, equal_nan=True, msg=lambda m: f"{ctx}: {m}")
+    # gradients too, with the effective reduction
+    g = random_like_loss(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_against_torch(ours, x, t, w, reduction=reduction, label_smoothing=0.05, grad_out=g,
+                            size_average=size_average, reduce=reduce, ctx=ctx)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_elementwise_mean(kind, rng, fresh_seed):
+    shape = draw_shape(rng, "NC")
+    x = make_logits(shape, torch.float32)
+    t = make_index_target(shape) if kind == "index" else make_prob_target(shape)
+    ref, ref_w = _call_recording(F.cross_entropy, x, t, reduction="elementwise_mean")
+    got, got_w = _call_recording(ours, x, t, reduction="elementwise_mean")
+    assert got_w == ref_w, f"warnings differ: ours={got_w} torch={ref_w}"
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    mean, _ = _call_recording(ours, x, t, reduction="mean")
+    torch.testing.assert_close(got, mean, rtol=0, atol=0)
+
+
+def test_no_warning_by_default(fresh_seed):
+    x = make_logits((4, 5))
+    t = make_index_target((4, 5))
+    _, w = _call_recording(ours, x, t)
+    assert w == []
+
+
+def test_positional_arguments(fresh_seed):
+    # torch order: (input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+    x = make_logits((6, 5), torch.float64)
+    t = make_index_target((6, 5), ignore_index=2, ignore_frac=0.3)
+    w = random_weight(5, torch.float64)
+    args = (x, t, w, None, 2, None, "sum", 0.1)
+    torch.testing.assert_close(ours(*args), F.cross_entropy(*args), rtol=1e-10, atol=1e-12)
+    m_ours = xent_ext.CrossEntropyLoss(w, None, 2, None, "sum", 0.1)
+    m_ref = torch.nn.CrossEntropyLoss(w, None, 2, None, "sum", 0.1)
+    torch.testing.assert_close(m_ours(x, t), m_ref(x, t), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ls", [-0.5, float("nan"), -float("inf"), 0.0])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_label_smoothing_nonpositive_or_nan_is_zero(kind, ls, rng, fresh_seed):
+    shape = draw_shape(rng, rng.choice(SHAPE_KINDS))
+    x = make_logits(shape, torch.float32)
+    t = make_index_target(shape, ignore_frac=0.2) if kind == "index" else make_prob_target(shape)
+    red = rng.choice(REDUCTIONS)
+    check_against_torch(ours, x, t, None, reduction=red, label_smoothing=ls,
+                        wrt=("input",) if kind == "index" else ("input", "target"),
+                        ctx=fmt_ctx(fresh_seed, ls=ls, kind=kind, shape=shape, reduction=red))
+    a = ours(x, t, reduction=red, label_smoothing=ls)
+    b = ours(x, t, reduction=red, label_smoothing=0.0)
+    assert torch.equal(a, b), "label_smoothing <= 0 or nan must behave exactly like 0.0"
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_module_matches_functional(kind, rng, fresh_seed):
+    shape = draw_shape(rng, rng.choice(SHAPE_KINDS[1:]))
+    C = shape[1]
+    x = make_logits(shape, torch.float32)
+    t = make_index_target(shape, ignore_index=1, ignore_frac=0.2) if kind == "index" else make_prob_target(shape)
+    w = random_weight(C)
+    for red in REDUCTIONS:
+        kw = dict(weight=w, reduction=red, label_smoothing=0.1)
+        if kind == "index":
+            kw["ignore_index"] = 1
+        m = xent_ext.CrossEntropyLoss(**kw)
+        r = torch.nn.CrossEntropyLoss(**kw)
+        xo = x.detach().requires_grad_()
+        xr = x.detach().requires_grad_()
+        lo, lr = m(xo, t), r(xr, t)
+        torch.testing.assert_close(lo, lr, rtol=1e-5, atol=1e-6)
+        g = random_like_loss(lr)
+        (go,) = torch.autograd.grad(lo, xo, g)
+        (gr,) = torch.autograd.grad(lr, xr, g)
+        torch.testing.assert_close(go, gr, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# gradcheck / gradgradcheck (float64)
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(4, 5), (2, 4, 3), (5,)], ids=str)
+def test_gradcheck_index(shape, reduction, fresh_seed):
+    x = make_logits(shape, torch.float64).requires_grad_()
+    C = shape[0] if len(shape) == 1 else shape[1]
+    t = make_index_target(shape, ignore_index=1, ignore_frac=0.3)
+    if (t != 1).sum() == 0:  # keep the mean finite
+        t.view(-1)[0] = 0
+    w = random_weight(C, torch.float64)
+
+    def f(x):
+        return ours(x, t, weight=w, ignore_index=1, reduction=reduction, label_smoothing=0.15)
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(4, 5), (2, 4, 3), (5,)], ids=str)
+def test_gradcheck_prob(shape, reduction, fresh_seed):
+    x = make_logits(shape, torch.float64).requires_grad_()
+    t = make_prob_target(shape, torch.float64, "randn").requires_grad_()
+    C = shape[0] if len(shape) == 1 else shape[1]
+    w = random_weight(C, torch.float64).requires_grad_()
+
+    def f(x, t, w):
+        return ours(x, t, weight=w, reduction=reduction, label_smoothing=0.15)
+
+    assert torch.autograd.gradcheck(f, (x, t, w))
+    assert torch.autograd.gradgradcheck(f, (x, t, w))
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_double_backward_matches_torch(kind, rng, fresh_seed):
+    # Hessian-vector product through create_graph=True equals torch's
+    shape = draw_shape(rng, rng.choice(["NC", "NCd"]))
+    C = shape[1]
+    x = make_logits(shape, torch.float64)
+    if kind == "index":
+        t = make_index_target(shape, ignore_index=0, ignore_frac=0.2)
+        kw = dict(weight=random_weight(C, torch.float64), ignore_index=0, label_smoothing=0.1)
+    else:
+        t = make_prob_target(shape, torch.float64, "randn")
+        kw = dict(weight=random_weight(C, torch.float64), label_smoothing=0.1)
+    v = torch.randn(shape, dtype=torch.float64)
+    outs = []
+    for fn in (ours, F.cross_entropy):
+        xi = x.detach().requires_grad_()
+        ti = t.detach().requires_grad_() if kind == "prob" else t
+        loss = fn(xi, ti, reduction="sum", **kw)
+        (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+        inputs = (xi, ti) if kind == "prob" else (xi,)
+        outs.append(torch.autograd.grad((g * v).sum(), inputs))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------
+# sizes at the edges: empty, C=1, C=0 (prob)
+# ----------------------------------------------------------------------------------
+
+EMPTY_SHAPES = [(0, 4), (0, 4, 3), (2, 4, 0), (2, 4, 0, 3), (0, 4, 2, 2), (2, 3, 1, 0, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_name)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_empty_batch_or_spatial(shape, reduction, kind, dtype, fresh_seed):
+    x = make_logits(shape, dtype)
+    t = make_index_target(shape) if kind == "index" else make_prob_target(shape, dtype)
+    w = random_weight(shape[1], dtype)
+    wrt = ("input",) if kind == "index" else ("input", "target")
+    for weight in (None, w):
+        for ls in (0.0, 0.1):
+            check_against_torch(ours, x, t, weight, reduction=reduction, label_smoothing=ls, wrt=wrt,
+                                ctx=f"empty shape={shape} kind={kind} reduction={reduction} ls={ls} weighted={weight is not None}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("shape", [(1,), (5, 1), (3, 1, 4), (2, 1, 2, 3)], ids=str)
+def test_single_class(shape, kind, dtype, rng, fresh_seed):
+    x = make_logits(shape, dtype, scale=3.0)
+    t = make_index_target(shape) if kind == "index" else make_prob_target(shape, dtype, "randn")
+    for red in REDUCTIONS:
+        ls = rng.choice([0.0, 0.3])
+        check_against_torch(ours, x, t, random_weight(1, dtype) if rng.random() < 0.5 else None, reduction=red,
+                            label_smoothing=ls, wrt=("input",) if kind == "index" else ("input", "target"),
+                            ctx=f"C=1 seed={fresh_seed} shape={shape} kind={kind} red={red} ls={ls}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(5, 0), (0,), (2, 0, 3)], ids=str)
+def test_zero_classes_prob_target(shape, reduction, fresh_seed):
+    x = torch.randn(shape)
+    t = torch.randn(shape)
+    for ls in (0.0, 0.2):
+        check_against_torch(ours, x, t, None, reduction=reduction, label_smoothing=ls, wrt=("input", "target"),
+                            ctx=f"C=0 shape={shape} reduction={reduction} ls={ls}")
+
+
+# ----------------------------------------------------------------------------------
+# ignore_index and weight extremes
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_name)
+@pytest.mark.parametrize("ls", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(5,), (6, 4), (2, 4, 3), (2, 4, 2, 3)], ids=str)
+def test_all_targets_ignored(shape, reduction, ls, dtype, rng, fresh_seed):
+    x = make_logits(shape, dtype)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    ii = rng.choice([-100, 2, 255])
+    t = torch.full(index_target_shape(shape), ii, dtype=torch.int64)
+    for w in (None, random_weight(C, dtype)):
+        loss, grads = check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls,
+                                          ctx=f"all ignored ii={ii} shape={shape} red={reduction} ls={ls}")
+        assert torch.equal(grads["input"], torch.zeros_like(grads["input"])), "grad must be all zeros"
+        if reduction == "mean":
+            assert torch.isnan(loss).all()
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("which", ["all_zero", "zero_at_targets"])
+def test_zero_target_weights(which, reduction, ls, rng, fresh_seed):
+    shape = draw_shape(rng, rng.choice(["NC", "NCd", "NCHW"]), C=6)
+    x = make_logits(shape, torch.float32)
+    t = make_index_target(shape) % 3  # classes 0..2 only
+    w = random_weight(6)
+    if which == "all_zero":
+        w.zero_()
+    else:
+        w[:3] = 0
+    check_against_torch(ours, x, t, w, reduction=reduction, label_smoothing=ls,
+                        ctx=fmt_ctx(fresh_seed, which=which, reduction=reduction, ls=ls, shape=shape))
+
+
+# ----------------------------------------------------------------------------------
+# non-finite and huge logits (torch_semantics.md section 7)
+# ----------------------------------------------------------------------------------
+
+INF = float("inf")
+NAN = float("nan")
+
+
+def _nonfinite_case(case, dtype):
+    """(x, target, ignore_index, prob) for one row of the edge-value table; 4 rows of C=5,
+    only row 1 is special, the others are ordinary."""
+    N, C = 4, 5
+    x = make_logits((N, C), torch.float64)
+    y = torch.tensor([0, 2, 4, 1])
+    ii = -100
+    prob = None
+    if case == "neginf_non_target":
+        x[1, [0, 3]] = -INF
+    elif case == "neginf_at_target":
+        x[1, 2] = -INF
+    elif case == "neginf_row":
+        x[1, :] = -INF
+    elif case == "posinf_one":
+        x[1, 3] = INF
+    elif case == "posinf_at_target":
+        x[1, 2] = INF
+    elif case == "nan_in_row":
+        x[1, 1] = NAN
+    elif case == "nan_in_ignored_row":
+        x[1, 1] = NAN
+        ii = 2
+    elif case == "prob_zero_at_neginf":
+        x[1, 3] = -INF
+        prob = torch.softmax(torch.randn(N, C, dtype=torch.float64), 1)
+        prob[1, 3] = 0
+    elif case == "prob_pos_at_neginf":
+        x[1, 3] = -INF
+        prob = torch.softmax(torch.randn(N, C, dtype=torch.float64), 1)
+    elif case == "prob_nan_target":
+        prob = torch.softmax(torch.randn(N, C, dtype=torch.float64), 1)
+        prob[1, 2] = NAN
+    else:
+        raise ValueError(case)
+    x = x.to(dtype)
+    t = y if prob is None else prob.to(dtype)
+    return x, t, ii
+
+
+NONFINITE_CASES = ["neginf_non_target", "neginf_at_target", "neginf_row", "posinf_one", "posinf_at_target",
+                   "nan_in_row", "nan_in_ignored_row", "prob_zero_at_neginf", "prob_pos_at_neginf",
+                   "prob_nan_target"]
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+def test_nonfinite_logits(case, dtype, reduction, ls, fresh_seed):
+    x, t, ii = _nonfinite_case(case, dtype)
+    weighted = (None, random_weight(5, dtype))
+    wrt = ("input",) if t.dtype == torch.int64 else ("input", "target")
+    for w in weighted:
+        ctx = f"nonfinite case={case} dtype={dtype_name(dtype)} red={reduction} ls={ls} weighted={w is not None}"
+        # value, nan/inf pattern and gradient all as torch (assert_close(equal_nan=True) semantics)
+        check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt, ctx=ctx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("magnitude", [1e4, 1e30], ids=["1e4", "1e30"])
+def test_big_logits(magnitude, kind, dtype, rng, fresh_seed):
+    if magnitude > torch.finfo(dtype).max:
+        pytest.skip(f"{magnitude} not representable in {dtype}")
+    shape = draw_shape(rng, rng.choice(["NC", "NCd"]))
+    # values of order +-magnitude with distinct rows; the target is sometimes the arg-min
+    x = (torch.randn(shape, dtype=torch.float64).sign() * magnitude * torch.rand(shape, dtype=torch.float64).add(0.5)).to(dtype)
+    t = make_index_target(shape) if kind == "index" else make_prob_target(shape, dtype)
+    for red in REDUCTIONS:
+        for ls in (0.0, 0.1):
+            check_against_torch(ours, x, t, None, reduction=red, label_smoothing=ls,
+                                wrt=("input",) if kind == "index" else ("input", "target"),
+                                ctx=fmt_ctx(fresh_seed, magnitude=magnitude, kind=kind, shape=shape, red=red, ls=ls))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_name)
+def test_exact_extreme_rows(dtype):
+    # the examples of torch_semantics.md section 7, compared with torch (not with literals)
+    x = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]], dtype=dtype)
+    y = torch.tensor([1, 1])
+    for red in REDUCTIONS:
+        check_against_torch(ours, x, y, None, reduction=red, grad_out=None, ctx=f"exact rows {red}")
+    if dtype in (torch.float32, torch.float64):
+        big = torch.tensor([[1e30, -1e30, 0.0]], dtype=dtype)
+        check_against_torch(ours, big, torch.tensor([1]), None, reduction="sum", grad_out=None, ctx="1e30")
+        huge = torch.tensor([[3e38, 3e38, -3e38]], dtype=dtype)
+        check_against_torch(ours, huge, torch.tensor([0]), None, reduction="sum", label_smoothing=0.1,
+                            grad_out=None, ctx="3e38 ls")
+
+
+# ----------------------------------------------------------------------------------
+# class counts around vector widths, long rows, many short rows
+# ----------------------------------------------------------------------------------
+
+CLASS_COUNTS = [1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 100, 1000]
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("C", CLASS_COUNTS)
+def test_class_count_boundaries(C, dtype, kind, rng, fresh_seed):
+    N = rng.randint(1, 6)
+    shape = (N, C) if rng.random() < 0.7 else (N, C, rng.randint(1, 3))
+    layout = rng.choice(layouts_for(len(shape)))
+    reduction = rng.choice(REDUCTIONS)
+    ls = rng.choice([0.0, 0.1])
+    weighted = rng.random() < 0.5
+    x, t, w, ii, desc = build_case(rng, shape, dtype, "i64" if kind == "index" else "prob_softmax",
+                                   "in_range", weighted, layout=layout)
+    wrt = ("input",) if kind == "index" else ("input", "target")
+    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt,
+                        ctx=fmt_ctx(fresh_seed, C=C, dtype=dtype_name(dtype), red=reduction, ls=ls, **desc))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("N,C", [(4, 5000), (3, 40000), (2, 2049)], ids=["N4-C5000", "N3-C40000", "N2-C2049"])
+def test_long_rows(N, C, dtype, kind, rng, fresh_seed):
+    reduction = rng.choice(REDUCTIONS)
+    ls = rng.choice([0.0, 0.1])
+    layout = rng.choice(["contiguous", "sliced", "sliced_batch", "transposed"])
+    x, t, w, ii, desc = build_case(rng, (N, C), dtype, "i64" if kind == "index" else "prob_softmax",
+                                   "in_range", rng.random() < 0.5, layout=layout, scale=rng.choice([1.0, 4.0]))
+    wrt = ("input",) if kind == "index" else ("input", "target")
+    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt,
+                        ctx=fmt_ctx(fresh_seed, dtype=dtype_name(dtype), red=reduction, ls=ls, **desc))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_many_short_rows(reduction, dtype, kind, rng, fresh_seed):
+    N, C = 20000, 10
+    ls = rng.choice([0.0, 0.1])
+    x, t, w, ii, desc = build_case(rng, (N, C), dtype, "i64" if kind == "index" else "prob_softmax",
+                                   "in_range", rng.random() < 0.5, layout=rng.choice(["contiguous", "transposed", "sliced"]))
+    wrt = ("input",) if kind == "index" else ("input", "target")
+    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt,
+                        ctx=fmt_ctx(fresh_seed, dtype=dtype_name(dtype), red=reduction, ls=ls, **desc))
+
+
+def test_result_is_not_shared_between_calls(fresh_seed):
+    # two calls on the same inputs produce independent tensors with equal values
+    x = make_logits((3, 7))
+    t = make_index_target((3, 7))
+    a = ours(x, t, reduction="none")
+    b = ours(x, t, reduction="none")
+    assert torch.equal(a, b)
+    a.add_(1)
+    assert not torch.equal(a, b)
