@@ -62,7 +62,8 @@ def _isas() -> list[str]:
 
 ISAS = _isas()
 OPENMP_FLAGS = ["-fopenmp"]
-CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden", *OPENMP_FLAGS]
+# No -std flag: BuildExtension adds the standard the installed torch needs (C++20 for torch >= 2.14).
+CXX_FLAGS = ["-O3", "-fvisibility=hidden", *OPENMP_FLAGS]
 DEFINES = [f"-DXENT_HAVE_{isa.upper()}" for isa in ISAS if isa != "default"]
 
 

@@ -152,14 +152,14 @@ Tensor empty_gradient_like(const Tensor& t) {
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> index_forward_cpu(
+cpu::IndexForwardArgs index_forward_args(
     const Tensor& input,
     const Tensor& target,
     const std::optional<Tensor>& weight,
     int64_t ignore_index,
     double label_smoothing,
-    int64_t reduction) {
-  constexpr const char* op = "xent_ext::cross_entropy_index_forward";
+    int64_t reduction,
+    const char* op) {
   check_input(input, op);
   check_reduction(reduction, op);
   cpu::IndexForwardArgs args;
@@ -173,8 +173,40 @@ std::tuple<Tensor, Tensor, Tensor> index_forward_cpu(
   args.loss = loss_output(input, reduction);
   args.lse = at::empty({input.size(0), input.size(2)}, input.options().dtype(at::kDouble));
   args.total_weight = at::empty({}, input.options().dtype(accumulation_dtype(input.scalar_type())));
+  return args;
+}
+
+std::tuple<Tensor, Tensor, Tensor> index_forward_cpu(
+    const Tensor& input,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
+    int64_t ignore_index,
+    double label_smoothing,
+    int64_t reduction) {
+  cpu::IndexForwardArgs args = index_forward_args(
+      input, target, weight, ignore_index, label_smoothing, reduction, "xent_ext::cross_entropy_index_forward");
   cpu::kernels().index_forward(args);
   return {args.loss, args.lse, args.total_weight};
+}
+
+// The forward that also writes the gradient for an upstream gradient of 1
+// (Note [Gradient in the forward], csrc/cpu/xent_kernel.h).
+std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_cpu(
+    const Tensor& input,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
+    int64_t ignore_index,
+    double label_smoothing,
+    int64_t reduction) {
+  constexpr const char* op = "xent_ext::cross_entropy_index_forward_with_grad";
+  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum, op,
+              ": reduction must be 1 (mean) or 2 (sum): with 'none' the upstream gradient differs per row, got ",
+              reduction);
+  cpu::IndexForwardArgs args =
+      index_forward_args(input, target, weight, ignore_index, label_smoothing, reduction, op);
+  args.grad_input = empty_gradient_like(input);
+  cpu::kernels().index_forward(args);
+  return {args.loss, args.lse, args.total_weight, args.grad_input};
 }
 
 Tensor index_backward_cpu(
@@ -291,7 +323,8 @@ std::tuple<Tensor, Tensor> prob_backward_cpu(
 // every torch-accepted shape to this. `reduction` uses torch's enum (0 none,
 // 1 mean, 2 sum). Forwards return (loss, lse, aux): lse (N, K) float64 is
 // what the backward recomputes softmax from; aux is the weighted-mean
-// denominator (index) or the per-row Σ w q (probability).
+// denominator (index) or the per-row Σ w q (probability). The *_with_grad
+// forward also returns the input gradient for an upstream gradient of 1.
 // Room to grow without breaking callers: new options (z_loss, logit_softcap,
 // logit_scale) are appended as trailing arguments with defaults that mean
 // "off", which keeps old call sites valid; an in-place gradient is a
@@ -301,6 +334,9 @@ TORCH_LIBRARY(xent_ext, m) {
   m.def(
       "cross_entropy_index_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction) -> (Tensor loss, Tensor lse, Tensor total_weight)");
+  m.def(
+      "cross_entropy_index_forward_with_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction) -> (Tensor loss, Tensor lse, Tensor total_weight, Tensor grad_input)");
   m.def(
       "cross_entropy_index_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, int ignore_index, float label_smoothing, int reduction) -> Tensor");
@@ -315,6 +351,7 @@ TORCH_LIBRARY(xent_ext, m) {
 
 TORCH_LIBRARY_IMPL(xent_ext, CPU, m) {
   m.impl("cross_entropy_index_forward", &xent_ext::index_forward_cpu);
+  m.impl("cross_entropy_index_forward_with_grad", &xent_ext::index_forward_with_grad_cpu);
   m.impl("cross_entropy_index_backward", &xent_ext::index_backward_cpu);
   m.impl("cross_entropy_prob_forward", &xent_ext::prob_forward_cpu);
   m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_cpu);

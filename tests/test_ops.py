@@ -2,6 +2,7 @@
 build information."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -72,6 +73,24 @@ def test_opcheck_index_forward(dtype, reduction, fresh_seed):
 
 
 @requires_ext
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
+def test_opcheck_index_forward_with_grad(dtype, reduction, fresh_seed):
+    for weighted, ls in SAMPLES:
+        args = _index_inputs(dtype, weighted, ls, reduction)
+        _opcheck(_ops().cross_entropy_index_forward_with_grad.default, args)
+        # the loss is torch's, and the gradient is torch's for an upstream gradient of 1
+        plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        loss, _, _, grad = _ops().cross_entropy_index_forward_with_grad(*plain)
+        x = plain[0].clone().requires_grad_()
+        ref = F.cross_entropy(x, plain[1], weight=plain[2], ignore_index=args[3], label_smoothing=ls,
+                              reduction=reduction)
+        (ref_grad,) = torch.autograd.grad(ref, x)
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+@requires_ext
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
 def test_opcheck_index_backward(dtype, reduction, fresh_seed):
@@ -137,6 +156,7 @@ def test_ops_registered_with_expected_schemas():
         assert [a.name for a in schema.arguments] == argnames, f"{name}: {schema}"
         assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments), f"{name} mutates"
     n_out = {"cross_entropy_index_forward": 3, "cross_entropy_prob_forward": 3,
+             "cross_entropy_index_forward_with_grad": 4,
              "cross_entropy_index_backward": 1, "cross_entropy_prob_backward": 2}
     for name, n in n_out.items():
         assert len(getattr(ops, name).default._schema.returns) == n, name
@@ -182,7 +202,12 @@ def test_public_api_runs_the_fused_ops(case, reduction, fresh_seed):
         loss.backward(random_like_loss(loss))
     fwd = f"xent_ext.cross_entropy_{kind}_forward"
     bwd = f"xent_ext.cross_entropy_{kind}_backward"
-    assert fwd in rec.ops and bwd in rec.ops, f"ops seen: {sorted(set(rec.ops))}"
+    fused = f"xent_ext.cross_entropy_{kind}_forward_with_grad"
+    if kind == "index" and reduction != "none":
+        # Note [Gradient in the forward]: one op computes the loss and the gradient.
+        assert fused in rec.ops and fwd not in rec.ops, f"ops seen: {sorted(set(rec.ops))}"
+    else:
+        assert fwd in rec.ops and bwd in rec.ops, f"ops seen: {sorted(set(rec.ops))}"
     for banned in ("aten._log_softmax", "aten.nll_loss_forward", "aten.nll_loss2d_forward"):
         assert banned not in rec.ops, f"{banned} called; ops seen: {sorted(set(rec.ops))}"
 
@@ -394,3 +419,31 @@ def test_cpu_capability_reports_torch_choice():
     assert cap in isas
     if torch_cap in isas:
         assert cap == torch_cap, f"torch uses {torch_cap}, the extension {cap} (built: {isas})"
+
+
+# Note [Gradient in the forward]: the gradient computed inside the forward is
+# handed out once; scaled upstream gradients, a second backward through the
+# same graph, and autograd.grad must all still match torch.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_in_forward_reuse_and_scaling(dtype, reduction):
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = (torch.randn(37, 300, generator=gen) * 2).to(dtype)
+    y = torch.randint(300, (37,), generator=gen)
+    scale = float(torch.rand((), generator=gen)) * 4 + 0.5
+
+    def grads(fn):
+        xr = x.clone().requires_grad_()
+        loss = fn(xr, y, reduction=reduction, label_smoothing=0.1)
+        (loss * scale).backward(retain_graph=True)  # upstream gradient != 1
+        first = xr.grad.clone()
+        loss.backward(retain_graph=True)  # second backward through the same graph, upstream 1
+        second = xr.grad - first
+        (third,) = torch.autograd.grad(loss, xr)
+        return first.double(), second.double(), third.double()
+
+    ours = grads(xent_ext.cross_entropy)
+    ref = grads(lambda a, b, **kw: F.cross_entropy(a.double(), b, **kw).to(a.dtype))
+    tol = dict(rtol=2e-2, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, **tol)

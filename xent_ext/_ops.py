@@ -15,6 +15,7 @@ derivative is available. That path is slower and is only taken when asked for.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,6 +48,12 @@ def _index_forward_fake(input, target, weight, ignore_index, label_smoothing, re
     lse = input.new_empty((n, k), dtype=torch.float64)
     total_weight = input.new_empty((), dtype=accumulation_dtype(input.dtype))
     return _loss_like(input, reduction), lse, total_weight
+
+
+@torch.library.register_fake("xent_ext::cross_entropy_index_forward_with_grad")
+def _index_forward_with_grad_fake(input, target, weight, ignore_index, label_smoothing, reduction):
+    loss, lse, total_weight = _index_forward_fake(input, target, weight, ignore_index, label_smoothing, reduction)
+    return loss, lse, total_weight, torch.empty_like(input)
 
 
 @torch.library.register_fake("xent_ext::cross_entropy_index_backward")
@@ -134,6 +141,9 @@ def _index_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     input, target, weight, ignore_index, label_smoothing, reduction = inputs
     _, lse, total_weight = output
     ctx.save_for_backward(input, target, weight, lse, total_weight)
+    # lse and total_weight get no gradient; without this autograd would
+    # materialize zero tensors for them (for the fused op: a logits-sized one).
+    ctx.set_materialize_grads(False)
     ctx.ignore_index = ignore_index
     ctx.label_smoothing = label_smoothing
     ctx.reduction = reduction
@@ -141,6 +151,8 @@ def _index_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 
 def _index_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_total_weight: Tensor):
+    if grad_loss is None:  # the loss itself got no gradient (grads are not materialized)
+        return None, None, None, None, None, None
     input, target, weight, lse, total_weight = ctx.saved_tensors
     args = (ctx.ignore_index, ctx.label_smoothing, ctx.reduction)
     if torch.is_grad_enabled():
@@ -150,16 +162,55 @@ def _index_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_total_
     return grad_input, None, None, None, None, None
 
 
+# Note [Gradient in the forward] (Python side)
+# cross_entropy_index_forward_with_grad returns the input gradient for an
+# upstream gradient of 1 along with the loss. The first backward hands that
+# buffer to autograd as it is when the upstream gradient is exactly 1 (the
+# usual loss.backward()), or scales it in place otherwise (e.g. a GradScaler
+# factor): no second read of the logits. The buffer is kept as a plain ctx
+# attribute, not a saved tensor, because it is handed out or scaled in place;
+# a second backward through the same graph (retain_graph=True) and double
+# backward take the ordinary paths from the saved logits and lse.
+
+
+def _index_fused_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _index_setup_context(ctx, inputs, output[:3])
+    ctx.fused_grad = output[3]
+    ctx.mark_non_differentiable(output[3])
+
+
+def _index_fused_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_tw: Tensor, _grad_grad: Tensor):
+    fused, ctx.fused_grad = ctx.fused_grad, None
+    if grad_loss is None or fused is None or torch.is_grad_enabled():
+        return _index_backward(ctx, grad_loss, _grad_lse, _grad_tw)
+    if type(grad_loss) is not torch.Tensor:
+        # Traced (fake/functional tensors, e.g. opcheck or AOTAutograd): no
+        # data-dependent branch and no mutation of a forward output.
+        return fused * grad_loss, None, None, None, None, None
+    g = float(grad_loss)
+    if g == 1.0:
+        return fused, None, None, None, None, None
+    # Scaling the stored gradient rounds twice. Exact for a power of two (the
+    # usual GradScaler factor), harmless in fp32/fp64; for bf16/fp16 with any
+    # other factor, recompute with one rounding instead.
+    if math.frexp(g)[0] in (0.5, -0.5) or fused.dtype in (torch.float32, torch.float64):
+        return fused.mul_(grad_loss), None, None, None, None, None
+    return _index_backward(ctx, grad_loss, _grad_lse, _grad_tw)
+
+
 def _prob_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     input, target, weight, label_smoothing, reduction = inputs
     _, lse, coef_sum = output
     ctx.save_for_backward(input, target, weight, lse, coef_sum)
+    ctx.set_materialize_grads(False)
     ctx.label_smoothing = label_smoothing
     ctx.reduction = reduction
     ctx.mark_non_differentiable(lse, coef_sum)
 
 
 def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_coef_sum: Tensor):
+    if grad_loss is None:
+        return None, None, None, None, None
     input, target, weight, lse, coef_sum = ctx.saved_tensors
     want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if torch.is_grad_enabled():
@@ -177,6 +228,9 @@ def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_coef_su
 
 torch.library.register_autograd(
     "xent_ext::cross_entropy_index_forward", _index_backward, setup_context=_index_setup_context
+)
+torch.library.register_autograd(
+    "xent_ext::cross_entropy_index_forward_with_grad", _index_fused_backward, setup_context=_index_fused_setup_context
 )
 torch.library.register_autograd(
     "xent_ext::cross_entropy_prob_forward", _prob_backward, setup_context=_prob_setup_context

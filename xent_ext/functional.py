@@ -277,12 +277,31 @@ def _index_target_loss(
     w = weight.reshape(-1) if weight is not None else None
     # torch applies smoothing only for label_smoothing > 0 (negative and nan act as 0).
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
-    loss, _, _ = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction)
+    if _gradient_in_forward(x, reduction):
+        loss = torch.ops.xent_ext.cross_entropy_index_forward_with_grad(x, y, w, ignore_index, smoothing, reduction)[0]
+    else:
+        loss, _, _ = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction)
     if target.dtype == torch.uint8 and w is not None and smoothing > 0 and reduction == _ops.REDUCTION_MEAN:
         _raise_like_torch_uint8_smoothing(input, target, ignore_index)
     if reduction == _ops.REDUCTION_NONE:
         loss = loss.reshape(target.shape if input.dim() > 1 else ())
     return loss
+
+
+def _gradient_in_forward(x: Tensor, reduction: int) -> bool:
+    """Whether to compute the input gradient inside the forward (Note [Gradient in the forward]).
+
+    Only when it will almost surely be used (the logits require grad under grad
+    mode) and the upstream gradient is one scalar ('mean'/'sum'). Not while
+    torch.compile traces: the compiled graph keeps forward and backward as
+    separate ops.
+    """
+    return (
+        reduction != _ops.REDUCTION_NONE
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _raise_like_torch_uint8_smoothing(input: Tensor, target: Tensor, ignore_index: int) -> None:

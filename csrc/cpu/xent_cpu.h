@@ -25,6 +25,8 @@ struct IndexForwardArgs {
   at::Tensor loss;          // 'none': (N, K) input dtype, contiguous; else 0-d input dtype
   at::Tensor lse;           // (N, K) float64, contiguous
   at::Tensor total_weight;  // 0-d accumulation dtype: Σ w[y] over non-ignored rows
+  at::Tensor grad_input;    // undefined, or (N, C, K): also write d(loss)/d(input) for an
+                            // upstream gradient of 1 ('mean'/'sum' only)
 };
 
 struct IndexBackwardArgs {

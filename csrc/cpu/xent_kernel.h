@@ -268,6 +268,20 @@ struct CoefLoader {
   }
 };
 
+// Note [Prefetch]
+// The forward's max pass streams a chunk from DRAM, then its exp pass
+// computes from L1 while the memory system idles: the hardware prefetcher
+// sees no misses to follow. Prefetching the memory one chunk ahead during the
+// exp pass overlaps the next chunk's DRAM read with this chunk's arithmetic
+// (rows are usually adjacent, so "one chunk ahead" is usually what comes
+// next). A prefetch never faults, so running past the tensor is harmless.
+template <typename T>
+inline void prefetch_next_chunk(const T* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p + kChunk, 0, 3);
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // Forward: statistics of one contiguous chunk of a row.
 
@@ -305,6 +319,7 @@ RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t
   V s0 = zero, s1 = zero, t0 = zero, t1 = zero, c0 = zero, c1 = zero;
   V ca, cb;
   for (int64_t i = 0; i < n_full; i += kStep) {
+    prefetch_next_chunk(x + i);
     IO::load(x + i, xa, xb);
     const V da = xa - shift;
     const V db = xb - shift;
@@ -623,13 +638,21 @@ void gather_tile(const T* base, RowStrides s, const Layout<T>& L, int64_t r0, in
   }
 }
 
+// No-op hook for for_each_row_stats.
+struct NoAfter {
+  void operator()(int64_t, int64_t) const {}
+};
+
 // Calls finish(r, stats) for every row r, with stats accumulated over the
 // whole row, walking the layout as choose_walk decides. Rows run in
 // parallel; when rows are few and long, their chunks run in parallel too and
 // are merged afterwards, in the same order as the sequential path, so both
-// give identical bits.
-template <typename T, Coef kCoef, typename Finish>
-void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Finish& finish) {
+// give identical bits. After rows [r0, r0 + n) are finished, the same thread
+// calls after(r0, n) while their logits are still in cache (the fused
+// forward+backward writes their gradient there: Note [Gradient in the
+// forward]); n and r0 follow the walk's tiles.
+template <typename T, Coef kCoef, typename Finish, typename After = NoAfter>
+void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Finish& finish, const After& after = {}) {
   using acc_t = acc_type<T>;
   constexpr int64_t kStep = VecIO<T>::kStep;
   const int64_t R = L.rows(), C = L.C;
@@ -648,6 +671,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           for (int64_t j = 0; j < npos; ++j) {
             finish(r0 + j, st[j]);
           }
+          after(r0, npos);
         }
       });
       return;
@@ -678,6 +702,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
               finish(r0 + j0 + j, st[j]);
             }
           }
+          after(r0, n);
         }
       });
       return;
@@ -698,6 +723,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           math::merge(st, row_chunk_stats<T, kCoef>(row, coef, c * kChunk, chunk_len(C, c), scratch));
         }
         finish(r, st);
+        after(r, 1);
       }
     });
     return;
@@ -718,6 +744,11 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
     }
     finish(r, st);
   }
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      after(r, 1);
+    }
+  });
 }
 
 // Note [Deterministic reduction]
@@ -777,74 +808,6 @@ CoefSource<T> weight_source(const at::Tensor& weight) {
   return src;
 }
 
-template <typename T, Coef kCoef>
-void index_forward_typed(const IndexForwardArgs& args) {
-  using acc_t = acc_type<T>;
-  const at::Tensor& input = args.input;
-  const int64_t N = input.size(0), C = input.size(1), K = input.size(2);
-  const int64_t R = N * K;
-  const int64_t sn = input.stride(0), sc = input.stride(1), sk = input.stride(2);
-  const int64_t tn = args.target.stride(0), tk = args.target.stride(1);
-  const T* x = input.data_ptr<T>();
-  const int64_t* target = args.target.data_ptr<int64_t>();
-  const acc_t* w = args.weight.defined() ? args.weight.data_ptr<acc_t>() : nullptr;
-  const bool smoothing = args.label_smoothing > 0;
-  const acc_t eps = static_cast<acc_t>(args.label_smoothing);
-  const int64_t ignore_index = args.ignore_index;
-  double* lse = args.lse.data_ptr<double>();
-  const CoefSource<T> coef = weight_source<T>(args.weight);
-
-  // 'none', or no smoothing: the row loss. Reduced with smoothing: the nll
-  // part, with the smoothing part in row_smooth (math::reduced_smoothed_loss).
-  const bool reduce = args.reduction != kReductionNone;
-  std::vector<acc_t> row_loss(static_cast<size_t>(R));
-  std::vector<acc_t> row_smooth(static_cast<size_t>(reduce && smoothing ? R : 0));
-  for_each_row_stats<T, kCoef>(
-      make_layout<T>(input, nullptr), coef,
-      [&](int64_t r, const RowStats<acc_t>& st) {
-        lse[r] = math::log_sum_exp(st.ref, st.sum_exp);
-        const int64_t y = target[(r / K) * tn + (r % K) * tk];
-        if (y == ignore_index) {
-          // torch selects rather than multiplies: an ignored row is exactly 0
-          // even when its logits hold a nan.
-          row_loss[r] = acc_t(0);
-          if (!row_smooth.empty()) {
-            row_smooth[r] = acc_t(0);
-          }
-          return;
-        }
-        const acc_t x_y = static_cast<acc_t>(x[(r / K) * sn + (r % K) * sk + y * sc]);
-        const acc_t w_y = w ? w[y] : acc_t(1);
-        if (row_smooth.empty()) {
-          row_loss[r] = math::index_row_loss(st, x_y, w_y, eps, C, smoothing);
-        } else {
-          row_loss[r] = math::index_row_nll(st, x_y, w_y);
-          row_smooth[r] = math::index_row_smooth(st);
-        }
-      });
-
-  // Σ w[y] over non-ignored rows: the weighted mean's denominator.
-  std::vector<acc_t> row_weight(static_cast<size_t>(R));
-  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t y = target[(r / K) * tn + (r % K) * tk];
-      row_weight[r] = y == ignore_index ? acc_t(0) : (w ? w[y] : acc_t(1));
-    }
-  });
-  const double total_weight = deterministic_sum(row_weight.data(), R);
-  *args.total_weight.data_ptr<acc_t>() = static_cast<acc_t>(total_weight);
-
-  if (!reduce) {
-    write_rows<T>(args.loss, row_loss.data(), R);
-    return;
-  }
-  const double denominator = args.reduction == kReductionMean ? total_weight : 1.0;
-  const double nll_sum = deterministic_sum(row_loss.data(), R);
-  write_scalar<T>(args.loss, smoothing
-      ? math::reduced_smoothed_loss(nll_sum, deterministic_sum(row_smooth.data(), R), denominator, args.label_smoothing, C)
-      : nll_sum / denominator);
-}
-
 // Upstream gradient of row r: per-row for 'none', the scalar otherwise.
 template <typename T>
 struct GradOut {
@@ -852,6 +815,9 @@ struct GradOut {
   const T* per_row = nullptr;
   int64_t sn = 0, sk = 0, K = 1;
   acc_t scalar = 0;
+
+  // A known scalar upstream gradient (the fused forward+backward uses 1).
+  explicit GradOut(double scalar_) : scalar(static_cast<acc_t>(scalar_)) {}
 
   GradOut(const at::Tensor& grad_loss, int64_t reduction, int64_t K_, double scale) : K(K_) {
     if (reduction == kReductionNone) {
@@ -1066,162 +1032,304 @@ struct LanePlans {
   }
 };
 
-// Writes the input gradient of every row: grad[r] = plan_of(r) applied to the
-// row's logits, walking the layout as choose_walk decides. Every element is
-// independent, so any split across threads gives the same bits.
+// Writes input gradients: grad[r] = plan_of(r) applied to row r's logits,
+// walking the layout as choose_walk decides. Every element is independent,
+// so any split across threads gives the same bits. run() covers all rows in
+// parallel; rows(r0, n) covers one tile of for_each_row_stats's walk in the
+// calling thread (the fused forward+backward).
 template <typename T, Coef kCoef, typename PlanOf>
-void for_each_row_grad(
-    const Layout<T>& L,
-    T* grad,
-    int64_t gc,
-    RowStrides gs,
-    const CoefSource<T>& coef,
-    const PlanOf& plan_of) {
+struct GradWalker {
   using acc_t = acc_type<T>;
-  constexpr int64_t kStep = VecIO<T>::kStep;
-  const int64_t R = L.rows(), C = L.C;
-  switch (choose_walk(L, &gs)) {
-    case Walk::kColumns: {
-      const Layout<T> Lc = columns_view(L);
-      const RowStrides gsc = columns_view(gs, L.K);
-      const ColumnTiles tiles(Lc.N, Lc.K, kStep);
-      const int64_t grain = std::max<int64_t>(1, kGrainElements / (kStep * C));
-      at::parallel_for(0, tiles.count, grain, [&](int64_t begin, int64_t end) {
-        GradPlan<acc_t> plans[kStep];
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t r0 = tiles.n(t) * Lc.K + tiles.k0(t);
-          const int64_t npos = tiles.size(t);
-          LanePlans<acc_t, kStep> lanes;
-          for (int64_t j = 0; j < npos; ++j) {
-            plans[j] = plan_of(r0 + j);
-            lanes.set(j, plans[j]);
-          }
-          const RowView<T> first = Lc.row(r0);
-          T* g0 = grad + Lc.at(r0, gsc);
-          column_grad<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, g0, gc, coef, C, npos, lanes.a, lanes.d, lanes.hi, lanes.lo);
-          for (int64_t j = 0; j < npos; ++j) {
-            const int64_t y = plans[j].y;
-            if (y >= 0) {
-              const RowView<T> row = Lc.row(r0 + j);
-              g0[j + y * gc] = static_cast<T>(one_hot_grad<acc_t>(
-                  static_cast<acc_t>(row.x[y * row.x_stride]), coef_at<T, kCoef>(coef, row, y), plans[j]));
-            }
-          }
-        }
-      });
-      return;
-    }
-    case Walk::kGatheredColumns: {
-      constexpr int64_t kGroup = VecIO<acc_t>::kStep;
-      const int64_t tiles = (R + kTileRows - 1) / kTileRows;
-      const int64_t grain = std::max<int64_t>(1, kGrainElements / (kTileRows * C));
-      CoefSource<acc_t> gathered;
-      gathered.w = coef.w;
-      gathered.q_scale = coef.q_scale;
-      gathered.q_shift = coef.q_shift;
-      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-        Scratch<acc_t> scratch;
-        GradPlan<acc_t> plans[kTileRows];
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t r0 = t * kTileRows;
-          const int64_t n = std::min(kTileRows, R - r0);
-          gather_tile(L.x, L.xs, L, r0, n, scratch.x);
-          if (uses_target(kCoef)) {
-            gather_tile(L.q, L.qs, L, r0, n, scratch.q);
-          }
-          for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
-            const int64_t npos = std::min(kGroup, n - j0);
-            LanePlans<acc_t, kGroup> lanes;
-            for (int64_t j = 0; j < npos; ++j) {
-              plans[j0 + j] = plan_of(r0 + j0 + j);
-              lanes.set(j, plans[j0 + j]);
-            }
-            column_grad<acc_t, kCoef>(
-                scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, scratch.g + j0, kTileRows, gathered, C, npos,
-                lanes.a, lanes.d, lanes.hi, lanes.lo);
-          }
-          for (int64_t j = 0; j < n; ++j) {
-            const int64_t y = plans[j].y;
-            if (y >= 0) {
-              const RowView<acc_t> row{scratch.x + j, kTileRows, scratch.q + j, kTileRows};
-              scratch.g[y * kTileRows + j] =
-                  one_hot_grad<acc_t>(row.x[y * kTileRows], coef_at<acc_t, kCoef>(gathered, row, y), plans[j]);
-            }
-            T* dst = grad + L.at(r0 + j, gs);
-            for (int64_t c = 0; c < C; ++c) {
-              dst[c * gc] = static_cast<T>(scratch.g[c * kTileRows + j]);
-            }
-          }
-        }
-      });
-      return;
-    }
-    case Walk::kRows:
-      break;
+  static constexpr int64_t kStep = VecIO<T>::kStep;
+  static constexpr int64_t kGroup = VecIO<acc_t>::kStep;
+
+  const Layout<T>& L;
+  T* grad;
+  int64_t gc;
+  RowStrides gs;
+  CoefSource<T> coef;
+  const PlanOf& plan_of;
+  Walk walk;
+  Layout<T> Lc;      // columns_view(L)
+  RowStrides gsc;    // columns_view(gs)
+  CoefSource<acc_t> gathered;
+
+  GradWalker(const Layout<T>& L_, T* grad_, int64_t gc_, RowStrides gs_, const CoefSource<T>& coef_, const PlanOf& plan_of_)
+      : L(L_), grad(grad_), gc(gc_), gs(gs_), coef(coef_), plan_of(plan_of_), walk(choose_walk(L_, &gs_)),
+        Lc(columns_view(L_)), gsc(columns_view(gs_, L_.K)) {
+    gathered.w = coef.w;
+    gathered.q_scale = coef.q_scale;
+    gathered.q_shift = coef.q_shift;
   }
-  const int64_t chunks = num_chunks(C);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(std::min(C, kChunk), 1));
-  at::parallel_for(0, R * chunks, grain, [&](int64_t begin, int64_t end) {
+
+  // kStep adjacent rows starting at r0 (kColumns).
+  void column_tile(int64_t r0, int64_t npos) const {
+    GradPlan<acc_t> plans[kStep];
+    LanePlans<acc_t, kStep> lanes;
+    for (int64_t j = 0; j < npos; ++j) {
+      plans[j] = plan_of(r0 + j);
+      lanes.set(j, plans[j]);
+    }
+    const RowView<T> first = Lc.row(r0);
+    T* g0 = grad + Lc.at(r0, gsc);
+    column_grad<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, g0, gc, coef, L.C, npos, lanes.a, lanes.d, lanes.hi, lanes.lo);
+    for (int64_t j = 0; j < npos; ++j) {
+      const int64_t y = plans[j].y;
+      if (y >= 0) {
+        const RowView<T> row = Lc.row(r0 + j);
+        g0[j + y * gc] = static_cast<T>(one_hot_grad<acc_t>(
+            static_cast<acc_t>(row.x[y * row.x_stride]), coef_at<T, kCoef>(coef, row, y), plans[j]));
+      }
+    }
+  }
+
+  // Up to kTileRows rows of few classes, transposed through scratch (kGatheredColumns).
+  void gathered_tile(int64_t r0, int64_t n, Scratch<acc_t>& scratch) const {
+    const int64_t C = L.C;
+    GradPlan<acc_t> plans[kTileRows];
+    gather_tile(L.x, L.xs, L, r0, n, scratch.x);
+    if (uses_target(kCoef)) {
+      gather_tile(L.q, L.qs, L, r0, n, scratch.q);
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
+      const int64_t npos = std::min(kGroup, n - j0);
+      LanePlans<acc_t, kGroup> lanes;
+      for (int64_t j = 0; j < npos; ++j) {
+        plans[j0 + j] = plan_of(r0 + j0 + j);
+        lanes.set(j, plans[j0 + j]);
+      }
+      column_grad<acc_t, kCoef>(
+          scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, scratch.g + j0, kTileRows, gathered, C, npos,
+          lanes.a, lanes.d, lanes.hi, lanes.lo);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t y = plans[j].y;
+      if (y >= 0) {
+        const RowView<acc_t> row{scratch.x + j, kTileRows, scratch.q + j, kTileRows};
+        scratch.g[y * kTileRows + j] =
+            one_hot_grad<acc_t>(row.x[y * kTileRows], coef_at<acc_t, kCoef>(gathered, row, y), plans[j]);
+      }
+      T* dst = grad + L.at(r0 + j, gs);
+      for (int64_t c = 0; c < C; ++c) {
+        dst[c * gc] = static_cast<T>(scratch.g[c * kTileRows + j]);
+      }
+    }
+  }
+
+  // One chunk of one row (kRows).
+  void row_chunk(int64_t r, int64_t chunk, Scratch<acc_t>& scratch) const {
+    const GradPlan<acc_t> plan = plan_of(r);
+    const RowView<T> row = L.row(r);
+    T* grad_row = grad + L.at(r, gs);
+    const int64_t c_begin = chunk * kChunk;
+    const int64_t len = chunk_len(L.C, chunk);
+    if (plan.k.a == 0 && plan.k.b == 0 && plan.k.d == 0 && std::isfinite(plan.lse)) {
+      // Every softmax value is finite, so a * p - d * coef - b is exactly 0.
+      for (int64_t i = 0; i < len; ++i) {
+        grad_row[(c_begin + i) * gc] = T(0);
+      }
+      return;
+    }
+    row_chunk_grad<T, kCoef>(
+        row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, math::split_lse<acc_t>(plan.lse), scratch);
+    if (plan.y >= c_begin && plan.y < c_begin + len) {
+      grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<acc_t>(
+          static_cast<acc_t>(row.x[plan.y * row.x_stride]), coef_at<T, kCoef>(coef, row, plan.y), plan));
+    }
+  }
+
+  // Rows [r0, r0 + n) in this thread: one tile of the stats walk, which
+  // matches this walk's tiles whenever the walks agree.
+  void rows(int64_t r0, int64_t n) const {
     Scratch<acc_t> scratch;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / chunks;
-      const int64_t chunk = item % chunks;
-      const GradPlan<acc_t> plan = plan_of(r);
-      const RowView<T> row = L.row(r);
-      T* grad_row = grad + L.at(r, gs);
-      const int64_t c_begin = chunk * kChunk;
-      const int64_t len = chunk_len(C, chunk);
-      if (plan.k.a == 0 && plan.k.b == 0 && plan.k.d == 0 && std::isfinite(plan.lse)) {
-        // Every softmax value is finite, so a * p - d * coef - b is exactly 0.
-        for (int64_t i = 0; i < len; ++i) {
-          grad_row[(c_begin + i) * gc] = T(0);
+    if (walk == Walk::kColumns) {
+      for (int64_t j = 0; j < n;) {
+        // Stay inside one column tile (rows of one n, aligned to kStep).
+        const int64_t k = (r0 + j) % Lc.K;
+        const int64_t npos = std::min({n - j, kStep - k % kStep, Lc.K - k});
+        column_tile(r0 + j, npos);
+        j += npos;
+      }
+    } else if (walk == Walk::kGatheredColumns) {
+      for (int64_t j = 0; j < n; j += kTileRows) {
+        gathered_tile(r0 + j, std::min(kTileRows, n - j), scratch);
+      }
+    } else {
+      const int64_t chunks = num_chunks(L.C);
+      for (int64_t r = r0; r < r0 + n; ++r) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          row_chunk(r, c, scratch);
         }
-        continue;
       }
-      row_chunk_grad<T, kCoef>(
-          row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, math::split_lse<acc_t>(plan.lse), scratch);
-      if (plan.y >= c_begin && plan.y < c_begin + len) {
-        grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<acc_t>(
-            static_cast<acc_t>(row.x[plan.y * row.x_stride]), coef_at<T, kCoef>(coef, row, plan.y), plan));
+    }
+  }
+
+  void run() const {
+    const int64_t R = L.rows(), C = L.C;
+    if (walk == Walk::kColumns) {
+      const ColumnTiles tiles(Lc.N, Lc.K, kStep);
+      at::parallel_for(0, tiles.count, std::max<int64_t>(1, kGrainElements / (kStep * C)), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          column_tile(tiles.n(t) * Lc.K + tiles.k0(t), tiles.size(t));
+        }
+      });
+    } else if (walk == Walk::kGatheredColumns) {
+      const int64_t tiles = (R + kTileRows - 1) / kTileRows;
+      at::parallel_for(0, tiles, std::max<int64_t>(1, kGrainElements / (kTileRows * C)), [&](int64_t begin, int64_t end) {
+        Scratch<acc_t> scratch;
+        for (int64_t t = begin; t < end; ++t) {
+          gathered_tile(t * kTileRows, std::min(kTileRows, R - t * kTileRows), scratch);
+        }
+      });
+    } else {
+      const int64_t chunks = num_chunks(C);
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(std::min(C, kChunk), 1));
+      at::parallel_for(0, R * chunks, grain, [&](int64_t begin, int64_t end) {
+        Scratch<acc_t> scratch;
+        for (int64_t item = begin; item < end; ++item) {
+          row_chunk(item / chunks, item % chunks, scratch);
+        }
+      });
+    }
+  }
+};
+
+template <typename T, Coef kCoef, typename PlanOf>
+GradWalker<T, kCoef, PlanOf> make_grad_walker(
+    const Layout<T>& L, const at::Tensor& grad, const CoefSource<T>& coef, const PlanOf& plan_of) {
+  return GradWalker<T, kCoef, PlanOf>(
+      L, grad.data_ptr<T>(), grad.stride(1), RowStrides{grad.stride(0), grad.stride(2)}, coef, plan_of);
+}
+
+// Everything about class-index targets that both the backward and the fused
+// forward+backward need to turn a row into a GradPlan.
+template <typename T>
+struct IndexRows {
+  using acc_t = acc_type<T>;
+  int64_t C, K;
+  const int64_t* target;
+  int64_t tn, tk;
+  const acc_t* w;
+  acc_t weight_sum;  // Σ w (C without a weight)
+  acc_t eps;
+  int64_t ignore_index;
+
+  IndexRows(const at::Tensor& input, const at::Tensor& target_, const at::Tensor& weight, int64_t ignore, double ls)
+      : C(input.size(1)), K(input.size(2)), target(target_.data_ptr<int64_t>()), tn(target_.stride(0)),
+        tk(target_.stride(1)), w(weight.defined() ? weight.data_ptr<acc_t>() : nullptr),
+        eps(static_cast<acc_t>(ls)), ignore_index(ignore) {
+    double sum = static_cast<double>(C);
+    if (w) {
+      sum = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        sum += static_cast<double>(w[c]);
       }
+    }
+    weight_sum = static_cast<acc_t>(sum);
+  }
+  int64_t y(int64_t r) const {
+    return target[(r / K) * tn + (r % K) * tk];
+  }
+  GradPlan<acc_t> plan(int64_t r, acc_t grad_scaled, double lse) const {
+    const int64_t t = y(r);
+    const bool valid = t != ignore_index;
+    const acc_t w_y = valid && w ? w[t] : acc_t(1);
+    return {math::index_grad_coefs<acc_t>(grad_scaled, valid, w_y, weight_sum, eps, C), lse, valid ? t : -1};
+  }
+};
+
+// Note [Gradient in the forward]
+// When the loss is about to be differentiated (input requires grad, reduction
+// 'mean' or 'sum'), the forward also writes the gradient for an upstream
+// gradient of 1, row by row, right after each row's statistics, while the
+// row is still in cache: the logits are read from memory once for forward
+// and backward together (1R + 1W instead of 2R + 1W), and the backward only
+// rescales when the upstream gradient is not 1 (xent_ext/_ops.py). The mean's
+// denominator, needed for that scale, is summed from the targets first.
+template <typename T, Coef kCoef>
+void index_forward_typed(const IndexForwardArgs& args) {
+  using acc_t = acc_type<T>;
+  const at::Tensor& input = args.input;
+  const int64_t C = input.size(1), K = input.size(2);
+  const int64_t R = input.size(0) * K;
+  const int64_t sn = input.stride(0), sc = input.stride(1), sk = input.stride(2);
+  const T* x = input.data_ptr<T>();
+  const IndexRows<T> rows(input, args.target, args.weight, args.ignore_index, args.label_smoothing);
+  const bool smoothing = args.label_smoothing > 0;
+  double* lse = args.lse.data_ptr<double>();
+  const CoefSource<T> coef = weight_source<T>(args.weight);
+  const Layout<T> L = make_layout<T>(input, nullptr);
+
+  // Σ w[y] over non-ignored rows: the weighted mean's denominator.
+  std::vector<acc_t> row_weight(static_cast<size_t>(R));
+  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = rows.y(r);
+      row_weight[r] = y == rows.ignore_index ? acc_t(0) : (rows.w ? rows.w[y] : acc_t(1));
     }
   });
+  const double total_weight = deterministic_sum(row_weight.data(), R);
+  *args.total_weight.data_ptr<acc_t>() = static_cast<acc_t>(total_weight);
+  const bool reduce = args.reduction != kReductionNone;
+  const double denominator = args.reduction == kReductionMean ? total_weight : 1.0;
+
+  // 'none', or no smoothing: the row loss. Reduced with smoothing: the nll
+  // part, with the smoothing part in row_smooth (math::reduced_smoothed_loss).
+  std::vector<acc_t> row_loss(static_cast<size_t>(R));
+  std::vector<acc_t> row_smooth(static_cast<size_t>(reduce && smoothing ? R : 0));
+  const auto finish = [&](int64_t r, const RowStats<acc_t>& st) {
+    lse[r] = math::log_sum_exp(st.ref, st.sum_exp);
+    const int64_t y = rows.y(r);
+    if (y == rows.ignore_index) {
+      // torch selects rather than multiplies: an ignored row is exactly 0
+      // even when its logits hold a nan.
+      row_loss[r] = acc_t(0);
+      if (!row_smooth.empty()) {
+        row_smooth[r] = acc_t(0);
+      }
+      return;
+    }
+    const acc_t x_y = static_cast<acc_t>(x[(r / K) * sn + (r % K) * sk + y * sc]);
+    const acc_t w_y = rows.w ? rows.w[y] : acc_t(1);
+    if (row_smooth.empty()) {
+      row_loss[r] = math::index_row_loss(st, x_y, w_y, rows.eps, C, smoothing);
+    } else {
+      row_loss[r] = math::index_row_nll(st, x_y, w_y);
+      row_smooth[r] = math::index_row_smooth(st);
+    }
+  };
+  if (args.grad_input.defined()) {
+    const GradOut<T> unit(1.0 / denominator);
+    const auto plan_of = [&](int64_t r) { return rows.plan(r, unit(r), lse[r]); };
+    const auto walker = make_grad_walker<T, kCoef>(L, args.grad_input, coef, plan_of);
+    for_each_row_stats<T, kCoef>(L, coef, finish, [&](int64_t r0, int64_t n) { walker.rows(r0, n); });
+  } else {
+    for_each_row_stats<T, kCoef>(L, coef, finish);
+  }
+
+  if (!reduce) {
+    write_rows<T>(args.loss, row_loss.data(), R);
+    return;
+  }
+  const double nll_sum = deterministic_sum(row_loss.data(), R);
+  write_scalar<T>(args.loss, smoothing
+      ? math::reduced_smoothed_loss(nll_sum, deterministic_sum(row_smooth.data(), R), denominator, args.label_smoothing, C)
+      : nll_sum / denominator);
 }
 
 template <typename T, Coef kCoef>
 void index_backward_typed(const IndexBackwardArgs& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
-  const int64_t C = input.size(1), K = input.size(2);
-  const int64_t tn = args.target.stride(0), tk = args.target.stride(1);
-  const at::Tensor& grad_input = args.grad_input;
-  const int64_t* target = args.target.data_ptr<int64_t>();
-  const acc_t* w = args.weight.defined() ? args.weight.data_ptr<acc_t>() : nullptr;
+  const IndexRows<T> rows(input, args.target, args.weight, args.ignore_index, args.label_smoothing);
   const double* lse = args.lse.data_ptr<double>();
-  const acc_t eps = static_cast<acc_t>(args.label_smoothing);
-
   const double scale = args.reduction == kReductionMean
       ? 1.0 / static_cast<double>(*args.total_weight.data_ptr<acc_t>())
       : 1.0;
-  const GradOut<T> grad_out(args.grad_loss, args.reduction, K, scale);
-  double weight_sum = static_cast<double>(C);
-  if (w) {
-    weight_sum = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      weight_sum += static_cast<double>(w[c]);
-    }
-  }
-  for_each_row_grad<T, kCoef>(
-      make_layout<T>(input, nullptr), grad_input.data_ptr<T>(), grad_input.stride(1),
-      RowStrides{grad_input.stride(0), grad_input.stride(2)}, weight_source<T>(args.weight),
-      [&](int64_t r) {
-        const int64_t y = target[(r / K) * tn + (r % K) * tk];
-        const bool valid = y != args.ignore_index;
-        const acc_t w_y = valid && w ? w[y] : acc_t(1);
-        return GradPlan<acc_t>{
-            math::index_grad_coefs<acc_t>(grad_out(r), valid, w_y, static_cast<acc_t>(weight_sum), eps, C),
-            lse[r], valid ? y : -1};
-      });
+  const GradOut<T> grad_out(args.grad_loss, args.reduction, input.size(2), scale);
+  const auto plan_of = [&](int64_t r) { return rows.plan(r, grad_out(r), lse[r]); };
+  const Layout<T> L = make_layout<T>(input, nullptr);
+  make_grad_walker<T, kCoef>(L, args.grad_input, weight_source<T>(args.weight), plan_of).run();
 }
 
 // ---------------------------------------------------------------------------
@@ -1281,12 +1389,11 @@ void prob_backward_typed(const ProbBackwardArgs& args) {
 
   if (args.grad_input.defined()) {
     // grad_c = s * (p_c * Σ_c' w q - w_c q_c): a = s Σ w q, d = s, no one-hot.
-    const at::Tensor& gi = args.grad_input;
-    for_each_row_grad<T, kCoef>(
-        L, gi.data_ptr<T>(), gi.stride(1), RowStrides{gi.stride(0), gi.stride(2)}, coef, [&](int64_t r) {
-          const acc_t s = grad_out(r);
-          return GradPlan<acc_t>{{s * coef_sum[r], acc_t(0), s}, lse[r], -1};
-        });
+    const auto plan_of = [&](int64_t r) {
+      const acc_t s = grad_out(r);
+      return GradPlan<acc_t>{{s * coef_sum[r], acc_t(0), s}, lse[r], -1};
+    };
+    make_grad_walker<T, kCoef>(L, args.grad_input, coef, plan_of).run();
   }
   if (args.grad_target.defined()) {
     // grad_target_c = -s (1 - eps) w_c (x_c - lse). Rare (targets that require
