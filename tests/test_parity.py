@@ -302,7 +302,9 @@ def test_label_smoothing_nonpositive_or_nan_is_zero(kind, ls, rng, fresh_seed):
                         ctx=fmt_ctx(fresh_seed, ls=ls, kind=kind, shape=shape, reduction=red))
     a = ours(x, t, reduction=red, label_smoothing=ls)
     b = ours(x, t, reduction=red, label_smoothing=0.0)
-    assert torch.equal(a, b), "label_smoothing <= 0 or nan must behave exactly like 0.0"
+    # bitwise equal, nan included (an all-ignored 'mean' is nan for both)
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
+                               msg="label_smoothing <= 0 or nan must behave exactly like 0.0")
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace xent_ext {
@@ -285,8 +286,10 @@ inline void prefetch_next_chunk(const T* p) {
 // ---------------------------------------------------------------------------
 // Forward: statistics of one contiguous chunk of a row.
 
+// keep_exp, when not null, receives exp(x_i - accumulation_shift(ref)) for
+// the chunk (Note [Kept exps]).
 template <typename T, Coef kCoef>
-RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t n) {
+RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t n, acc_type<T>* keep_exp = nullptr) {
   using acc_t = acc_type<T>;
   using V = Vectorized<acc_t>;
   using IO = VecIO<T>;
@@ -323,8 +326,14 @@ RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t
     IO::load(x + i, xa, xb);
     const V da = xa - shift;
     const V db = xb - shift;
-    s0 = s0 + vexp(da);
-    s1 = s1 + vexp(db);
+    const V ea = vexp(da);
+    const V eb = vexp(db);
+    s0 = s0 + ea;
+    s1 = s1 + eb;
+    if (keep_exp) {
+      ea.store(keep_exp + i);
+      eb.store(keep_exp + i + V::size());
+    }
     if constexpr (kCoef != Coef::kNone) {
       CoefLoader<T, kCoef>::load(coef, i, ca, cb);
       t0 = at::vec::fmadd(ca, da, t0);
@@ -337,8 +346,16 @@ RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t
     IO::load(x + n_full, tail, xa, xb);
     const V da = xa - shift;
     const V db = xb - shift;
-    s0 = s0 + V::set(zero, vexp(da), tail_a);
-    s1 = s1 + V::set(zero, vexp(db), tail_b);
+    const V ea = V::set(zero, vexp(da), tail_a);
+    const V eb = V::set(zero, vexp(db), tail_b);
+    s0 = s0 + ea;
+    s1 = s1 + eb;
+    if (keep_exp) {
+      ea.store(keep_exp + n_full, tail_a);
+      if (tail_b > 0) {
+        eb.store(keep_exp + n_full + V::size(), tail_b);
+      }
+    }
     if constexpr (kCoef != Coef::kNone) {
       CoefLoader<T, kCoef>::load(coef, n_full, tail, ca, cb);
       t0 = t0 + V::set(zero, ca * da, tail_a);
@@ -386,7 +403,8 @@ RowStats<acc_type<T>> row_chunk_stats(
     const CoefSource<T>& coef,
     int64_t c_begin,
     int64_t len,
-    Scratch<acc_type<T>>& scratch) {
+    Scratch<acc_type<T>>& scratch,
+    acc_type<T>* keep_exp = nullptr) {
   using acc_t = acc_type<T>;
   const bool contiguous = row.x_stride == 1 && (!uses_target(kCoef) || row.q_stride == 1);
   CoefSource<T> chunk_coef = coef;
@@ -397,7 +415,7 @@ RowStats<acc_type<T>> row_chunk_stats(
     if (uses_target(kCoef)) {
       chunk_coef.q = row.q + c_begin;
     }
-    return chunk_stats<T, kCoef>(row.x + c_begin, chunk_coef, len);
+    return chunk_stats<T, kCoef>(row.x + c_begin, chunk_coef, len, keep_exp);
   }
   for (int64_t i = 0; i < len; ++i) {
     scratch.x[i] = static_cast<acc_t>(row.x[(c_begin + i) * row.x_stride]);
@@ -412,7 +430,7 @@ RowStats<acc_type<T>> row_chunk_stats(
     }
     gathered.q = scratch.q;
   }
-  return chunk_stats<acc_t, kCoef>(scratch.x, gathered, len);
+  return chunk_stats<acc_t, kCoef>(scratch.x, gathered, len, keep_exp);
 }
 
 template <typename acc_t>
@@ -638,9 +656,24 @@ void gather_tile(const T* base, RowStrides s, const Layout<T>& L, int64_t r0, in
   }
 }
 
+// Note [Kept exps]
+// In the fused forward+backward (Note [Gradient in the forward]) the exp pass
+// can keep exp(x - shift) for the whole row (fp32, in L2 for LLM rows), so
+// the gradient becomes (a * exp(shift - lse)) * kept - d * coef: one exp per
+// logit for forward and backward together instead of two. Only for the rows
+// walk with C <= kMaxKeptExps (the kept row must stay in cache to pay off).
+template <typename acc_t>
+struct RowExps {
+  const acc_t* e;      // exp(x_c - shift of c's chunk), c in [0, C)
+  const acc_t* shift;  // accumulation shift of each chunk
+};
+
+constexpr int64_t kMaxKeptExps = 1 << 18;
+
 // No-op hook for for_each_row_stats.
 struct NoAfter {
-  void operator()(int64_t, int64_t) const {}
+  template <typename E>
+  void operator()(int64_t, int64_t, const E*) const {}
 };
 
 // Calls finish(r, stats) for every row r, with stats accumulated over the
@@ -652,7 +685,7 @@ struct NoAfter {
 // forward+backward writes their gradient there: Note [Gradient in the
 // forward]); n and r0 follow the walk's tiles.
 template <typename T, Coef kCoef, typename Finish, typename After = NoAfter>
-void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Finish& finish, const After& after = {}) {
+void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Finish& finish, const After& after = After{}) {
   using acc_t = acc_type<T>;
   constexpr int64_t kStep = VecIO<T>::kStep;
   const int64_t R = L.rows(), C = L.C;
@@ -671,7 +704,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           for (int64_t j = 0; j < npos; ++j) {
             finish(r0 + j, st[j]);
           }
-          after(r0, npos);
+          after(r0, npos, static_cast<const RowExps<acc_t>*>(nullptr));
         }
       });
       return;
@@ -702,7 +735,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
               finish(r0 + j0 + j, st[j]);
             }
           }
-          after(r0, n);
+          after(r0, n, static_cast<const RowExps<acc_t>*>(nullptr));
         }
       });
       return;
@@ -712,29 +745,49 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
   }
   const int64_t chunks = num_chunks(C);
   const bool split_rows = chunks > 1 && R < 4 * static_cast<int64_t>(at::get_num_threads());
+  // Whether exps are kept depends on the shape only, never on the thread
+  // count, so the fused gradient has the same bits on both paths below.
+  constexpr bool kHasAfter = !std::is_same_v<After, NoAfter>;
+  const bool keep = kHasAfter && C <= kMaxKeptExps;
   if (!split_rows) {
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
     at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch;
+      std::vector<acc_t> kept(keep ? static_cast<size_t>(C) : 0);
+      std::vector<acc_t> shifts(keep ? static_cast<size_t>(chunks) : 0);
+      const RowExps<acc_t> exps{kept.data(), shifts.data()};
       for (int64_t r = begin; r < end; ++r) {
         const RowView<T> row = L.row(r);
         RowStats<acc_t> st = empty_stats<acc_t>();
         for (int64_t c = 0; c < chunks; ++c) {
-          math::merge(st, row_chunk_stats<T, kCoef>(row, coef, c * kChunk, chunk_len(C, c), scratch));
+          const RowStats<acc_t> part = row_chunk_stats<T, kCoef>(
+              row, coef, c * kChunk, chunk_len(C, c), scratch, keep ? kept.data() + c * kChunk : nullptr);
+          if (keep) {
+            shifts[c] = math::accumulation_shift(part.ref);
+          }
+          math::merge(st, part);
         }
         finish(r, st);
-        after(r, 1);
+        after(r, 1, keep ? &exps : nullptr);
       }
     });
     return;
   }
+  // Few long rows (fewer than 4 per thread): all rows' exps are kept at once,
+  // at most 4 x threads x kMaxKeptExps values.
   std::vector<RowStats<acc_t>> partial(static_cast<size_t>(R * chunks));
+  std::vector<acc_t> kept(keep ? static_cast<size_t>(R * C) : 0);
+  std::vector<acc_t> shifts(keep ? static_cast<size_t>(R * chunks) : 0);
   at::parallel_for(0, R * chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> scratch;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / chunks;
       const int64_t c = item % chunks;
-      partial[item] = row_chunk_stats<T, kCoef>(L.row(r), coef, c * kChunk, chunk_len(C, c), scratch);
+      partial[item] = row_chunk_stats<T, kCoef>(
+          L.row(r), coef, c * kChunk, chunk_len(C, c), scratch, keep ? kept.data() + r * C + c * kChunk : nullptr);
+      if (keep) {
+        shifts[item] = math::accumulation_shift(partial[item].ref);
+      }
     }
   });
   for (int64_t r = 0; r < R; ++r) {
@@ -746,7 +799,8 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
   }
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      after(r, 1);
+      const RowExps<acc_t> exps{kept.data() + r * C, shifts.data() + r * chunks};
+      after(r, 1, keep ? &exps : nullptr);
     }
   });
 }
@@ -1138,9 +1192,81 @@ struct GradWalker {
     }
   }
 
+  // One row from the exps the forward kept (Note [Kept exps]).
+  void row_from_exps(int64_t r, const RowExps<acc_t>& exps) const {
+    using V = Vectorized<acc_t>;
+    using IO = VecIO<T>;
+    const GradPlan<acc_t> plan = plan_of(r);
+    const RowView<T> row = L.row(r);
+    T* grad_row = grad + L.at(r, gs);
+    const int64_t C = L.C;
+    if (plan.k.a == 0 && plan.k.b == 0 && plan.k.d == 0 && std::isfinite(plan.lse)) {
+      for (int64_t c = 0; c < C; ++c) {
+        grad_row[c * gc] = T(0);
+      }
+      return;
+    }
+    const V vd(plan.k.d);
+    for (int64_t chunk = 0; chunk < num_chunks(C); ++chunk) {
+      // softmax = kept * exp(shift - lse); the factor is formed in double.
+      const acc_t a = plan.k.a * static_cast<acc_t>(std::exp(static_cast<double>(exps.shift[chunk]) - plan.lse));
+      const V va(a);
+      const int64_t c_begin = chunk * kChunk;
+      const int64_t len = chunk_len(C, chunk);
+      const acc_t* e = exps.e + c_begin;
+      CoefSource<T> chunk_coef = coef;
+      if (uses_weight(kCoef)) {
+        chunk_coef.w = coef.w + c_begin;
+      }
+      V ca, cb;
+      const auto grad_of = [&](const V& ev, const V& cv) {
+        if constexpr (kCoef == Coef::kNone) {
+          return va * ev;
+        } else {
+          return va * ev - vd * cv;
+        }
+      };
+      if (gc == 1) {
+        T* g = grad_row + c_begin;
+        int64_t i = 0;
+        for (; i + IO::kStep <= len; i += IO::kStep) {
+          if constexpr (kCoef != Coef::kNone) {
+            CoefLoader<T, kCoef>::load(chunk_coef, i, ca, cb);
+          }
+          IO::store(g + i, grad_of(V::loadu(e + i), ca), grad_of(V::loadu(e + i + V::size()), cb));
+        }
+        if (i < len) {
+          const int64_t rest = len - i;
+          if constexpr (kCoef != Coef::kNone) {
+            CoefLoader<T, kCoef>::load(chunk_coef, i, rest, ca, cb);
+          }
+          const V ea = V::loadu(e + i, std::min<int64_t>(rest, V::size()));
+          const V eb = rest > V::size() ? V::loadu(e + i + V::size(), rest - V::size()) : V(acc_t(0));
+          IO::store(g + i, rest, grad_of(ea, ca), grad_of(eb, cb));
+        }
+      } else {
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t coef_i = coef_at<T, kCoef>(coef, row, c_begin + i);
+          grad_row[(c_begin + i) * gc] = static_cast<T>(a * e[i] - plan.k.d * coef_i);
+        }
+      }
+    }
+    if (plan.y >= 0) {
+      grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<acc_t>(
+          static_cast<acc_t>(row.x[plan.y * row.x_stride]), coef_at<T, kCoef>(coef, row, plan.y), plan));
+    }
+  }
+
   // Rows [r0, r0 + n) in this thread: one tile of the stats walk, which
-  // matches this walk's tiles whenever the walks agree.
-  void rows(int64_t r0, int64_t n) const {
+  // matches this walk's tiles whenever the walks agree. exps: what the rows
+  // walk kept of row r0 (n == 1), or null.
+  void rows(int64_t r0, int64_t n, const RowExps<acc_t>* exps = nullptr) const {
+    if constexpr (!uses_target(kCoef)) {
+      if (exps && walk == Walk::kRows && n == 1) {
+        row_from_exps(r0, *exps);
+        return;
+      }
+    }
     Scratch<acc_t> scratch;
     if (walk == Walk::kColumns) {
       for (int64_t j = 0; j < n;) {
@@ -1302,7 +1428,9 @@ void index_forward_typed(const IndexForwardArgs& args) {
     const GradOut<T> unit(1.0 / denominator);
     const auto plan_of = [&](int64_t r) { return rows.plan(r, unit(r), lse[r]); };
     const auto walker = make_grad_walker<T, kCoef>(L, args.grad_input, coef, plan_of);
-    for_each_row_stats<T, kCoef>(L, coef, finish, [&](int64_t r0, int64_t n) { walker.rows(r0, n); });
+    for_each_row_stats<T, kCoef>(L, coef, finish, [&](int64_t r0, int64_t n, const RowExps<acc_t>* exps) {
+      walker.rows(r0, n, exps);
+    });
   } else {
     for_each_row_stats<T, kCoef>(L, coef, finish);
   }
