@@ -4,9 +4,10 @@ Build with ``pip install --no-build-isolation .`` (torch must already be
 installed: the extension is compiled against it). Environment variables:
 
 - ``XENT_EXT_CPU_ONLY=1``: skip the CUDA sources even when torch is a CUDA
-  build (fast local work; the only choice with a CPU build of torch).
+  build (fast local work). With a CPU build of torch there is nothing else.
 - ``CUDA_HOME``, ``TORCH_CUDA_ARCH_LIST``: where nvcc lives and which GPU
-  architectures to compile for (required without a visible GPU).
+  architectures to compile for. Without a visible GPU and without
+  ``TORCH_CUDA_ARCH_LIST``, the build uses ``8.0;9.0+PTX``.
 - ``MAX_JOBS``: parallel compile jobs.
 - ``XENT_EXT_ISAS``: comma-separated CPU ISAs to compile (default
   ``default,avx2,avx512`` on x86-64, ``default`` elsewhere).
@@ -20,7 +21,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+import torch
+from torch.utils import cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
@@ -67,6 +70,36 @@ CXX_FLAGS = ["-O3", "-fvisibility=hidden", *OPENMP_FLAGS]
 DEFINES = [f"-DXENT_HAVE_{isa.upper()}" for isa in ISAS if isa != "default"]
 
 
+# Note [When CUDA is built]
+# CUDA sources are compiled whenever torch is a CUDA build (torch.version.cuda),
+# GPU or not, so a .cu file that doesn't compile fails CI on a machine without
+# a GPU. Only XENT_EXT_CPU_ONLY turns that off.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+TRUTHY = ("1", "true", "yes", "on")
+
+
+def _cuda_decision() -> tuple[bool, str]:
+    if os.environ.get("XENT_EXT_CPU_ONLY", "").strip().lower() in TRUTHY:
+        return False, "XENT_EXT_CPU_ONLY is set"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build"
+    if cpp_extension.CUDA_HOME is None:
+        raise SystemExit(
+            f"xent_ext build: torch {torch.__version__} is a CUDA {torch.version.cuda} build, but no CUDA toolkit "
+            "was found. Set CUDA_HOME to a CUDA toolkit of the same major version (nvcc), or set "
+            "XENT_EXT_CPU_ONLY=1 to build without CUDA."
+        )
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    return True, f"CUDA {torch.version.cuda} (nvcc at {cpp_extension.CUDA_HOME}), archs {os.environ.get('TORCH_CUDA_ARCH_LIST') or 'of the visible GPUs'}"
+
+
+WITH_CUDA, CUDA_REASON = _cuda_decision()
+# --expt-relaxed-constexpr: the shared math (csrc/common/xent_math.h) calls
+# std::numeric_limits in device code. No --use_fast_math: the loss must be exact.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
 class XentBuildExtension(BuildExtension):
     """BuildExtension that first compiles the per-ISA kernel files with their own flags.
 
@@ -101,12 +134,25 @@ class XentBuildExtension(BuildExtension):
 def _extension():
     include_dirs = [os.path.join(ROOT, CSRC)]
     sources = [os.path.join(CSRC, "xent_ext.cpp"), os.path.join(CSRC, "cpu", "xent_cpu.cpp")]
-    print(f"xent_ext build: CPU ISAs {ISAS}, OpenMP on, CUDA off", file=sys.stderr)
-    return CppExtension(
+    print(
+        f"xent_ext build: CPU ISAs {ISAS}, OpenMP on, "
+        + (f"CUDA on: {CUDA_REASON}" if WITH_CUDA else f"CUDA off: {CUDA_REASON}"),
+        file=sys.stderr,
+    )
+    if not WITH_CUDA:
+        return CppExtension(
+            "xent_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": [*CXX_FLAGS, *DEFINES]},
+            extra_link_args=OPENMP_FLAGS,
+        )
+    sources += [os.path.join(CSRC, "cuda", "xent_cuda.cpp"), os.path.join(CSRC, "cuda", "xent_kernel.cu")]
+    return CUDAExtension(
         "xent_ext._C",
         sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": [*CXX_FLAGS, *DEFINES]},
+        extra_compile_args={"cxx": [*CXX_FLAGS, *DEFINES, "-DXENT_WITH_CUDA"], "nvcc": NVCC_FLAGS},
         extra_link_args=OPENMP_FLAGS,
     )
 

@@ -7,6 +7,10 @@
 // and fake (meta) kernels are registered from Python (xent_ext/_ops.py).
 #include "common/xent_math.h"
 #include "cpu/xent_cpu.h"
+#include "ops_common.h"
+#ifdef XENT_WITH_CUDA
+#include "cuda/xent_cuda.h"
+#endif
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,53 +29,20 @@
 
 #include <atomic>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace xent_ext {
+
+std::atomic<bool>& ops::cuda_target_check() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
 namespace {
 
 using at::Tensor;
-
-at::ScalarType accumulation_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_input(const Tensor& input, const char* op) {
-  TORCH_CHECK(input.dim() == 3, op, ": expected input of shape (N, C, K), got ", input.sizes());
-  const at::ScalarType t = input.scalar_type();
-  TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
-              ": expected float64, float32, bfloat16 or float16 input, got ", t);
-}
-
-void check_reduction(int64_t reduction, const char* op) {
-  TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
-              op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-}
-
-// Class weights as a contiguous (C,) tensor of the accumulation dtype.
-Tensor canonical_weight(const std::optional<Tensor>& weight, const Tensor& input, const char* op) {
-  if (!weight.has_value() || !weight->defined()) {
-    return Tensor();
-  }
-  const int64_t C = input.size(1);
-  TORCH_CHECK(weight->dim() == 1 && weight->numel() == C, op,
-              ": weight tensor should be defined either for all ", C,
-              " classes or no classes but got weight tensor of shape: ", weight->sizes());
-  TORCH_CHECK(weight->device() == input.device(), op, ": weight is on ", weight->device(),
-              " but input is on ", input.device());
-  return weight->to(accumulation_dtype(input.scalar_type())).contiguous();
-}
-
-// (N, K) int64 class indices; uint8 is widened (O(N), cheap).
-Tensor canonical_index_target(const Tensor& target, const Tensor& input, const char* op) {
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
-              ": expected target dtype to be Long or Byte, but got ", target.scalar_type());
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2), op,
-              ": expected target of shape [", input.size(0), ", ", input.size(2), "], got ", target.sizes());
-  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
-              " but input is on ", input.device());
-  return target.scalar_type() == at::kLong ? target : target.to(at::kLong);
-}
+using namespace ops;
 
 // Every class index must be in [0, C) unless it is ignore_index. The error
 // names the first bad target in row order, as torch's does.
@@ -100,31 +71,6 @@ void check_target_range(const Tensor& target, int64_t C, int64_t ignore_index) {
       TORCH_CHECK_INDEX(false, "Target ", t[(r / K) * tn + (r % K) * tk], " is out of bounds.");
     }
   }
-}
-
-Tensor loss_output(const Tensor& input, int64_t reduction) {
-  if (reduction == kReductionNone) {
-    return at::empty({input.size(0), input.size(2)}, input.options());
-  }
-  return at::empty({}, input.options());
-}
-
-void check_grad_loss(const Tensor& grad_loss, const Tensor& input, int64_t reduction, const char* op) {
-  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss has dtype ",
-              grad_loss.scalar_type(), " but input has ", input.scalar_type());
-  if (reduction == kReductionNone) {
-    TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == input.size(0) && grad_loss.size(1) == input.size(2),
-                op, ": expected grad_loss of shape [", input.size(0), ", ", input.size(2), "], got ",
-                grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, op, ": expected a scalar grad_loss, got shape ", grad_loss.sizes());
-  }
-}
-
-void check_row_stat(const Tensor& t, const Tensor& input, at::ScalarType dtype, const char* name, const char* op) {
-  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == input.size(0) && t.size(1) == input.size(2),
-              op, ": expected ", name, " of dtype ", dtype, " and shape [", input.size(0), ", ", input.size(2),
-              "], got ", t.scalar_type(), " ", t.sizes());
 }
 
 // Note [Huge pages for the gradient]
@@ -224,8 +170,7 @@ Tensor index_backward_cpu(
   check_reduction(reduction, op);
   check_grad_loss(grad_loss, input, reduction, op);
   check_row_stat(lse, input, at::kDouble, "lse", op);
-  TORCH_CHECK(total_weight.numel() == 1 && total_weight.scalar_type() == accumulation_dtype(input.scalar_type()),
-              op, ": total_weight must be the 0-d tensor returned by the forward");
+  check_total_weight(total_weight, input, op);
   cpu::IndexBackwardArgs args;
   args.grad_loss = grad_loss;
   args.input = input;
@@ -241,16 +186,6 @@ Tensor index_backward_cpu(
   args.grad_input = empty_gradient_like(input);
   cpu::kernels().index_backward(args);
   return args.grad_input;
-}
-
-Tensor canonical_prob_target(const Tensor& target, const Tensor& input, const char* op) {
-  TORCH_CHECK(target.sizes() == input.sizes(), op, ": expected probability target of shape ", input.sizes(),
-              ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == input.scalar_type(), op, ": expected probability target of dtype ",
-              input.scalar_type(), ", got ", target.scalar_type());
-  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
-              " but input is on ", input.device());
-  return target;
 }
 
 std::tuple<Tensor, Tensor, Tensor> prob_forward_cpu(
@@ -357,8 +292,6 @@ TORCH_LIBRARY_IMPL(xent_ext, CPU, m) {
   m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_cpu);
 }
 
-#define XENT_STR_(x) #x
-#define XENT_STR(x) XENT_STR_(x)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "xent_ext compiled core: importing it registers the torch.ops.xent_ext operators.";
@@ -368,8 +301,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::dict info;
         info["torch_version"] = TORCH_VERSION;
 #ifdef XENT_WITH_CUDA
-        info["cuda_version"] = XENT_STR(XENT_CUDA_VERSION);
-        info["cuda_archs"] = XENT_STR(XENT_CUDA_ARCHS);
+        const int v = xent_ext::cuda::runtime_version_built();
+        info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+        // nvcc's list ("800,900") as torch writes arch names ("8.0", "9.0").
+        pybind11::list archs;
+        std::string list = xent_ext::cuda::compiled_archs();
+        size_t begin = 0;
+        while (begin < list.size()) {
+          size_t end = list.find(',', begin);
+          if (end == std::string::npos) {
+            end = list.size();
+          }
+          const int arch = std::stoi(list.substr(begin, end - begin));
+          archs.append(std::to_string(arch / 100) + "." + std::to_string((arch % 100) / 10));
+          begin = end + 1;
+        }
+        info["cuda_archs"] = archs;
 #else
         info["cuda_version"] = pybind11::none();
         info["cuda_archs"] = pybind11::none();
@@ -407,6 +354,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return isa;
       },
       "The CPU ISA whose kernels are in use: 'default', 'avx2' or 'avx512'.");
+  m.def(
+      "set_cuda_target_check",
+      [](bool enabled) { return xent_ext::ops::cuda_target_check().exchange(enabled); },
+      pybind11::arg("enabled"),
+      "Turn the CUDA forward's class-index check (one host sync) on or off; returns the previous setting.");
+  m.def(
+      "cuda_target_check", []() { return xent_ext::ops::cuda_target_check().load(); },
+      "Whether the CUDA forward checks class indices (Note [Target check on the GPU]).");
   m.def(
       "num_threads", []() { return at::get_num_threads(); },
       "Threads at::parallel_for uses in this extension (follows torch.set_num_threads).");

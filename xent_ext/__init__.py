@@ -9,14 +9,26 @@ computed by fused C++ kernels (OpenMP + SIMD on the CPU) registered as
 
 from __future__ import annotations
 
+import os as _os
+
 from . import _ops  # noqa: F401  (loads the compiled ops, registers fake kernels and autograd)
 from ._C import build_info
+from ._C import cuda_target_check as _cuda_target_check
+from ._C import set_cuda_target_check as _set_cuda_target_check
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "build_info", "cpu_capability", "__version__"]
+__all__ = [
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "build_info",
+    "cpu_capability",
+    "cuda_target_check",
+    "set_cuda_target_check",
+    "__version__",
+]
 
 
 def cpu_capability() -> str:
@@ -28,3 +40,29 @@ def cpu_capability() -> str:
     from ._C import cpu_capability as _cpu_capability
 
     return _cpu_capability()
+
+
+def set_cuda_target_check(enabled: bool) -> bool:
+    """Turn the CUDA forward's class-index check on or off; returns the previous setting.
+
+    A class index outside ``[0, C)`` (and not ``ignore_index``) never fires a
+    device-side assert in xent_ext (torch's does, and it leaves the process's
+    CUDA context unusable). The kernels record the first bad row on the device
+    and compute NaN for it (loss, and so 'mean'/'sum', and its gradient). With
+    the check on (the default), the forward then syncs with the host once and
+    raises torch's ``IndexError("Target 7 is out of bounds.")``. Turning it off
+    removes that sync, so the forward never waits for the GPU; bad targets then
+    show up only as NaN. While a CUDA graph is being captured the check is
+    always skipped (a sync is illegal there). ``XENT_EXT_CUDA_TARGET_CHECK=0``
+    in the environment turns it off at import. CPU calls always check.
+    """
+    return bool(_set_cuda_target_check(bool(enabled)))
+
+
+def cuda_target_check() -> bool:
+    """Whether the CUDA forward checks class indices (see :func:`set_cuda_target_check`)."""
+    return bool(_cuda_target_check())
+
+
+if _os.environ.get("XENT_EXT_CUDA_TARGET_CHECK", "").strip().lower() in ("0", "false", "no", "off"):
+    set_cuda_target_check(False)

@@ -17,11 +17,13 @@ from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _ops
+from ._C import build_info as _build_info
 
 __all__ = ["cross_entropy"]
 
 _KERNEL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_KERNEL_DEVICES = ("cpu",)
+# CUDA tensors go to the fused kernels only when this build compiled them.
+_KERNEL_DEVICES = ("cpu", "cuda") if _build_info()["cuda_version"] is not None else ("cpu",)
 
 # c10's ScalarType names, which torch's C++ error messages use.
 _DTYPE_NAMES = {

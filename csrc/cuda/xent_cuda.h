@@ -1,0 +1,124 @@
+// The interface between the CUDA op wrappers (xent_cuda.cpp: torch tensors,
+// checks, allocation) and the kernels (xent_kernel.cu: raw pointers only).
+//
+// Note [Lean CUDA translation unit]
+// The .cu file includes no torch header: nvcc compiles it in seconds instead
+// of minutes (torch's headers dominate a CUDA extension's build time, which
+// matters on 2-core CI machines), and it cannot pick up host-only torch code.
+// Everything the kernels need is described here with plain structs.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace xent_ext {
+namespace cuda {
+
+enum class Dtype : int { kDouble, kFloat, kBFloat16, kHalf };
+
+// Rows summed by one block of the first reduction stage (Note [Deterministic
+// reduction on the GPU], xent_kernel.cu). Fixed, so results never depend on
+// the grid size or the GPU.
+constexpr int64_t kReduceTile = 4096;
+
+inline int64_t reduce_tiles(int64_t rows) {
+  return rows == 0 ? 1 : (rows + kReduceTile - 1) / kReduceTile;
+}
+
+// Logits (N, C, K) with any strides; element (n, c, k) at data[n*sn + c*sc + k*sk].
+struct Logits {
+  const void* data;
+  Dtype dtype;
+  int64_t N, C, K;
+  int64_t sn, sc, sk;
+};
+
+// An (N, C, K) tensor written (or read) alongside the logits.
+struct Strided3 {
+  void* data;  // nullptr: not present
+  int64_t sn, sc, sk;
+};
+
+// Device scratch the wrapper allocates (sizes in the comments). acc is float
+// (double for float64 logits).
+struct IndexScratch {
+  double* scalars;     // 4 doubles: [0] total weight (double), [1] Σ_c w_c
+  double* partials;    // 2 * reduce_tiles(R) doubles
+  void* row_nll;       // R acc values (reduced forward only)
+  void* row_smooth;    // R acc values (reduced forward with smoothing only)
+};
+
+struct IndexForwardLaunch {
+  Logits x;
+  const int64_t* target;  // (N, K) strides tn, tk
+  int64_t tn, tk;
+  const void* weight;     // (C,) acc dtype, contiguous; nullptr: none
+  int64_t ignore_index;
+  double label_smoothing;  // > 0 turns smoothing on
+  int64_t reduction;
+  void* loss;          // (N, K) contiguous for 'none', 0-d otherwise; input dtype
+  double* lse;         // (N, K) contiguous
+  void* total_weight;  // 0-d acc
+  Strided3 grad;       // the fused gradient (upstream gradient 1); data nullptr: none
+  int64_t* bad_row;    // 1 int64, preset to INT64_MAX; the first row with a bad target
+  IndexScratch scratch;
+};
+
+struct IndexBackwardLaunch {
+  Logits x;
+  const void* grad_loss;  // input dtype: 0-d, or (N, K) with strides gln, glk for 'none'
+  int64_t gln, glk;
+  const int64_t* target;
+  int64_t tn, tk;
+  const void* weight;
+  const double* lse;          // (N, K) contiguous
+  const void* total_weight;   // 0-d acc
+  int64_t ignore_index;
+  double label_smoothing;
+  int64_t reduction;
+  Strided3 grad;
+  double* scalars;  // 1 double of scratch: Σ_c w_c
+};
+
+struct ProbForwardLaunch {
+  Logits x;
+  Strided3 target;   // input dtype, read only
+  const void* weight;
+  double label_smoothing;
+  int64_t reduction;
+  void* loss;
+  double* lse;
+  void* coef_sum;    // (N, K) contiguous acc
+  double* partials;  // reduce_tiles(R) doubles
+  void* row_loss;    // R acc values (reduced only)
+};
+
+struct ProbBackwardLaunch {
+  Logits x;
+  Strided3 target;
+  const void* grad_loss;
+  int64_t gln, glk;
+  const void* weight;
+  const double* lse;
+  const void* coef_sum;
+  double label_smoothing;
+  int64_t reduction;
+  Strided3 grad_input;   // data nullptr: not wanted
+  Strided3 grad_target;  // data nullptr: not wanted
+};
+
+// Each launches its kernels on `stream` and returns the first launch error
+// (cudaSuccess when all launched).
+cudaError_t launch_index_forward(const IndexForwardLaunch& a, cudaStream_t stream);
+cudaError_t launch_index_backward(const IndexBackwardLaunch& a, cudaStream_t stream);
+cudaError_t launch_prob_forward(const ProbForwardLaunch& a, cudaStream_t stream);
+cudaError_t launch_prob_backward(const ProbBackwardLaunch& a, cudaStream_t stream);
+
+// How xent_kernel.cu was compiled: nvcc's __CUDA_ARCH_LIST__ (e.g. "800,900")
+// and the CUDA runtime version it was built against (CUDART_VERSION, e.g. 13000).
+const char* compiled_archs();
+int runtime_version_built();
+
+}  // namespace cuda
+}  // namespace xent_ext
