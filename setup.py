@@ -7,7 +7,7 @@ installed: the extension is compiled against it). Environment variables:
   build (fast local work). With a CPU build of torch there is nothing else.
 - ``CUDA_HOME``, ``TORCH_CUDA_ARCH_LIST``: where nvcc lives and which GPU
   architectures to compile for. Without a visible GPU and without
-  ``TORCH_CUDA_ARCH_LIST``, the build uses ``8.0;9.0+PTX``.
+  ``TORCH_CUDA_ARCH_LIST``, the build uses ``7.5;8.0;9.0+PTX``.
 - ``MAX_JOBS``: parallel compile jobs.
 - ``XENT_EXT_ISAS``: comma-separated CPU ISAs to compile (default
   ``default,avx2,avx512`` on x86-64, ``default`` elsewhere).
@@ -74,7 +74,9 @@ DEFINES = [f"-DXENT_HAVE_{isa.upper()}" for isa in ISAS if isa != "default"]
 # CUDA sources are compiled whenever torch is a CUDA build (torch.version.cuda),
 # GPU or not, so a .cu file that doesn't compile fails CI on a machine without
 # a GPU. Only XENT_EXT_CPU_ONLY turns that off.
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# Turing (T4), Ampere/Ada (sm_80 code runs on 8.6 and 8.9), Hopper, and PTX
+# that newer GPUs compile at load time.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 TRUTHY = ("1", "true", "yes", "on")
 
 

@@ -187,7 +187,11 @@ def _index_fused_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_
         # Traced (fake/functional tensors, e.g. opcheck or AOTAutograd): no
         # data-dependent branch and no mutation of a forward output.
         return fused * grad_loss, None, None, None, None, None
-    g = float(grad_loss)
+    if fused.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Reading g would be a host sync, illegal while a CUDA graph is being
+        # captured: recompute from the saved logits (exact, one more read).
+        return _index_backward(ctx, grad_loss, _grad_lse, _grad_tw)
+    g = float(grad_loss)  # on CUDA, one host sync (Note [Gradient in the forward])
     if g == 1.0:
         return fused, None, None, None, None, None
     # Scaling the stored gradient rounds twice. Exact for a power of two (the

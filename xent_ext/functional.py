@@ -296,13 +296,16 @@ def _gradient_in_forward(x: Tensor, reduction: int) -> bool:
     Only when it will almost surely be used (the logits require grad under grad
     mode) and the upstream gradient is one scalar ('mean'/'sum'). Not while
     torch.compile traces: the compiled graph keeps forward and backward as
-    separate ops.
+    separate ops. Not while a CUDA graph is captured (see _ops).
     """
     return (
         reduction != _ops.REDUCTION_NONE
         and x.requires_grad
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        # Under CUDA-graph capture the backward cannot read the upstream
+        # gradient on the host, so it recomputes: don't compute it twice.
+        and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
     )
 
 

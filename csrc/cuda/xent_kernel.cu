@@ -42,6 +42,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -96,22 +97,29 @@ __device__ __forceinline__ A quiet_nan() {
   return std::numeric_limits<A>::quiet_NaN();
 }
 
-// A nan-propagating max: a nan logit must make the row's ref nan (as in the
-// CPU kernel), so a chunk of nans is never mistaken for a chunk of -inf.
-template <typename A>
-__device__ __forceinline__ A nan_max(A m, A x) {
-  return (x != x || x > m) ? x : m;
-}
-
 template <typename T>
 constexpr int kVecOf = 16 / sizeof(T);
 
-constexpr int kUnrollVector = 4;  // 16-byte packs in flight per lane
+// 16-byte packs in flight per lane: 16 logits per step for 2-byte and 4-byte
+// types, 8 for double (Note [Registers and occupancy]).
+template <typename T>
+constexpr int kUnrollVectorOf = sizeof(T) == 2 ? 2 : 4;
 constexpr int kUnrollScalar = 8;  // scalar loads in flight per lane
 constexpr int kBlockThreads = 512;
 constexpr int kWarpBlockThreads = 256;
 constexpr int kThreadBlockThreads = 256;
 constexpr int kReduceThreads = 256;
+
+// Note [Registers and occupancy]
+// Row kernels are memory-bound: what matters is bytes in flight per SM, i.e.
+// resident warps times loads per lane. Capping registers at 64 per thread
+// (1024 resident threads per SM, 2 blocks of 512 or 4 of 256) keeps enough
+// warps to cover DRAM latency. The block walks (the vocabulary-sized rows)
+// fit without spilling; warp and thread walks spill a few per-row values,
+// outside the inner loops (-Xptxas -v). float64 kernels get 128 registers.
+#define XENT_ROW_KERNEL_BOUNDS(walk, T)                                  \
+  __launch_bounds__((walk) == Walk::kBlock ? kBlockThreads : 256,         \
+                    sizeof(T) == 8 ? 1 : ((walk) == Walk::kBlock ? 2 : 4))
 
 // ---------------------------------------------------------------------------
 // Loads and stores of one pack: kW == 1 is a scalar at class stride `stride`;
@@ -143,7 +151,9 @@ __device__ __forceinline__ void store_pack(T* base, int64_t c, int64_t stride, c
     for (int i = 0; i < kW; ++i) {
       v[i] = Store<T>::of(in[i]);
     }
-    *reinterpret_cast<uint4*>(base + c) = raw;
+    // Streaming (evict-first) store: the gradient is not read again soon, and
+    // it must not push out of L2 the logits the fused forward re-reads.
+    __stcs(reinterpret_cast<uint4*>(base + c), raw);
   }
 }
 
@@ -165,17 +175,18 @@ enum class CoefMode : int {
   kProb,   // probability targets: coef_c = w_c q_c, q = t * q_scale + q_shift
 };
 
-template <typename A>
+// The mode is a template parameter: without coefficients (the common case,
+// no label smoothing) the inner loops carry no coefficient code or registers.
+template <typename A, CoefMode kMode>
 struct Coefs {
-  CoefMode mode;
   const A* w;  // nullptr: no class weight
   A q_scale;
   A q_shift;
 };
 
-template <int kW, typename T, typename A>
-__device__ __forceinline__ void load_coefs(const Coefs<A>& k, const RowPtrs<T>& io, int64_t c, A (&out)[kW]) {
-  if (k.mode == CoefMode::kProb) {
+template <int kW, typename T, typename A, CoefMode kMode>
+__device__ __forceinline__ void load_coefs(const Coefs<A, kMode>& k, const RowPtrs<T>& io, int64_t c, A (&out)[kW]) {
+  if constexpr (kMode == CoefMode::kProb) {
     load_pack<kW>(io.q, c, io.sq, out);
 #pragma unroll
     for (int i = 0; i < kW; ++i) {
@@ -244,59 +255,75 @@ __device__ __forceinline__ void walk_row(const RowPtrs<T>& io, int64_t C, bool v
   const int64_t head = vector_head(io.x, C);
   visit<1, 1>(0, head, lane, team, fn);
   const int64_t packs = (C - head) / kV;
-  visit<kV, kUnrollVector>(head, packs, lane, team, fn);
+  visit<kV, kUnrollVectorOf<T>>(head, packs, lane, team, fn);
   const int64_t done = head + packs * kV;
   visit<1, 1>(done, C - done, lane, team, fn);
 }
 
 // Folds a lane's share of a row into RowStats: per step, the chunk's max, then
 // one exp per logit relative to it, then one merge (Note [Row statistics],
-// Note [Rows of -inf]).
-template <typename T>
+// Note [Rows of -inf]). All of a step's loads are issued before any math, so
+// kU packs are in flight per lane.
+//
+// Note [NaN logits on the GPU]
+// The chunk max ignores NaN (one FMNMX per logit instead of a NaN-propagating
+// compare-and-select), so a NaN logit shows up as a NaN sum_exp instead; the
+// chunk's ref is then set to NaN, which `merge` propagates to the whole row,
+// as a NaN-propagating max would (a chunk of NaNs next to -inf must not pass
+// for a chunk of -inf that adds no probability mass).
+template <typename T, CoefMode kMode>
 struct StatsStep {
   using A = acc_of<T>;
   const RowPtrs<T>& io;
-  const Coefs<A>& coefs;
+  const Coefs<A, kMode>& coefs;
   RowStats<A> st;
 
   template <int kW, int kU>
   __device__ __forceinline__ void step(const int64_t (&idx)[kU], const bool (&valid)[kU]) {
+    if (!valid[0]) {  // valid[] is a prefix: nothing in this step
+      return;
+    }
     A x[kU][kW];
-    A cf[kU][kW];
-    A m = math::neg_inf<A>();
-    bool any = false;
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       if (valid[u]) {
         load_pack<kW>(io.x, idx[u], io.sx, x[u]);
-        if (coefs.mode != CoefMode::kNone) {
-          load_coefs<kW>(coefs, io, idx[u], cf[u]);
-        }
-#pragma unroll
-        for (int i = 0; i < kW; ++i) {
-          m = nan_max(m, x[u][i]);
-        }
-        any = true;
       }
     }
-    if (!any) {
-      return;
+    A m = math::neg_inf<A>();
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (valid[u]) {
+#pragma unroll
+        for (int i = 0; i < kW; ++i) {
+          m = fmax(m, x[u][i]);
+        }
+      }
     }
     const A shift = math::accumulation_shift(m);
     RowStats<A> chunk{m, A(0), A(0), A(0)};
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       if (valid[u]) {
+        // Coefficients are loaded here, not with the logits, so only one
+        // pack of them is live at a time (registers decide occupancy).
+        A cf[kW];
+        if constexpr (kMode != CoefMode::kNone) {
+          load_coefs<kW>(coefs, io, idx[u], cf);
+        }
 #pragma unroll
         for (int i = 0; i < kW; ++i) {
           const A d = x[u][i] - shift;
           chunk.sum_exp += std::exp(d);
-          if (coefs.mode != CoefMode::kNone) {
-            chunk.coef_dot += cf[u][i] * d;
-            chunk.coef_sum += cf[u][i];
+          if constexpr (kMode != CoefMode::kNone) {
+            chunk.coef_dot += cf[i] * d;
+            chunk.coef_sum += cf[i];
           }
         }
       }
+    }
+    if (chunk.sum_exp != chunk.sum_exp) {  // Note [NaN logits on the GPU]
+      chunk.ref = chunk.sum_exp;
     }
     math::merge(st, chunk);
   }
@@ -304,12 +331,13 @@ struct StatsStep {
 
 // Writes grad_c = a * softmax_c - d * coef_c - (c == y ? b : 0) (xent_math.h,
 // GradCoefs) and, for probability targets, the target gradient
-// e * w_c * (x_c - lse).
-template <typename T>
+// e * w_c * (x_c - lse). Loads of a step come first: the compiler cannot move
+// them above the stores (it can't prove the gradient doesn't alias the logits).
+template <typename T, CoefMode kMode>
 struct GradStep {
   using A = acc_of<T>;
   const RowPtrs<T>& io;
-  const Coefs<A>& coefs;
+  const Coefs<A, kMode>& coefs;
   math::GradCoefs<A> k;
   math::SplitLse<A> lse;
   int64_t y;  // -1: no one-hot term
@@ -317,26 +345,38 @@ struct GradStep {
 
   template <int kW, int kU>
   __device__ __forceinline__ void step(const int64_t (&idx)[kU], const bool (&valid)[kU]) {
+    if (!valid[0]) {
+      return;
+    }
+    A x[kU][kW];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (valid[u]) {
+        load_pack<kW>(io.x, idx[u], io.sx, x[u]);
+      }
+    }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       if (!valid[u]) {
         continue;
       }
-      A x[kW];
-      load_pack<kW>(io.x, idx[u], io.sx, x);
       if (io.g != nullptr) {
         A cf[kW];
-        if (coefs.mode != CoefMode::kNone) {
+        if constexpr (kMode != CoefMode::kNone) {
           load_coefs<kW>(coefs, io, idx[u], cf);
         }
+        // The target's position in this pack, if it is here (one 64-bit
+        // compare per pack, not per logit).
+        const int64_t off = y - idx[u];
+        const int hit = (y >= 0 && off >= 0 && off < kW) ? static_cast<int>(off) : -1;
         A g[kW];
 #pragma unroll
         for (int i = 0; i < kW; ++i) {
-          A v = k.a * std::exp((x[i] - lse.hi) - lse.lo);
-          if (coefs.mode != CoefMode::kNone) {
+          A v = k.a * std::exp((x[u][i] - lse.hi) - lse.lo);
+          if constexpr (kMode != CoefMode::kNone) {
             v = v - k.d * cf[i];
           }
-          if (idx[u] + i == y) {
+          if (i == hit) {
             v = v - k.b;
           }
           g[i] = v;
@@ -348,9 +388,33 @@ struct GradStep {
 #pragma unroll
         for (int i = 0; i < kW; ++i) {
           const A wc = coefs.w != nullptr ? coefs.w[idx[u] + i] : A(1);
-          gt[i] = e * wc * ((x[i] - lse.hi) - lse.lo);
+          gt[i] = e * wc * ((x[u][i] - lse.hi) - lse.lo);
         }
         store_pack<kW>(io.gq, idx[u], io.sgq, gt);
+      }
+    }
+  }
+};
+
+// An ignored row's gradient is exactly 0 when its lse is finite (every
+// softmax value is then finite and is multiplied by 0; xent_math.h,
+// GradCoefs): write zeros without reading the logits, as the CPU kernel does.
+template <typename T>
+struct ZeroStep {
+  using A = acc_of<T>;
+  const RowPtrs<T>& io;
+
+  template <int kW, int kU>
+  __device__ __forceinline__ void step(const int64_t (&idx)[kU], const bool (&valid)[kU]) {
+    A z[kW];
+#pragma unroll
+    for (int i = 0; i < kW; ++i) {
+      z[i] = A(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (valid[u]) {
+        store_pack<kW>(io.g, idx[u], io.sg, z);
       }
     }
   }
@@ -476,8 +540,8 @@ __device__ __forceinline__ math::GradCoefs<A> index_row_coefs(const IndexTarget<
   return math::index_grad_coefs<A>(grad_scaled, !t.ignored, w_y, weight_sum, eps, C);
 }
 
-template <typename T, Walk kWalk>
-__global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
+template <typename T, Walk kWalk, CoefMode kMode>
+__global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     index_forward_kernel(IndexForwardLaunch a) {
   using A = acc_of<T>;
   __shared__ RowStats<A> smem[33];
@@ -488,7 +552,7 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
   const bool reduce = a.reduction != kReductionNone;
   const A eps = static_cast<A>(a.label_smoothing);
   const A* w = static_cast<const A*>(a.weight);
-  const Coefs<A> coefs{smoothing ? CoefMode::kIndex : CoefMode::kNone, w, A(1), A(0)};
+  const Coefs<A, kMode> coefs{w, A(1), A(0)};
   // The fused gradient's upstream gradient is 1 / denominator (CPU kernel:
   // Note [Gradient in the forward]); scalars were written by the pre-pass.
   const double denominator = a.reduction == kReductionMean ? a.scratch.scalars[0] : 1.0;
@@ -505,11 +569,12 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
                         grad != nullptr ? grad + n * a.grad.sn + k * a.grad.sk : nullptr, nullptr,
                         a.x.sc, 0, a.grad.sc, 0};
     const bool vectorize = kWalk != Walk::kThread && same_alignment(io);
-    StatsStep<T> stats{io, coefs, empty_stats<A>()};
+    // Loaded before the walk so its latency hides behind it.
+    const IndexTarget<A> t = index_target<A>(a.target, a.tn, a.tk, n, k, C, a.ignore_index);
+    StatsStep<T, kMode> stats{io, coefs, empty_stats<A>()};
     walk_row(io, C, vectorize, team.lane, team.size, stats);
     const RowStats<A> st = team_reduce<kWalk>(stats.st, smem);
 
-    const IndexTarget<A> t = index_target<A>(a.target, a.tn, a.tk, n, k, C, a.ignore_index);
     const double lse = t.bad ? quiet_nan<double>() : math::log_sum_exp(st.ref, st.sum_exp);
     if (team.leader()) {
       a.lse[r] = lse;
@@ -536,25 +601,29 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
       }
     }
     if (grad != nullptr) {
-      GradStep<T> g{io, coefs, index_row_coefs<A>(t, unit, w, weight_sum, eps, C), math::split_lse<A>(lse),
-                    (t.ignored || t.bad) ? int64_t(-1) : t.y, A(0)};
-      walk_row(io, C, vectorize, team.lane, team.size, g);
+      if (t.ignored && isfinite(lse)) {
+        ZeroStep<T> z{io};
+        walk_row(io, C, vectorize, team.lane, team.size, z);
+      } else {
+        GradStep<T, kMode> g{io, coefs, index_row_coefs<A>(t, unit, w, weight_sum, eps, C),
+                             math::split_lse<A>(lse), (t.ignored || t.bad) ? int64_t(-1) : t.y, A(0)};
+        walk_row(io, C, vectorize, team.lane, team.size, g);
+      }
     }
   }
 }
 
-template <typename T, Walk kWalk>
-__global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
+template <typename T, Walk kWalk, CoefMode kMode>
+__global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     index_backward_kernel(IndexBackwardLaunch a) {
   using A = acc_of<T>;
   const T* x = static_cast<const T*>(a.x.data);
   T* grad = static_cast<T*>(a.grad.data);
   const T* grad_loss = static_cast<const T*>(a.grad_loss);
   const int64_t C = a.x.C, K = a.x.K, R = a.x.N * a.x.K;
-  const bool smoothing = a.label_smoothing > 0;
   const A eps = static_cast<A>(a.label_smoothing);
   const A* w = static_cast<const A*>(a.weight);
-  const Coefs<A> coefs{smoothing ? CoefMode::kIndex : CoefMode::kNone, w, A(1), A(0)};
+  const Coefs<A, kMode> coefs{w, A(1), A(0)};
   const A weight_sum = static_cast<A>(a.scalars[0]);
   // As the CPU kernel: the scalar upstream gradient times 1 / total_weight, in double.
   A scalar_grad = A(0);
@@ -572,8 +641,14 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
     const bool vectorize = kWalk != Walk::kThread && same_alignment(io);
     const IndexTarget<A> t = index_target<A>(a.target, a.tn, a.tk, n, k, C, a.ignore_index);
     const A g_out = a.reduction == kReductionNone ? to_acc(grad_loss[n * a.gln + k * a.glk]) : scalar_grad;
-    GradStep<T> g{io, coefs, index_row_coefs<A>(t, g_out, w, weight_sum, eps, C), math::split_lse<A>(a.lse[r]),
-                  (t.ignored || t.bad) ? int64_t(-1) : t.y, A(0)};
+    const double lse = a.lse[r];
+    if (t.ignored && isfinite(lse)) {
+      ZeroStep<T> z{io};
+      walk_row(io, C, vectorize, team.lane, team.size, z);
+      continue;
+    }
+    GradStep<T, kMode> g{io, coefs, index_row_coefs<A>(t, g_out, w, weight_sum, eps, C), math::split_lse<A>(lse),
+                         (t.ignored || t.bad) ? int64_t(-1) : t.y, A(0)};
     walk_row(io, C, vectorize, team.lane, team.size, g);
   }
 }
@@ -582,20 +657,20 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
 // Probability targets.
 
 template <typename A>
-__device__ __forceinline__ Coefs<A> prob_coefs(const A* w, double label_smoothing, int64_t C) {
+__device__ __forceinline__ Coefs<A, CoefMode::kProb> prob_coefs(const A* w, double label_smoothing, int64_t C) {
   const math::SmoothedTarget<A> q = math::smoothed_target<A>(static_cast<A>(label_smoothing), C);
-  return {CoefMode::kProb, w, q.scale, q.shift};
+  return {w, q.scale, q.shift};
 }
 
-template <typename T, Walk kWalk>
-__global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
+template <typename T, Walk kWalk, CoefMode kMode>
+__global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     prob_forward_kernel(ProbForwardLaunch a) {
   using A = acc_of<T>;
   __shared__ RowStats<A> smem[33];
   const T* x = static_cast<const T*>(a.x.data);
   const T* q = static_cast<const T*>(a.target.data);
   const int64_t C = a.x.C, K = a.x.K, R = a.x.N * a.x.K;
-  const Coefs<A> coefs = prob_coefs<A>(static_cast<const A*>(a.weight), a.label_smoothing, C);
+  const Coefs<A, kMode> coefs = prob_coefs<A>(static_cast<const A*>(a.weight), a.label_smoothing, C);
   A* coef_sum = static_cast<A*>(a.coef_sum);
   A* row_loss = static_cast<A*>(a.row_loss);
   T* loss = static_cast<T*>(a.loss);
@@ -606,7 +681,7 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
     const RowPtrs<T> io{x + n * a.x.sn + k * a.x.sk, q + n * a.target.sn + k * a.target.sk, nullptr, nullptr,
                         a.x.sc, a.target.sc, 0, 0};
     const bool vectorize = kWalk != Walk::kThread && same_alignment(io);
-    StatsStep<T> stats{io, coefs, empty_stats<A>()};
+    StatsStep<T, kMode> stats{io, coefs, empty_stats<A>()};
     walk_row(io, C, vectorize, team.lane, team.size, stats);
     const RowStats<A> st = team_reduce<kWalk>(stats.st, smem);
     if (team.leader()) {
@@ -622,8 +697,8 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
   }
 }
 
-template <typename T, Walk kWalk>
-__global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
+template <typename T, Walk kWalk, CoefMode kMode>
+__global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     prob_backward_kernel(ProbBackwardLaunch a) {
   using A = acc_of<T>;
   const T* x = static_cast<const T*>(a.x.data);
@@ -632,7 +707,7 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
   T* gt = static_cast<T*>(a.grad_target.data);
   const T* grad_loss = static_cast<const T*>(a.grad_loss);
   const int64_t C = a.x.C, K = a.x.K, R = a.x.N * a.x.K;
-  const Coefs<A> coefs = prob_coefs<A>(static_cast<const A*>(a.weight), a.label_smoothing, C);
+  const Coefs<A, kMode> coefs = prob_coefs<A>(static_cast<const A*>(a.weight), a.label_smoothing, C);
   const A* coef_sum = static_cast<const A*>(a.coef_sum);
   // torch's mean divides by the number of rows.
   A scalar_grad = A(0);
@@ -651,7 +726,7 @@ __global__ void __launch_bounds__(kWalk == Walk::kBlock ? kBlockThreads : 256)
     const bool vectorize = kWalk != Walk::kThread && same_alignment(io);
     const A s = a.reduction == kReductionNone ? to_acc(grad_loss[n * a.gln + k * a.glk]) : scalar_grad;
     // grad_c = s (p_c Σ w q - w_c q_c): a = s Σ w q, b = 0, d = s.
-    GradStep<T> g{io, coefs, {s * coef_sum[r], A(0), s}, math::split_lse<A>(a.lse[r]), int64_t(-1),
+    GradStep<T, kMode> g{io, coefs, {s * coef_sum[r], A(0), s}, math::split_lse<A>(a.lse[r]), int64_t(-1),
                   -s * coefs.q_scale};
     walk_row(io, C, vectorize, team.lane, team.size, g);
   }
@@ -840,19 +915,19 @@ int multiprocessors() {
   int device = 0;
   cudaGetDevice(&device);
   constexpr int kMaxDevices = 64;
-  static int cached[kMaxDevices] = {};
+  static std::atomic<int> cached[kMaxDevices] = {};
   if (device < 0 || device >= kMaxDevices) {
     return 132;
   }
-  if (cached[device] == 0) {
-    int sms = 0;
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
       cudaGetLastError();  // clear it: the count is only a sizing hint
       sms = 132;
     }
-    cached[device] = sms;
+    cached[device].store(sms, std::memory_order_relaxed);
   }
-  return cached[device];
+  return sms;
 }
 
 // Unit class strides for everything the row touches allow team walks.
@@ -908,20 +983,30 @@ cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
-// Launches kernel<T, walk> over R rows.
-#define XENT_LAUNCH_ROWS(KERNEL, T, WALK, R, STREAM, ARGS)                        \
+// Launches KERNEL<T, walk, MODE> over R rows.
+#define XENT_LAUNCH_ROWS(KERNEL, T, MODE, WALK, R, STREAM, ARGS)                              \
+  do {                                                                                        \
+    const Grid grid_ = grid_for(WALK, R);                                                     \
+    switch (WALK) {                                                                           \
+      case Walk::kThread:                                                                     \
+        KERNEL<T, Walk::kThread, MODE><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);     \
+        break;                                                                                \
+      case Walk::kWarp:                                                                       \
+        KERNEL<T, Walk::kWarp, MODE><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);       \
+        break;                                                                                \
+      default:                                                                                \
+        KERNEL<T, Walk::kBlock, MODE><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);      \
+        break;                                                                                \
+    }                                                                                         \
+  } while (0)
+
+// Index kernels come in two modes: with label smoothing (coefficients) or without.
+#define XENT_LAUNCH_INDEX_ROWS(KERNEL, T, SMOOTHING, WALK, R, STREAM, ARGS)       \
   do {                                                                            \
-    const Grid grid_ = grid_for(WALK, R);                                         \
-    switch (WALK) {                                                               \
-      case Walk::kThread:                                                         \
-        KERNEL<T, Walk::kThread><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS); \
-        break;                                                                    \
-      case Walk::kWarp:                                                           \
-        KERNEL<T, Walk::kWarp><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS); \
-        break;                                                                    \
-      default:                                                                    \
-        KERNEL<T, Walk::kBlock><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS); \
-        break;                                                                    \
+    if (SMOOTHING) {                                                              \
+      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kIndex, WALK, R, STREAM, ARGS);       \
+    } else {                                                                      \
+      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kNone, WALK, R, STREAM, ARGS);        \
     }                                                                             \
   } while (0)
 
@@ -948,7 +1033,7 @@ cudaError_t launch_index_forward(const IndexForwardLaunch& a, cudaStream_t strea
 
     if (R > 0) {
       const bool unit = a.x.sc == 1 && (a.grad.data == nullptr || a.grad.sc == 1);
-      XENT_LAUNCH_ROWS(index_forward_kernel, T, choose_walk(a.x.C, unit), R, stream, a);
+      XENT_LAUNCH_INDEX_ROWS(index_forward_kernel, T, a.label_smoothing > 0, choose_walk(a.x.C, unit), R, stream, a);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (a.reduction == kReductionNone) {
@@ -984,7 +1069,7 @@ cudaError_t launch_index_backward(const IndexBackwardLaunch& a, cudaStream_t str
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     if (R > 0) {
       const bool unit = a.x.sc == 1 && a.grad.sc == 1;
-      XENT_LAUNCH_ROWS(index_backward_kernel, T, choose_walk(a.x.C, unit), R, stream, a);
+      XENT_LAUNCH_INDEX_ROWS(index_backward_kernel, T, a.label_smoothing > 0, choose_walk(a.x.C, unit), R, stream, a);
     }
     return cudaGetLastError();
   });
@@ -998,7 +1083,7 @@ cudaError_t launch_prob_forward(const ProbForwardLaunch& a, cudaStream_t stream)
     cudaError_t err;
     if (R > 0) {
       const bool unit = a.x.sc == 1 && a.target.sc == 1;
-      XENT_LAUNCH_ROWS(prob_forward_kernel, T, choose_walk(a.x.C, unit), R, stream, a);
+      XENT_LAUNCH_ROWS(prob_forward_kernel, T, CoefMode::kProb, choose_walk(a.x.C, unit), R, stream, a);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (a.reduction == kReductionNone) {
@@ -1023,7 +1108,7 @@ cudaError_t launch_prob_backward(const ProbBackwardLaunch& a, cudaStream_t strea
     if (R > 0) {
       const bool unit = a.x.sc == 1 && a.target.sc == 1 && (a.grad_input.data == nullptr || a.grad_input.sc == 1) &&
                         (a.grad_target.data == nullptr || a.grad_target.sc == 1);
-      XENT_LAUNCH_ROWS(prob_backward_kernel, T, choose_walk(a.x.C, unit), R, stream, a);
+      XENT_LAUNCH_ROWS(prob_backward_kernel, T, CoefMode::kProb, choose_walk(a.x.C, unit), R, stream, a);
     }
     return cudaGetLastError();
   });
