@@ -1,5 +1,8 @@
 """The registered operators (torch.library.opcheck), torch.compile, the nn.Module and
-build information."""
+build information.
+
+Tests that run the operators take the `device` fixture (conftest.py): CPU, and CUDA where
+a GPU is visible."""
 
 import copy
 import os
@@ -38,17 +41,17 @@ def _ops():
     return torch.ops.xent_ext
 
 
-def _index_inputs(dtype, weighted, ls, reduction, requires_grad=True, shape=(3, 5, 4), ignore_index=1):
-    x = make_logits(shape, dtype).requires_grad_(requires_grad)
-    t = make_index_target(shape, ignore_index=ignore_index, ignore_frac=0.25)
-    w = random_weight(shape[1], dtype) if weighted else None
+def _index_inputs(dtype, weighted, ls, reduction, requires_grad=True, shape=(3, 5, 4), ignore_index=1, device="cpu"):
+    x = make_logits(shape, dtype, device=device).requires_grad_(requires_grad)
+    t = make_index_target(shape, ignore_index=ignore_index, ignore_frac=0.25, device=device)
+    w = random_weight(shape[1], dtype, device) if weighted else None
     return (x, t, w, ignore_index, ls, REDUCTION_ENUM[reduction])
 
 
-def _prob_inputs(dtype, weighted, ls, reduction, requires_grad=True, shape=(3, 5, 4)):
-    x = make_logits(shape, dtype).requires_grad_(requires_grad)
-    t = make_prob_target(shape, dtype, "softmax").requires_grad_(requires_grad)
-    w = random_weight(shape[1], dtype) if weighted else None
+def _prob_inputs(dtype, weighted, ls, reduction, requires_grad=True, shape=(3, 5, 4), device="cpu"):
+    x = make_logits(shape, dtype, device=device).requires_grad_(requires_grad)
+    t = make_prob_target(shape, dtype, "softmax", device=device).requires_grad_(requires_grad)
+    w = random_weight(shape[1], dtype, device) if weighted else None
     return (x, t, w, ls, REDUCTION_ENUM[reduction])
 
 
@@ -60,24 +63,30 @@ def _opcheck(op, args):
 @requires_ext
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
-def test_opcheck_index_forward(dtype, reduction, fresh_seed):
+def test_opcheck_index_forward(dtype, reduction, device, fresh_seed):
     for weighted, ls in SAMPLES:
-        args = _index_inputs(dtype, weighted, ls, reduction)
+        args = _index_inputs(dtype, weighted, ls, reduction, device=device)
         _opcheck(_ops().cross_entropy_index_forward.default, args)
         # and the loss it returns is torch's for the same (N, C, K) problem
         loss, lse, total_weight = _ops().cross_entropy_index_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         x, t, w = args[0].detach(), args[1], args[2]
         ref = F.cross_entropy(x, t, weight=w, ignore_index=args[3], label_smoothing=ls, reduction=reduction)
-        assert loss.shape == ref.shape and loss.dtype == ref.dtype
+        assert loss.shape == ref.shape and loss.dtype == ref.dtype and loss.device == ref.device
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        # the saved statistics: float64 log-sum-exp per (n, k), a 0-d total weight in the
+        # accumulation dtype, all on the input's device
+        n, _, k = x.shape
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert (lse.shape, lse.dtype, lse.device) == ((n, k), torch.float64, x.device)
+        assert (total_weight.shape, total_weight.dtype, total_weight.device) == ((), acc, x.device)
 
 
 @requires_ext
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
-def test_opcheck_index_forward_with_grad(dtype, reduction, fresh_seed):
+def test_opcheck_index_forward_with_grad(dtype, reduction, device, fresh_seed):
     for weighted, ls in SAMPLES:
-        args = _index_inputs(dtype, weighted, ls, reduction)
+        args = _index_inputs(dtype, weighted, ls, reduction, device=device)
         _opcheck(_ops().cross_entropy_index_forward_with_grad.default, args)
         # the loss is torch's, and the gradient is torch's for an upstream gradient of 1
         plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
@@ -86,6 +95,7 @@ def test_opcheck_index_forward_with_grad(dtype, reduction, fresh_seed):
         ref = F.cross_entropy(x, plain[1], weight=plain[2], ignore_index=args[3], label_smoothing=ls,
                               reduction=reduction)
         (ref_grad,) = torch.autograd.grad(ref, x)
+        assert loss.device == ref.device and grad.device == ref_grad.device
         torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
 
@@ -93,38 +103,42 @@ def test_opcheck_index_forward_with_grad(dtype, reduction, fresh_seed):
 @requires_ext
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
-def test_opcheck_index_backward(dtype, reduction, fresh_seed):
+def test_opcheck_index_backward(dtype, reduction, device, fresh_seed):
     for weighted, ls in SAMPLES:
-        x, t, w, ii, ls_, red = _index_inputs(dtype, weighted, ls, reduction, requires_grad=False)
+        x, t, w, ii, ls_, red = _index_inputs(dtype, weighted, ls, reduction, requires_grad=False, device=device)
         loss, lse, total_weight = _ops().cross_entropy_index_forward(x, t, w, ii, ls_, red)
         g = random_like_loss(loss)
         args = (g, x, t, w, lse, total_weight, ii, ls_, red)
         _opcheck(_ops().cross_entropy_index_backward.default, args)
         grad = _ops().cross_entropy_index_backward(*args)
         _, ref = run_ce(F.cross_entropy, x, t, w, g, ("input",), ignore_index=ii, label_smoothing=ls, reduction=reduction)
-        assert grad.shape == x.shape and grad.dtype == x.dtype
+        assert grad.shape == x.shape and grad.dtype == x.dtype and grad.device == x.device
         torch.testing.assert_close(grad, ref["input"], rtol=1e-5, atol=1e-6)
 
 
 @requires_ext
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
-def test_opcheck_prob_forward(dtype, reduction, fresh_seed):
+def test_opcheck_prob_forward(dtype, reduction, device, fresh_seed):
     for weighted, ls in SAMPLES:
-        args = _prob_inputs(dtype, weighted, ls, reduction)
+        args = _prob_inputs(dtype, weighted, ls, reduction, device=device)
         _opcheck(_ops().cross_entropy_prob_forward.default, args)
         loss, lse, coef_sum = _ops().cross_entropy_prob_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         ref = F.cross_entropy(args[0].detach(), args[1].detach(), weight=args[2], label_smoothing=ls, reduction=reduction)
-        assert loss.shape == ref.shape and loss.dtype == ref.dtype
+        assert loss.shape == ref.shape and loss.dtype == ref.dtype and loss.device == ref.device
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        n, _, k = args[0].shape
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert (lse.shape, lse.dtype, lse.device) == ((n, k), torch.float64, loss.device)
+        assert (coef_sum.shape, coef_sum.dtype, coef_sum.device) == ((n, k), acc, loss.device)
 
 
 @requires_ext
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
-def test_opcheck_prob_backward(dtype, reduction, fresh_seed):
+def test_opcheck_prob_backward(dtype, reduction, device, fresh_seed):
     for (weighted, ls), flags in zip(SAMPLES + SAMPLES[:1], [(True, True), (True, False), (False, True)]):
-        x, t, w, ls_, red = _prob_inputs(dtype, weighted, ls, reduction, requires_grad=False)
+        x, t, w, ls_, red = _prob_inputs(dtype, weighted, ls, reduction, requires_grad=False, device=device)
         loss, lse, coef_sum = _ops().cross_entropy_prob_forward(x, t, w, ls_, red)
         g = random_like_loss(loss)
         args = (g, x, t, w, lse, coef_sum, ls_, red, *flags)
@@ -134,7 +148,7 @@ def test_opcheck_prob_backward(dtype, reduction, fresh_seed):
         _, ref = run_ce(F.cross_entropy, x, t, w, g, wrt, label_smoothing=ls, reduction=reduction)
         for name, flag, got in (("input", flags[0], gi), ("target", flags[1], gt)):
             if flag:
-                assert got.shape == ref[name].shape and got.dtype == ref[name].dtype
+                assert got.shape == ref[name].shape and got.dtype == ref[name].dtype and got.device == ref[name].device
                 torch.testing.assert_close(got, ref[name], rtol=1e-5, atol=1e-6)
             else:
                 assert got.numel() == 0, f"not requested grad_{name} must be an empty tensor, got {tuple(got.shape)}"
@@ -185,17 +199,17 @@ DISPATCH_CASES = [
 @requires_ext
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", DISPATCH_CASES, ids=[c[0] for c in DISPATCH_CASES])
-def test_public_api_runs_the_fused_ops(case, reduction, fresh_seed):
+def test_public_api_runs_the_fused_ops(case, reduction, device, fresh_seed):
     # the common configurations must reach the xent_ext operators (forward and backward)
     # rather than torch's log_softmax + nll_loss
     _, shape, dtype, kind, kw = case
     kw = dict(kw)
     C = shape[0] if len(shape) == 1 else shape[1]
     if kw.get("weight"):
-        kw["weight"] = random_weight(C, dtype)
-    x = make_logits(shape, dtype).requires_grad_()
-    t = make_index_target(shape, ignore_index=kw.get("ignore_index", -100), ignore_frac=0.1) if kind == "index" \
-        else make_prob_target(shape, dtype)
+        kw["weight"] = random_weight(C, dtype, device)
+    x = make_logits(shape, dtype, device=device).requires_grad_()
+    t = make_index_target(shape, ignore_index=kw.get("ignore_index", -100), ignore_frac=0.1, device=device) \
+        if kind == "index" else make_prob_target(shape, dtype, device=device)
     rec = _OpRecorder()
     with rec:
         loss = ours(x, t, reduction=reduction, **kw)
@@ -218,6 +232,11 @@ def test_public_api_runs_the_fused_ops(case, reduction, fresh_seed):
 
 
 def _compiled_vs_eager(fn, backend, dynamic, cases):
+    if backend == "inductor" and cases and cases[0][0].is_cuda:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            pytest.skip("inductor on CUDA needs triton, which is not installed")
     """cases: list of (x, t, w, kwargs, wrt). Compares compiled(fn) with eager fn, value
     and grads, bitwise-close."""
     torch._dynamo.reset()
@@ -227,7 +246,7 @@ def _compiled_vs_eager(fn, backend, dynamic, cases):
         g = random_like_loss(e_loss)
         e_loss, e_grads = run_ce(fn, x, t, w, g, wrt, **kw)
         c_loss, c_grads = run_ce(cfn, x, t, w, g, wrt, **kw)
-        assert c_loss.shape == e_loss.shape and c_loss.dtype == e_loss.dtype
+        assert c_loss.shape == e_loss.shape and c_loss.dtype == e_loss.dtype and c_loss.device == x.device
         torch.testing.assert_close(c_loss, e_loss, rtol=1e-6, atol=1e-7, equal_nan=True)
         for n in wrt:
             torch.testing.assert_close(c_grads[n], e_grads[n], rtol=1e-6, atol=1e-7, equal_nan=True)
@@ -237,41 +256,41 @@ def _loss_fn(x, t, weight=None, **kw):
     return ours(x, t, weight=weight, **kw)
 
 
-def _compile_cases(kind, reduction):
+def _compile_cases(kind, reduction, device="cpu"):
     cases = []
     for shape in [(6, 7), (3, 7, 4)]:
-        x = make_logits(shape, torch.float32)
+        x = make_logits(shape, torch.float32, device=device)
         if kind == "index":
-            t = make_index_target(shape, ignore_index=2, ignore_frac=0.2)
+            t = make_index_target(shape, ignore_index=2, ignore_frac=0.2, device=device)
             kw = dict(ignore_index=2, label_smoothing=0.1, reduction=reduction)
-            cases.append((x, t, random_weight(7), kw, ("input",)))
+            cases.append((x, t, random_weight(7, device=device), kw, ("input",)))
         else:
-            t = make_prob_target(shape)
+            t = make_prob_target(shape, device=device)
             kw = dict(label_smoothing=0.1, reduction=reduction)
-            cases.append((x, t, random_weight(7), kw, ("input", "target")))
+            cases.append((x, t, random_weight(7, device=device), kw, ("input", "target")))
     return cases
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["index", "prob"])
-def test_compile_inductor_fullgraph(kind, fresh_seed):
-    _compiled_vs_eager(_loss_fn, "inductor", False, _compile_cases(kind, "mean")[:1])
+def test_compile_inductor_fullgraph(kind, device, fresh_seed):
+    _compiled_vs_eager(_loss_fn, "inductor", False, _compile_cases(kind, "mean", device)[:1])
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["index", "prob"])
-def test_compile_aot_eager_dynamic(kind, reduction, fresh_seed):
+def test_compile_aot_eager_dynamic(kind, reduction, device, fresh_seed):
     # two shapes through one dynamic compile: the fake kernels must handle symbolic sizes
-    _compiled_vs_eager(_loss_fn, "aot_eager", True, _compile_cases(kind, reduction))
+    _compiled_vs_eager(_loss_fn, "aot_eager", True, _compile_cases(kind, reduction, device))
 
 
 @pytest.mark.slow
-def test_compile_module_in_model(fresh_seed):
+def test_compile_module_in_model(device, fresh_seed):
     torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(8, 5))
-    crit = xent_ext.CrossEntropyLoss(weight=random_weight(5), label_smoothing=0.1, ignore_index=0)
-    x = torch.randn(16, 8)
-    t = make_index_target((16, 5), ignore_index=0, ignore_frac=0.2)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 5)).to(device)
+    crit = xent_ext.CrossEntropyLoss(weight=random_weight(5, device=device), label_smoothing=0.1, ignore_index=0)
+    x = torch.randn(16, 8).to(device)
+    t = make_index_target((16, 5), ignore_index=0, ignore_frac=0.2, device=device)
 
     def step(x, t):
         return crit(model(x), t)
@@ -320,7 +339,7 @@ def test_module_attributes_and_defaults():
 
 
 @pytest.mark.parametrize("size_average,reduce", [(False, None), (None, False), (True, True)])
-def test_module_legacy_args(size_average, reduce, fresh_seed):
+def test_module_legacy_args(size_average, reduce, device, fresh_seed):
     import warnings
 
     with warnings.catch_warnings(record=True) as wo:
@@ -331,22 +350,22 @@ def test_module_legacy_args(size_average, reduce, fresh_seed):
         r = torch.nn.CrossEntropyLoss(size_average=size_average, reduce=reduce)
     assert [(w.category, str(w.message)) for w in wo] == [(w.category, str(w.message)) for w in wr]
     assert m.reduction == r.reduction
-    x = make_logits((4, 5))
-    t = make_index_target((4, 5))
+    x = make_logits((4, 5), device=device)
+    t = make_index_target((4, 5), device=device)
     torch.testing.assert_close(m(x, t), r(x, t), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=dtype_name)
-def test_module_follows_to_dtype(dtype, fresh_seed):
+def test_module_follows_to_dtype(dtype, device, fresh_seed):
     w = random_weight(5)
-    m = xent_ext.CrossEntropyLoss(weight=w, label_smoothing=0.1).to(dtype)
-    r = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1).to(dtype)
-    assert m.weight.dtype == dtype
+    m = xent_ext.CrossEntropyLoss(weight=w, label_smoothing=0.1).to(device=device, dtype=dtype)
+    r = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1).to(device=device, dtype=dtype)
+    assert m.weight.dtype == dtype and m.weight.device.type == torch.device(device).type
     assert torch.equal(m.weight, r.weight)
-    x = make_logits((6, 5), dtype)
-    t = make_index_target((6, 5))
+    x = make_logits((6, 5), dtype, device=device)
+    t = make_index_target((6, 5), device=device)
     got = m(x, t)
-    assert got.dtype == dtype
+    assert got.dtype == dtype and got.device == x.device
     up = torch.float64 if dtype == torch.float64 else torch.float32
     ref = F.cross_entropy(x.to(up), t, weight=r.weight.to(up), label_smoothing=0.1).to(dtype)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
@@ -364,12 +383,12 @@ def test_module_state_dict_interchangeable_with_torch(fresh_seed):
     assert torch.equal(r2.weight, w)
 
 
-def test_module_deepcopy_and_weight_is_used(fresh_seed):
-    w = random_weight(5)
+def test_module_deepcopy_and_weight_is_used(device, fresh_seed):
+    w = random_weight(5, device=device)
     m = xent_ext.CrossEntropyLoss(weight=w, reduction="sum")
     m2 = copy.deepcopy(m)
-    x = make_logits((4, 5))
-    t = make_index_target((4, 5))
+    x = make_logits((4, 5), device=device)
+    t = make_index_target((4, 5), device=device)
     torch.testing.assert_close(m2(x, t), F.cross_entropy(x, t, weight=w, reduction="sum"), rtol=1e-5, atol=1e-6)
     # changing the buffer changes the result like torch's module
     m2.weight.mul_(2)
@@ -427,10 +446,10 @@ def test_cpu_capability_reports_torch_choice():
 # same graph, and autograd.grad must all still match torch.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_gradient_in_forward_reuse_and_scaling(dtype, reduction):
+def test_gradient_in_forward_reuse_and_scaling(dtype, reduction, device):
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    x = (torch.randn(37, 300, generator=gen) * 2).to(dtype)
-    y = torch.randint(300, (37,), generator=gen)
+    x = (torch.randn(37, 300, generator=gen) * 2).to(device=device, dtype=dtype)
+    y = torch.randint(300, (37,), generator=gen).to(device)
     scale = float(torch.rand((), generator=gen)) * 4 + 0.5
 
     def grads(fn):
@@ -445,6 +464,7 @@ def test_gradient_in_forward_reuse_and_scaling(dtype, reduction):
 
     ours = grads(xent_ext.cross_entropy)
     ref = grads(lambda a, b, **kw: F.cross_entropy(a.double(), b, **kw).to(a.dtype))
+    assert all(g.device == x.device for g in ours)
     tol = dict(rtol=2e-2, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want, **tol)

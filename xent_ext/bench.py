@@ -20,6 +20,8 @@ All implementations are measured in one process and one run.  Per
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import math
@@ -266,21 +268,30 @@ def plan_repetitions(estimates: dict[str, float], cfg: TimingConfig) -> tuple[in
 
 
 def interleaved_samples(
-    steps: dict[str, Step], estimates: dict[str, float], cfg: TimingConfig, sync: Callable[[], None]
+    steps: dict[str, Step],
+    estimates: dict[str, float],
+    cfg: TimingConfig,
+    sync: Callable[[], None],
+    sampler: Callable[[Step, int], float] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Time warmed-up ``steps`` round-robin; returns samples (seconds) and calls per sample.
 
     ``estimates`` (seconds per call) plan the repetitions.  Each round runs
     every step once, starting one step later than the previous round
     (A B C, B C A, C A B, ...) so no implementation always runs first.
+    ``sampler(step, inner)`` times one sample (default: wall clock around
+    ``inner`` calls with ``sync`` before and after; the CUDA harness passes
+    CUDA events).
     """
+    if sampler is None:
+        sampler = lambda step, inner: time_sample(step, inner, sync)
     n, inner = plan_repetitions(estimates, cfg)
     names = list(steps)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for i in range(n):
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            samples[name].append(time_sample(steps[name], inner[name], sync))
+            samples[name].append(sampler(steps[name], inner[name]))
     return samples, inner
 
 
@@ -595,6 +606,819 @@ MiB:       peak extra memory of one call (fwd+bwd includes the logits-sized grad
 
 
 # --------------------------------------------------------------------------
+# CUDA harness (--device cuda)
+# --------------------------------------------------------------------------
+#
+# On a GPU the harness differs from the CPU one above in what it compares and
+# how it times, so it has its own row type and tables:
+#
+# * peers: xent, torch eager, torch.compile, and, when importable, Liger
+#   Kernel's and QuACK's cross-entropy (a missing peer is "not installed", a
+#   peer that raises is "failed: <reason>", and the run goes on);
+# * time: CUDA events around a batch of calls (median over interleaved
+#   samples); inputs small enough to stay in L2 are rotated through several
+#   identical copies so that no call reads its logits from L2;
+# * bandwidth: the minimum bytes (fwd: logits + targets once; fwd+bwd: 2 reads
+#   + 1 write of the logits + targets once) over the time, as a % of a
+#   device-to-device copy measured at start (bytes read + written);
+# * memory: peak extra bytes of one call, also in units of one gradient
+#   buffer (= the logits' bytes).
+
+CUDA_IMPLS = ("xent", "eager", "compile", "liger", "quack")
+CUDA_PEERS = CUDA_IMPLS[1:]
+CUDA_DEFAULT_SHAPES = (
+    "8192x128256:bf16",  # LLaMA-3 vocabulary: the shape the performance targets are set on
+    "4096x32000:bf16",
+    "4096x32000:fp32",
+    "8192x50257:fp32",
+    "65536x1000:fp32",
+    "1048576x10:fp32",
+    "16x21x128x128:fp32",
+    "8x256000:fp32",
+)
+CUDA_QUICK_SHAPES = ("8192x128256:bf16", "4096x32000:fp32", "65536x1000:fp32")
+
+# Targets, checked on TARGET_CASE fwd+bwd and printed as the "targets" line.
+TARGET_CASE = Case((8192, 128256), "bf16")
+TARGET_MODE = "fwd+bwd"
+TARGET_PCT_COPY = 85.0  # achieved bandwidth (2R+1W of the logits) as % of D2D copy
+TARGET_MEM_GRADS = 1.0  # peak extra memory, in gradient buffers
+# Allowance on top of one gradient for per-row statistics, the loss and
+# allocator rounding (8192 rows x 8 B is 0.0000 gradients at the target shape).
+MEM_GRADS_SLACK = 0.01
+
+COPY_BUFFER_BYTES = 2**30  # D2D copy bandwidth: 1 GiB -> 1 GiB (2 GiB counted)
+COPY_SAMPLES = 20
+DEFAULT_L2_BYTES = 64 * 2**20  # when the device does not report its L2 size
+MAX_INPUT_COPIES = 64
+WARM_S = 0.02  # per implementation, before its repetitions are planned
+TARGET_INDEX_BYTES = 8  # int64 class indices
+
+# Peers that take only (N, C) logits and class-index targets (N,).
+PEERS_2D_ONLY = ("liger", "quack")
+# Peers that write the gradient into the logits (they get their own copies).
+PEERS_GRAD_IN_PLACE = ("liger",)
+
+
+def min_bytes(case: Case, mode: str) -> int:
+    """Fewest bytes one call must move through device memory.
+
+    fwd: one read of the logits and of the targets.  fwd+bwd: two reads of the
+    logits and one write of the gradient (exact autograd semantics: forward,
+    then backward), plus one read of the targets.
+    """
+    target = math.prod(case.target_shape) * TARGET_INDEX_BYTES
+    return case.logits_bytes * (1 if mode == "fwd" else 3) + target
+
+
+def input_copies(set_bytes: int, l2_bytes: int) -> int:
+    """Identical copies of (logits, targets) to cycle through, so no call finds its inputs in L2.
+
+    One copy when the inputs are over twice the L2; otherwise enough copies to
+    span four times the L2 (at least 2, at most ``MAX_INPUT_COPIES``).
+    """
+    if set_bytes > 2 * l2_bytes:
+        return 1
+    return min(MAX_INPUT_COPIES, max(2, math.ceil(4 * l2_bytes / max(set_bytes, 1))))
+
+
+def fmt_us(ms: float | None) -> str:
+    """A time given in ms, shown in microseconds with 3-4 significant digits."""
+    if ms is None:
+        return "n/a"
+    us = ms * 1e3
+    return f"{us:.0f}" if us >= 100 else f"{us:.1f}" if us >= 10 else f"{us:.2f}"
+
+
+def short_reason(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Peer:
+    """An optional third-party implementation: its loss function, or why it is missing."""
+
+    name: str
+    fn: LossFn | None
+    version: str | None = None
+    status: str = "ok"  # "not installed" or "failed: import: ..." when fn is None
+
+
+def _dist_version(*names: str) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _missing(exc: BaseException, module: str) -> str:
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == module:
+        return "not installed"
+    return f"failed: import: {first_line(exc)}"
+
+
+def load_liger() -> Peer:
+    """Liger Kernel's Triton cross-entropy (``liger_cross_entropy``, F.cross_entropy's signature).
+
+    It computes the gradient inside the forward and stores it in the logits'
+    own memory (when they require grad); the backward hands that tensor to
+    autograd.  So its fwd+bwd allocates no gradient but overwrites its input.
+    """
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except Exception as exc:  # noqa: BLE001  (any import failure: report and go on)
+        return Peer("liger", None, status=_missing(exc, "liger_kernel"))
+    return Peer("liger", lambda x, t: liger_cross_entropy(x, t), _dist_version("liger-kernel", "liger_kernel"))
+
+
+def load_quack() -> Peer:
+    """QuACK's CuTe-DSL cross-entropy (``quack.cross_entropy.cross_entropy(x, target, ..., reduction)``)."""
+    try:
+        from quack.cross_entropy import cross_entropy as quack_ce
+    except Exception as exc:  # noqa: BLE001
+        return Peer("quack", None, status=_missing(exc, "quack"))
+    import inspect
+
+    try:
+        takes_reduction = "reduction" in inspect.signature(quack_ce).parameters
+    except (TypeError, ValueError):
+        takes_reduction = True
+    if takes_reduction:
+        fn: LossFn = lambda x, t: quack_ce(x, t, reduction="mean")
+    else:  # older releases return the per-row losses
+        fn = lambda x, t: quack_ce(x, t).mean()
+    return Peer("quack", fn, _dist_version("quack-kernels", "quack_kernels", "quack"))
+
+
+class RotatingInputs:
+    """``copies`` identical (logits, targets) pairs; each call takes the next pair.
+
+    For fwd+bwd, taking a pair first drops the gradient of the pair used by
+    the previous call (``zero_grad(set_to_none=True)`` of the previous step),
+    so at most one gradient is alive at a time, as with a single input.
+    """
+
+    def __init__(self, x: torch.Tensor, target: torch.Tensor, copies: int) -> None:
+        base = x.detach()
+        self.xs = [base.clone().requires_grad_(True) for _ in range(copies)]
+        self.detached = [t.detach() for t in self.xs]
+        self.targets = [target.clone() for _ in range(copies)]
+        self._next = 0
+        self._last = 0
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def take(self, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self._next
+        self._next = (i + 1) % len(self.xs)
+        if with_grad:
+            self.xs[self._last].grad = None
+            self.xs[i].grad = None
+        self._last = i
+        return (self.xs[i] if with_grad else self.detached[i]), self.targets[i]
+
+    def clear_grads(self) -> None:
+        for x in self.xs:
+            x.grad = None
+
+
+def make_gpu_step(fn: LossFn, inputs: RotatingInputs, mode: str) -> Step:
+    """One forward ('fwd') or ``loss = f(x, y); loss.backward()`` ('fwd+bwd') on the next input pair."""
+    if mode == "fwd":
+
+        def fwd() -> torch.Tensor:
+            x, target = inputs.take(with_grad=False)
+            return fn(x, target)
+
+        return fwd
+
+    def fwd_bwd() -> torch.Tensor:
+        x, target = inputs.take(with_grad=True)
+        loss = fn(x, target)
+        loss.backward()
+        return loss.detach()
+
+    return fwd_bwd
+
+
+def make_event_sampler(device: torch.device) -> Callable[[Step, int], float]:
+    """Seconds per call of ``inner`` back-to-back calls: CUDA events on a GPU, wall clock otherwise."""
+    if device.type != "cuda":
+        return lambda step, inner: time_sample(step, inner, lambda: None)
+
+    def sample(step: Step, inner: int) -> float:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / inner
+
+    return sample
+
+
+def measure_copy_gbps(
+    device: torch.device, sampler: Callable[[Step, int], float], nbytes: int = COPY_BUFFER_BYTES
+) -> tuple[float, list[float]]:
+    """Device-to-device copy bandwidth, GB/s counting bytes read + written; also the samples (ms)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    step: Step = functools.partial(dst.copy_, src)
+    sampler(step, 5)  # warm-up (and clocks up)
+    samples = [sampler(step, 2) for _ in range(COPY_SAMPLES)]
+    del step, src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(samples) / 1e9, [s * 1e3 for s in samples]
+
+
+@dataclass
+class GpuImplResult:
+    """Measurements of one implementation for one (shape, dtype, mode) row of the CUDA harness."""
+
+    status: str = "ok"  # ok | not installed | failed: <reason> | skipped: <reason>
+    error: str | None = None  # the exception's first line, when failed
+    samples_ms: list[float] = field(default_factory=list)
+    inner: int = 0
+    loss: float | None = None
+    peak_extra_bytes: int | None = None
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.samples_ms) if self.samples_ms else None
+
+    def fail(self, exc: BaseException | str, where: str = "") -> None:
+        text = exc if isinstance(exc, str) else first_line(exc)
+        self.error = f"{where}{text}"
+        self.status = "failed: " + short_reason(self.error)
+
+
+@dataclass
+class GpuRow:
+    case: Case
+    mode: str
+    impls: dict[str, GpuImplResult]
+    copy_gbps: float
+    copies: int = 1  # input copies rotated through (L2)
+
+    @property
+    def min_bytes(self) -> int:
+        return min_bytes(self.case, self.mode)
+
+    def gbps(self, name: str) -> float | None:
+        t = self.impls[name].median_ms
+        return self.min_bytes / (t * 1e-3) / 1e9 if t else None
+
+    def pct_copy(self, name: str) -> float | None:
+        g = self.gbps(name)
+        return 100.0 * g / self.copy_gbps if g is not None and self.copy_gbps > 0 else None
+
+    def ratio(self, slower: str, faster: str) -> float | None:
+        """Median time of ``slower`` over median time of ``faster`` (> 1: ``faster`` is faster)."""
+        a, b = self.impls[slower].median_ms, self.impls[faster].median_ms
+        return a / b if a and b else None
+
+    def mem_grads(self, name: str) -> float | None:
+        """Peak extra memory in gradient buffers (one gradient = the logits' bytes)."""
+        peak = self.impls[name].peak_extra_bytes
+        return peak / self.case.logits_bytes if peak is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        impls: dict[str, Any] = {}
+        for name, r in self.impls.items():
+            impls[name] = asdict(r) | {
+                "median_ms": r.median_ms,
+                "min_ms": min(r.samples_ms) if r.samples_ms else None,
+                "gbps": self.gbps(name),
+                "pct_of_copy": self.pct_copy(name),
+                "speedup_vs_eager": self.ratio("eager", name),
+                "speedup_vs_compile": self.ratio("compile", name),
+                "peak_extra_gradients": self.mem_grads(name),
+            }
+        return {
+            "shape": list(self.case.shape),
+            "target_shape": list(self.case.target_shape),
+            "dtype": self.case.dtype,
+            "mode": self.mode,
+            "logits_bytes": self.case.logits_bytes,
+            "min_bytes": self.min_bytes,
+            "input_copies": self.copies,
+            "copy_gbps": self.copy_gbps,
+            "impls": impls,
+        }
+
+
+def gpu_loss_mismatches(row: GpuRow) -> list[str]:
+    """Implementations whose warm-up loss differs from torch eager's beyond the tolerance."""
+    ref = row.impls["eager"].loss
+    if ref is None:
+        return []
+    out = []
+    for name in CUDA_IMPLS[2:] + ("xent",):
+        loss = row.impls[name].loss
+        if loss is None:
+            continue
+        rel = abs(loss - ref) / max(abs(ref), 1e-12)
+        if not rel <= LOSS_RTOL[row.case.dtype]:  # also catches NaN
+            out.append(f"{name} loss {loss:.6g} vs eager {ref:.6g} (rel diff {rel:.2e})")
+    return out
+
+
+def target_verdict(row: GpuRow) -> dict[str, Any]:
+    """The targets on ``row``: % of copy bandwidth, faster than every peer that ran, memory."""
+    xent = row.impls["xent"]
+    ran = [p for p in CUDA_PEERS if row.impls[p].median_ms is not None]
+    pct = row.pct_copy("xent")
+    mem = row.mem_grads("xent")
+    speedups = {p: row.ratio(p, "xent") for p in ran}
+    return {
+        "shape": list(row.case.shape),
+        "dtype": row.case.dtype,
+        "mode": row.mode,
+        "xent_status": xent.status,
+        "pct_of_copy": pct,
+        "pct_of_copy_target": TARGET_PCT_COPY,
+        "pct_of_copy_met": None if pct is None else pct >= TARGET_PCT_COPY,
+        "peers_ran": ran,
+        "speedup_vs_peers": speedups,
+        "faster_than_all_peers": (
+            None if xent.median_ms is None or not ran else all(s is not None and s > 1 for s in speedups.values())
+        ),
+        "peak_extra_gradients": mem,
+        "peak_extra_gradients_target": TARGET_MEM_GRADS,
+        "memory_met": None if mem is None else mem <= TARGET_MEM_GRADS + MEM_GRADS_SLACK,
+        "loss_matches_eager": (
+            None
+            if xent.loss is None or row.impls["eager"].loss is None
+            else not any(m.startswith("xent ") for m in gpu_loss_mismatches(row))
+        ),
+    }
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "n/a" if flag is None else "yes" if flag else "NO"
+
+
+def format_targets(v: dict[str, Any]) -> str:
+    where = f"{'x'.join(map(str, v['shape']))} {v['dtype']} {v['mode']}"
+    if v["pct_of_copy"] is None:
+        return f"targets ({where}): xent did not run ({v['xent_status']})"
+    if v["peers_ran"]:
+        ratios = ", ".join(f"{p} {fmt(s, '.2f')}x" for p, s in v["speedup_vs_peers"].items())
+        faster = f"{_yes_no(v['faster_than_all_peers'])} (peer time / xent time: {ratios})"
+    else:
+        faster = "n/a (no peer ran)"
+    return (
+        f"targets ({where}): "
+        f"{v['pct_of_copy']:.1f}% of copy bandwidth (>= {v['pct_of_copy_target']:g}%: {_yes_no(v['pct_of_copy_met'])}); "
+        f"faster than every peer that ran: {faster}; "
+        f"peak extra memory {fmt(v['peak_extra_gradients'], '.3f')} gradient buffers "
+        f"(<= {v['peak_extra_gradients_target']:g}: {_yes_no(v['memory_met'])}); "
+        f"loss matches eager: {_yes_no(v['loss_matches_eager'])}"
+    )
+
+
+class TextTable:
+    """Fixed-width columns; the first ``left`` columns are left-aligned, the last may overflow."""
+
+    def __init__(self, columns: Sequence[tuple[str, int]], left: int) -> None:
+        self.columns = list(columns)
+        self.left = left
+
+    def line(self, cells: Sequence[str]) -> str:
+        out = []
+        for i, (cell, (_, width)) in enumerate(zip(cells, self.columns, strict=True)):
+            out.append(cell.ljust(width) if i < self.left else cell.rjust(width))
+        return "  ".join(out).rstrip()
+
+    def header(self) -> list[str]:
+        return [self.line([n for n, _ in self.columns]), self.line(["-" * w for _, w in self.columns])]
+
+
+def gpu_detail_table(shape_width: int) -> TextTable:
+    return TextTable(
+        [
+            ("shape", max(shape_width, 5)),
+            ("dtype", 5),
+            ("mode", 7),
+            ("impl", 7),
+            ("us", 8),
+            ("GB/s", 7),
+            ("%copy", 5),
+            ("eager/t", 7),
+            ("comp/t", 6),
+            ("peak MiB", 8),
+            ("grads", 5),
+            ("status", 0),
+        ],
+        left=4,
+    )
+
+
+def ratio_cell(row: GpuRow, slower: str, faster: str) -> str:
+    """``slower``'s time over ``faster``'s; "-" if ``slower`` did not run, "n/a" if it failed."""
+    r = row.impls[slower]
+    if r.median_ms is None:
+        return "n/a" if r.status.startswith("failed") else "-"
+    return fmt(row.ratio(slower, faster), ".2f")
+
+
+SHORT_NAMES = {"xent": "xent", "eager": "eager", "compile": "comp", "liger": "liger", "quack": "quack"}
+
+
+def gpu_detail_lines(row: GpuRow, table: TextTable) -> list[str]:
+    """One line per implementation (times, bandwidth, ratios, memory, status)."""
+    lines = []
+    for i, name in enumerate(CUDA_IMPLS):
+        r = row.impls[name]
+        ran = r.median_ms is not None
+        key = [row.case.label, row.case.dtype, row.mode] if i == 0 else ["", "", ""]
+        cells = [
+            *key,
+            name,
+            fmt_us(r.median_ms) if ran else "-",
+            fmt(row.gbps(name), ".0f") if ran else "-",
+            fmt(row.pct_copy(name), ".0f") if ran else "-",
+            ratio_cell(row, "eager", name) if ran else "-",
+            ratio_cell(row, "compile", name) if ran else "-",
+            fmt_mib(r.peak_extra_bytes) if r.peak_extra_bytes is not None else "-",
+            fmt(row.mem_grads(name), ".2f") if r.peak_extra_bytes is not None else "-",
+            "" if r.status == "ok" else r.status,
+        ]
+        lines.append(table.line(cells))
+    return lines
+
+
+def gpu_summary_table(shape_width: int) -> TextTable:
+    return TextTable(
+        [
+            ("shape", max(shape_width, 5)),
+            ("dtype", 5),
+            ("mode", 7),
+            ("xent us", 8),
+            ("GB/s", 6),
+            ("%copy", 5),
+            *[(f"{SHORT_NAMES[p]}/x", 7) for p in CUDA_PEERS],
+            ("grads x", 7),
+            ("grads e", 7),
+        ],
+        left=3,
+    )
+
+
+def gpu_summary_line(row: GpuRow, table: TextTable) -> str:
+    """xent's time and bandwidth, each peer's time over xent's, memory of xent and eager in gradients.
+
+    A peer ratio is "-" when the peer did not run (not installed, skipped,
+    compile off) and "n/a" when it failed.
+    """
+
+    return table.line(
+        [
+            row.case.label,
+            row.case.dtype,
+            row.mode,
+            fmt_us(row.impls["xent"].median_ms),
+            fmt(row.gbps("xent"), ".0f"),
+            fmt(row.pct_copy("xent"), ".0f"),
+            *[ratio_cell(row, p, "xent") for p in CUDA_PEERS],
+            fmt(row.mem_grads("xent"), ".2f"),
+            fmt(row.mem_grads("eager"), ".2f"),
+        ]
+    )
+
+
+GPU_LEGEND = """\
+us:        median time per call in microseconds (CUDA events around batches of calls; samples interleaved across impls)
+GB/s:      minimum bytes / time; fwd: logits + targets read once; fwd+bwd: 2 reads + 1 write of the
+           logits (the forward, then the backward) + targets once
+%copy:     GB/s as % of the device-to-device copy bandwidth measured at start (read + write bytes)
+eager/t, comp/t: torch eager's (torch.compile's) median time / this impl's (> 1: faster than it)
+X/x:       peer X's median time / xent's (> 1: xent faster); '-' did not run, 'n/a' failed
+peak MiB:  peak extra memory of one call (max_memory_allocated after a reset, minus the memory held
+           before it: inputs); grads: the same in gradient buffers (= logits bytes); fwd+bwd includes
+           the gradient itself
+liger:     writes its gradient into the logits (in place), so its fwd+bwd allocates no gradient and
+           destroys its input; it runs on its own copies of the logits"""
+
+
+def gpu_machine_info(device: torch.device, l2_bytes: int) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "device": str(device),
+        "l2_bytes": l2_bytes,
+        "triton_version": _dist_version("triton", "pytorch-triton"),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "gpu": props.name,
+            "sm_count": props.multi_processor_count,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_bytes": props.total_memory,
+        }
+    else:
+        info["gpu"] = "none: CUDA harness dry run on the CPU (timings mean nothing)"
+    try:
+        info["xent_build_info"] = xent_ext.build_info()
+    except Exception as exc:  # noqa: BLE001  (still benchmark without it)
+        info["xent_build_info"] = f"unavailable ({first_line(exc)})"
+    check = getattr(xent_ext, "cuda_target_check", None)  # on by default: one host sync per forward
+    try:
+        info["xent_cuda_target_check"] = None if check is None else bool(check())
+    except Exception:  # noqa: BLE001
+        info["xent_cuda_target_check"] = None
+    return info
+
+
+def print_gpu_header(info: dict[str, Any], peers: dict[str, Peer], cfg: TimingConfig, use_compile: bool) -> None:
+    build = info["xent_build_info"]
+    if isinstance(build, dict):
+        build = ", ".join(f"{k}={v}" for k, v in build.items())
+    gpu = info["gpu"]
+    if "sm_count" in info:
+        gpu += (
+            f" ({info['sm_count']} SMs, compute capability {info['compute_capability']}, "
+            f"{info['gpu_memory_bytes'] / 2**30:.0f} GiB, L2 {info['l2_bytes'] / 2**20:.0f} MiB)"
+        )
+    peer_text = ", ".join(
+        f"{p.name} {p.version or '(version unknown)'}" if p.fn else f"{p.name}: {p.status}" for p in peers.values()
+    )
+    lines = [
+        ("GPU", gpu),
+        ("CPU", f"{info['cpu_model']} ({info['logical_cpus']} logical CPUs)"),
+        ("torch", f"{info['torch_version']} (CUDA {info['cuda_version']}), triton {info['triton_version']}"),
+        ("xent_ext build", build),
+        (
+            "xent_ext",
+            "CUDA target check "
+            + {True: "on", False: "off", None: "n/a"}[info.get("xent_cuda_target_check")]
+            + " (xent_ext.cuda_target_check())",
+        ),
+        ("peers", peer_text),
+        (
+            "timing",
+            f"CUDA events, median of interleaved samples; >= {cfg.min_time_s:g} s per impl, "
+            f"<= {cfg.max_time_s:g} s per row, >= {cfg.min_reps} samples"
+            if cfg.fixed_reps is None
+            else f"CUDA events, median of {cfg.fixed_reps} interleaved samples (--reps)",
+        ),
+        ("torch.compile", "on (dynamic=False)" if use_compile else "off"),
+    ]
+    for key, value in lines:
+        print(f"{key + ':':<16}{value}")
+
+
+def gpu_bench_row(
+    case: Case,
+    mode: str,
+    inputs: RotatingInputs,
+    private_inputs: RotatingInputs | None,
+    peers: dict[str, Peer],
+    copy_gbps: float,
+    use_compile: bool,
+    cfg: TimingConfig,
+    device: torch.device,
+) -> GpuRow:
+    """Warm up, check, measure memory of and time every implementation for one row."""
+    sampler = make_event_sampler(device)
+    sync = make_sync(device)
+    results = {name: GpuImplResult() for name in CUDA_IMPLS}
+    fns: dict[str, LossFn] = {"xent": xent_ext.cross_entropy, "eager": F.cross_entropy}
+    if use_compile:
+        torch._dynamo.reset()  # a fresh compile per row (see the CPU harness)
+        try:
+            fns["compile"] = torch.compile(F.cross_entropy, dynamic=False)
+        except Exception as exc:  # noqa: BLE001
+            results["compile"].fail(exc)
+    else:
+        results["compile"].status = "skipped: --no-compile"
+    for name, peer in peers.items():
+        if peer.fn is None:
+            results[name].status = peer.status
+        elif name in PEERS_2D_ONLY and len(case.shape) != 2:
+            results[name].status = "skipped: takes (N, C) logits only"
+        else:
+            fns[name] = peer.fn
+
+    def inputs_of(name: str) -> RotatingInputs:
+        return private_inputs if name in PEERS_GRAD_IN_PLACE and private_inputs is not None else inputs
+
+    all_inputs = [inputs] + ([private_inputs] if private_inputs is not None else [])
+
+    def settle() -> None:
+        """Drop gradients and cached blocks (after a failure, e.g. out of memory)."""
+        for inp in all_inputs:
+            inp.clear_grads()
+        gc.collect()
+        if device.type == "cuda":
+            # A broken CUDA context raises here too: the calls themselves report it.
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+
+    steps: dict[str, Step] = {}
+    for name, fn in fns.items():
+        step = make_gpu_step(fn, inputs_of(name), mode)
+        try:
+            results[name].loss = float(step())  # warm-up (compiles for 'compile'); float() syncs
+        except Exception as exc:  # noqa: BLE001  (report and keep going)
+            results[name].fail(exc)
+            settle()
+            continue
+        steps[name] = step
+    settle()
+
+    estimates: dict[str, float] = {}
+    for name, step in list(steps.items()):
+        try:
+            for inp in all_inputs:
+                inp.clear_grads()
+            _, results[name].peak_extra_bytes = profiled_call(step, device)
+            # Warm (clocks, caches, allocator) for about WARM_S, then estimate the time per call.
+            t1 = sampler(step, 1)
+            estimates[name] = sampler(step, max(1, min(200, math.ceil(WARM_S / max(t1, 1e-6)))))
+        except Exception as exc:  # noqa: BLE001
+            results[name].fail(exc, "measuring: ")
+            del steps[name]
+            settle()
+
+    # Timed samples.  An implementation that raises now is marked failed and
+    # the others are timed again without it.
+    failed: dict[str, BaseException] = {}
+
+    def guarded(name: str, step: Step) -> Step:
+        def call() -> Any:
+            try:
+                return step()
+            except Exception as exc:
+                failed[name] = exc
+                raise
+
+        return call
+
+    while steps:
+        try:
+            guarded_steps = {name: guarded(name, step) for name, step in steps.items()}
+            samples, inner = interleaved_samples(guarded_steps, estimates, cfg, sync, sampler)
+        except Exception as exc:  # noqa: BLE001
+            culprits = [name for name in failed if name in steps] or list(steps)
+            for name in culprits:
+                results[name].fail(failed.get(name, exc), "timing: ")
+                del steps[name]
+                estimates.pop(name, None)
+            settle()
+            continue
+        for name in steps:
+            results[name].samples_ms = [s * 1e3 for s in samples[name]]
+            results[name].inner = inner[name]
+        break
+    settle()
+    return GpuRow(case, mode, results, copy_gbps, len(inputs))
+
+
+def gpu_main(args: argparse.Namespace, argv: Sequence[str] | None, device: torch.device) -> None:
+    """``--device cuda``: every implementation side by side, one process, one run."""
+    t0 = time.perf_counter()
+    cases = select_cases(
+        args.shapes.split(",") if args.shapes else CUDA_QUICK_SHAPES if args.quick else CUDA_DEFAULT_SHAPES,
+        args.dtype.split(",") if args.dtype else None,
+    )
+    modes = {"fwd": ["fwd"], "fwdbwd": ["fwd+bwd"], "both": list(MODES)}[args.mode]
+    use_compile = args.compile if args.compile is not None else not args.quick
+    cfg = TimingConfig(
+        min_time_s=args.min_time,
+        max_time_s=args.max_time if args.max_time is not None else 1.0 if args.quick else 2.0,
+        min_reps=5 if args.quick else 10,
+        fixed_reps=args.reps,
+    )
+    l2_bytes = DEFAULT_L2_BYTES
+    if device.type == "cuda":
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES
+    peers = {"liger": load_liger(), "quack": load_quack()}
+    info = gpu_machine_info(device, l2_bytes)
+    info["peers"] = {p.name: {"version": p.version, "status": p.status} for p in peers.values()}
+    print_gpu_header(info, peers, cfg, use_compile)
+    build = info["xent_build_info"]
+    if device.type == "cuda" and isinstance(build, dict) and build.get("cuda_version") is None:
+        print("WARNING: xent_ext was built without CUDA: on CUDA tensors 'xent' runs torch's own kernels")
+
+    sampler = make_event_sampler(device)
+    copy_nbytes = COPY_BUFFER_BYTES if device.type == "cuda" else 64 * 2**20
+    copy_gbps, copy_samples = measure_copy_gbps(device, sampler, copy_nbytes)
+    print(f"{'copy:':<16}device-to-device {copy_gbps:.1f} GB/s (read + write bytes; median of {COPY_SAMPLES})")
+    print()
+
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "machine": info,
+        "config": {"timing": asdict(cfg), "compile": use_compile, "modes": modes, "budget_s": args.budget},
+        "bandwidth": {"copy_gbps": copy_gbps, "copy_bytes_counted": 2 * copy_nbytes, "samples_ms": copy_samples},
+        "rows": [],
+        "targets": None,
+        "skipped": [],
+    }
+
+    def write_json() -> None:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+
+    width = max(len(c.label) for c in cases)
+    detail = gpu_detail_table(width)
+    print("\n".join(detail.header()), flush=True)
+    rows: list[GpuRow] = []
+    notes: list[str] = []
+    generator = torch.Generator(device=device).manual_seed(0)
+    for case in cases:
+        pending = list(modes)
+        if args.budget is not None and time.perf_counter() - t0 > args.budget:
+            report["skipped"] += [f"{case.label} {case.dtype} {m}" for m in pending]
+            continue
+        try:
+            x = torch.randn(case.shape, dtype=DTYPES[case.dtype], device=device, generator=generator)
+            target = torch.randint(0, case.num_classes, case.target_shape, device=device, generator=generator)
+            copies = input_copies(case.logits_bytes + math.prod(case.target_shape) * TARGET_INDEX_BYTES, l2_bytes)
+            inputs = RotatingInputs(x, target, copies)
+            private = None
+            if any(peers[p].fn is not None for p in PEERS_GRAD_IN_PLACE) and len(case.shape) == 2:
+                private = RotatingInputs(x, target, copies)
+            del x
+        except Exception as exc:  # noqa: BLE001  (e.g. out of memory: skip the shape)
+            notes.append(f"{case.label} {case.dtype}: could not allocate inputs: {first_line(exc)}")
+            report["skipped"] += [f"{case.label} {case.dtype} {m}" for m in pending]
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        for mode in modes:
+            if args.budget is not None and time.perf_counter() - t0 > args.budget:
+                report["skipped"].append(f"{case.label} {case.dtype} {mode}")
+                continue
+            try:
+                row = gpu_bench_row(case, mode, inputs, private, peers, copy_gbps, use_compile, cfg, device)
+            except Exception as exc:  # noqa: BLE001  (e.g. a broken CUDA context: note it, go on)
+                notes.append(f"{case.label} {case.dtype} {mode}: row failed: {first_line(exc)}")
+                report["skipped"].append(f"{case.label} {case.dtype} {mode}")
+                write_json()
+                continue
+            rows.append(row)
+            print("\n".join(gpu_detail_lines(row, detail)), flush=True)
+            where = f"{case.label} {case.dtype} {mode}"
+            notes += [f"{where}: {name}: {r.error}" for name, r in row.impls.items() if r.error]
+            notes += [f"{where}: WARNING {m}" for m in gpu_loss_mismatches(row)]
+            report["rows"].append(row.to_json())
+            if case == TARGET_CASE and mode == TARGET_MODE:
+                report["targets"] = target_verdict(row)
+                print(format_targets(report["targets"]), flush=True)
+            write_json()
+        del inputs, private, target
+        gc.collect()
+        if device.type == "cuda":
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+
+    print()
+    print(f"summary (copy bandwidth {copy_gbps:.1f} GB/s)")
+    summary = gpu_summary_table(width)
+    print("\n".join(summary.header()))
+    for row in rows:
+        print(gpu_summary_line(row, summary))
+    if report["targets"] is not None:
+        print(format_targets(report["targets"]))
+    else:
+        print(f"targets: {TARGET_CASE.label} {TARGET_CASE.dtype} {TARGET_MODE} was not run")
+    print()
+    print(GPU_LEGEND)
+    for p in peers.values():
+        if p.fn is None and p.status != "not installed":
+            notes.append(f"{p.name}: {p.status}")
+    if report["skipped"]:
+        why = f"--budget {args.budget:g} s reached, or failed above" if args.budget is not None else "failed above"
+        notes.append(f"not run ({why}): {', '.join(report['skipped'])}")
+    if notes:
+        print("\nnotes:")
+        for note in notes:
+            print(f"  {note}")
+    report["notes"] = notes
+    report["elapsed_s"] = time.perf_counter() - t0
+    write_json()
+    print(f"\nelapsed: {report['elapsed_s']:.0f} s")
+
+
+# --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------
 
@@ -602,12 +1426,14 @@ MiB:       peak extra memory of one call (fwd+bwd includes the logits-sized grad
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m xent_ext.bench",
-        description="Benchmark xent_ext.cross_entropy vs torch eager and torch.compile.",
+        description="Benchmark xent_ext.cross_entropy vs torch eager and torch.compile "
+        "(on CUDA also vs Liger Kernel and QuACK, when installed).",
     )
     p.add_argument(
         "--shapes",
         help='comma-separated logits shapes, e.g. "4096x32000,16x21x128x128:bf16" '
-        "(NxC or NxCxd1x...; optional :fp32|:bf16|:fp16; default: the built-in set)",
+        "(NxC or NxCxd1x...; optional :fp32|:bf16|:fp16; default: the built-in set, "
+        "which differs between cpu and cuda)",
     )
     p.add_argument(
         "--dtype",
@@ -617,7 +1443,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--threads",
-        help="comma-separated torch.set_num_threads values (default: 1 and all; --quick, cuda: all)",
+        help="comma-separated torch.set_num_threads values (default: 1 and all; --quick: all; "
+        "ignored with cuda)",
     )
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
     p.add_argument(
@@ -636,14 +1463,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="adaptive: time each implementation at least this many seconds (default 0.3)",
     )
     p.add_argument(
-        "--max-time", type=float, help="adaptive: cap on seconds per row and mode (default 10, --quick 4)"
+        "--max-time",
+        type=float,
+        help="adaptive: cap on seconds per row and mode (default 10, --quick 4; cuda: 2, --quick 1)",
     )
     p.add_argument("--json", metavar="PATH", help="also write all results (with raw samples) as JSON")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small subset (4096x32000 fp32/bf16, 65536x1000 fp32; all threads; no compile unless --compile)",
+        help="small subset (4096x32000 fp32/bf16, 65536x1000 fp32; all threads; no compile unless "
+        "--compile; cuda: 8192x128256 bf16, 4096x32000 fp32, 65536x1000 fp32)",
     )
+    p.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="cuda: start no new row after this many seconds (rows left are listed as not run)",
+    )
+    # Runs the --device cuda harness on the CPU, to test the harness itself
+    # where there is no GPU (timings and the copy bandwidth mean nothing there).
+    p.add_argument("--cuda-harness-on-cpu", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be >= 1")
@@ -659,6 +1498,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    if device.type == "cuda" or args.cuda_harness_on_cpu:
+        gpu_main(args, argv, device)
+        return
 
     cases = select_cases(
         args.shapes.split(",") if args.shapes else QUICK_SHAPES if args.quick else DEFAULT_SHAPES,

@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: build xent_ext there, run the CUDA tests,
+# then the GPU benchmark. See benchmarks/README.md ("On a lent GPU") for how to
+# call it and where to record the results.
+#
+#   bash scripts/gpu_check.sh            # in the repository root; $OUT: where logs go
+#
+# Every stage is time-boxed (timeout) against one overall deadline, so the
+# script ends within GPU_CHECK_SECONDS (default 480) even if a stage hangs;
+# a stage that fails does not stop the next ones. The last thing printed is a
+# digest (test counts and failures, the benchmark summary and targets line,
+# and a table of stage, rc, seconds), also written to $OUT/summary.txt, so
+# that the last 12,000 characters of output hold what matters.
+#
+# Files written to $OUT (8, no folders): build.log (machine, versions, peers'
+# install, build, `python -m xent_ext`), test_cuda.log/.xml (tests/test_cuda.py),
+# test_suite.log/.xml (the rest of the suite, CUDA twins only: -k cuda),
+# bench_cuda.log/.json, summary.txt.
+#
+# Knobs (environment): GPU_CHECK_SECONDS (overall deadline), GPU_CHECK_XDIST
+# (pytest-xdist workers for the suite stage; 0: none; default 4),
+# GPU_CHECK_BUILD_CAP (most seconds for the build; default 330),
+# GPU_CHECK_BENCH_ARGS (extra arguments for the benchmark), PYTHON (python3).
+
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+TOTAL=${GPU_CHECK_SECONDS:-480}
+XDIST_N=${GPU_CHECK_XDIST:-4}
+BUILD_CAP=${GPU_CHECK_BUILD_CAP:-330}
+START=$(date +%s)
+DEADLINE=$((START + TOTAL))
+export PYTHONUNBUFFERED=1
+
+BUILD_LOG=$OUT/build.log
+STAGES=()  # "name rc seconds"
+
+now() { date +%s; }
+
+# budget CAP RESERVE [FLOOR]: seconds for the next stage: at most CAP, leaving
+# RESERVE seconds before the deadline for the stages after it; but at least
+# FLOOR (taken from the later stages) while the deadline allows. Stages are
+# given in priority order: build, test_cuda.py, benchmark, the suite's twins.
+budget() {
+  local left=$((DEADLINE - $(now)))
+  local t=$(($1 < left - $2 ? $1 : left - $2))
+  local floor=${3:-0}
+  ((t < floor)) && t=$((floor < left - 10 ? floor : left - 10))
+  echo "$t"
+}
+
+# stage NAME SECONDS LOG CMD...: run CMD under timeout, output to stdout and LOG
+# (with QUIET=1: to LOG only, e.g. the build's thousands of header warnings).
+stage() {
+  local name=$1 secs=$2 log=$3
+  shift 3
+  if ((secs < 20)); then
+    echo "=== $name: skipped, ${secs}s left before the deadline" | tee -a "$log"
+    STAGES+=("$name skip 0")
+    return 0
+  fi
+  echo | tee -a "$log"
+  echo "=== $name (timeout ${secs}s, $(date -u +%H:%M:%S), $(($(now) - START))s since start)" | tee -a "$log"
+  local t0 rc
+  t0=$(now)
+  if [[ ${QUIET:-0} == 1 ]]; then
+    echo "(output in $(basename "$log"))"
+    timeout -k 10 "$secs" "$@" >>"$log" 2>&1
+    rc=$?
+  else
+    timeout -k 10 "$secs" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+  fi
+  ((rc == 124 || rc == 137)) && echo "--- $name: TIMED OUT after ${secs}s" | tee -a "$log"
+  echo "--- $name: rc=$rc in $(($(now) - t0))s" | tee -a "$log"
+  STAGES+=("$name $rc $(($(now) - t0))")
+  return "$rc"
+}
+
+# ---------------------------------------------------------------- machine
+ARCH=$($PY -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}')" 2>/dev/null || echo "")
+if [[ -z $ARCH ]]; then
+  ARCH=9.0
+  ARCH_NOTE="(torch saw no GPU: assumed 9.0)"
+else
+  ARCH_NOTE="(from torch.cuda.get_device_capability())"
+fi
+if [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  CUDA_HOME_GUESS=/usr/local/cuda
+elif command -v nvcc >/dev/null; then
+  CUDA_HOME_GUESS=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+else
+  CUDA_HOME_GUESS=${CUDA_HOME:-/usr/local/cuda}
+fi
+export CUDA_HOME=${CUDA_HOME:-$CUDA_HOME_GUESS}
+export PY ARCH ARCH_NOTE  # for the stage functions below, run by `timeout bash -c NAME`
+
+machine_info() {
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv
+  echo
+  echo "uname: $(uname -srm); CPUs: $(nproc); $(free -g | awk '/^Mem:/ {print "RAM " $2 " GiB"}')"
+  echo "python: $(command -v "$PY") $($PY -V 2>&1)"
+  $PY - <<'EOF'
+import importlib.metadata as md
+import torch
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}: cc {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.1f} GiB, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+for name in ("triton", "setuptools", "wheel", "ninja", "pytest", "pytest-timeout", "pytest-xdist", "numpy",
+             "liger-kernel", "quack-kernels", "nvidia-cutlass-dsl"):
+    try:
+        print(f"  {name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"  {name}: not installed")
+EOF
+  echo "CUDA_HOME=$CUDA_HOME"
+  "$CUDA_HOME/bin/nvcc" --version | tail -2
+  echo "c++: $(c++ --version | head -1); ninja $(ninja --version 2>/dev/null || echo missing)"
+  echo "TORCH_CUDA_ARCH_LIST will be $ARCH $ARCH_NOTE"
+  df -h /tmp | tail -1
+}
+export -f machine_info
+stage machine 60 "$BUILD_LOG" bash -c machine_info
+
+# ---------------------------------------------------------------- peers
+# Liger Kernel (pure Python + Triton) travels as a wheel in .whl/ (see benchmarks/README.md).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if stage peers-install 60 "$BUILD_LOG" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    $PY -c "import liger_kernel.transformers.functional as f, importlib.metadata as md; print('liger-kernel', md.version('liger-kernel'), 'imports')" 2>&1 | tail -3 | tee -a "$BUILD_LOG"
+  fi
+else
+  echo "=== peers-install: no .whl/ folder: Liger Kernel will show as 'not installed'" | tee -a "$BUILD_LOG"
+fi
+
+# ---------------------------------------------------------------- build
+# In place (no pip, no network). A stale extension left by an earlier call on
+# a warm machine is removed first, so nothing below runs against it; build/
+# stays, so ninja only recompiles what changed.
+rm -f xent_ext/_C*.so
+build() {
+  CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 $PY setup.py build_ext --inplace
+}
+export -f build
+QUIET=1 stage build "$(budget "$BUILD_CAP" 150 120)" "$BUILD_LOG" bash -c build
+BUILD_RC=$?
+build_section() { sed -n '/^=== build/,/^--- build.*: rc=/p' "$BUILD_LOG"; }
+if ((BUILD_RC != 0 && BUILD_RC != 124 && BUILD_RC != 137)) &&
+  ! build_section | grep -qE '^\[[0-9]+/[0-9]+\]|nvcc|c\+\+ |g\+\+ |gcc '; then
+  # Failed before compiling anything: most likely setuptools rejecting the
+  # project metadata (pyproject.toml). Build the same sources in a scratch
+  # copy without it and bring the extension back.
+  build_scratch() {
+    rm -rf /tmp/xbuild && mkdir -p /tmp/xbuild && cp -r setup.py csrc xent_ext /tmp/xbuild/ &&
+      (cd /tmp/xbuild && CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 $PY setup.py build_ext --inplace) &&
+      cp /tmp/xbuild/xent_ext/_C*.so xent_ext/
+  }
+  export -f build_scratch
+  QUIET=1 stage build-scratch "$(budget "$BUILD_CAP" 150 120)" "$BUILD_LOG" bash -c build_scratch
+  BUILD_RC=$?
+fi
+xent_info() {
+  $PY -c "import xent_ext; print('xent_ext imported from', xent_ext.__file__)" && $PY -m xent_ext
+}
+export -f xent_info
+stage xent-info 60 "$BUILD_LOG" bash -c xent_info
+
+# ---------------------------------------------------------------- tests
+PYTEST_COMMON=(-p no:cacheprovider -ra)
+if $PY -c "import pytest_timeout" 2>/dev/null; then HAVE_TIMEOUT=1; else HAVE_TIMEOUT=0; fi
+if ((XDIST_N > 0)) && $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "$XDIST_N"); else XDIST=(); fi
+SESSION_TIMEOUT=0
+$PY -m pytest --help 2>/dev/null | grep -q -- '--session-timeout' && SESSION_TIMEOUT=1
+
+if [[ -f tests/test_cuda.py ]]; then
+  T=$(budget 120 170 45)
+  ARGS=(tests/test_cuda.py -q -x "${PYTEST_COMMON[@]}" --junitxml="$OUT/test_cuda.xml")
+  ((HAVE_TIMEOUT)) && ARGS+=(--timeout=120)
+  stage test-cuda "$T" "$OUT/test_cuda.log" $PY -m pytest "${ARGS[@]}"
+else
+  echo "=== test-cuda: tests/test_cuda.py does not exist" | tee -a "$OUT/test_cuda.log"
+  STAGES+=("test-cuda skip 0")
+fi
+
+T=$(budget 150 130)
+ARGS=(tests -q -k cuda --ignore=tests/test_cuda.py --maxfail=30 "${PYTEST_COMMON[@]}" "${XDIST[@]}"
+  --junitxml="$OUT/test_suite.xml")
+((HAVE_TIMEOUT)) && ARGS+=(--timeout=90)
+# Stop cleanly (with a report and the XML) before the hard timeout.
+((HAVE_TIMEOUT && SESSION_TIMEOUT && T > 40)) && ARGS+=(--session-timeout=$((T - 25)))
+stage test-suite "$T" "$OUT/test_suite.log" $PY -m pytest "${ARGS[@]}"
+
+# ---------------------------------------------------------------- benchmark
+T=$(budget 420 15 90)
+BENCH_BUDGET=$((T > 120 ? T - 70 : T / 2))
+# shellcheck disable=SC2086
+stage bench "$T" "$OUT/bench_cuda.log" $PY -m xent_ext.bench --device cuda --json "$OUT/bench_cuda.json" \
+  --max-time 1 --budget "$BENCH_BUDGET" ${GPU_CHECK_BENCH_ARGS:-}
+
+# ---------------------------------------------------------------- digest
+pytest_digest() {  # LOG: the counts line and the first failures
+  local log=$1
+  [[ -f $log ]] || { echo "  (no log)"; return; }
+  grep -E '(passed|failed|error|skipped|no tests ran|deselected)' "$log" | grep -vE '^(FAILED|ERROR) ' | tail -1 | sed 's/^/  /'
+  grep -E '^(FAILED|ERROR) ' "$log" | head -20 | cut -c1-240 | sed 's/^/  /'
+  local n
+  n=$(grep -cE '^(FAILED|ERROR) ' "$log")
+  ((n > 20)) && echo "  ... $((n - 20)) more in $(basename "$log")"
+  grep -E 'Timeout|session timeout|TIMED OUT' "$log" | head -3 | cut -c1-240 | sed 's/^/  /'
+}
+
+digest() {
+  echo "===================================================================== digest"
+  echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1);" \
+    "TORCH_CUDA_ARCH_LIST=$ARCH; $($PY -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
+  echo "build: rc=$BUILD_RC ($(build_section | grep -cE '^\[[0-9]+/[0-9]+\]') ninja steps," \
+    "$(build_section | grep -c 'warning:') compiler warnings; log: build.log)"
+  if ((BUILD_RC != 0)); then
+    build_section | grep -E '(error|Error|ERROR)' | grep -v 'Werror' | head -25 | cut -c1-300 | sed 's/^/  /'
+    echo "  -- last lines of the build:"
+    build_section | tail -15 | cut -c1-300 | sed 's/^/  /'
+  fi
+  sed -n '/^=== xent-info/,/^--- xent-info/p' "$BUILD_LOG" | grep -vE '^(===|---)' | head -8 | sed 's/^/  /'
+  echo "tests/test_cuda.py (-x):"
+  pytest_digest "$OUT/test_cuda.log"
+  echo "suite, CUDA twins (-k cuda):"
+  pytest_digest "$OUT/test_suite.log"
+  echo "benchmark:"
+  if [[ -f $OUT/bench_cuda.log ]]; then
+    grep -E '^(GPU|torch|peers|copy):' "$OUT/bench_cuda.log" | cut -c1-240 | sed 's/^/  /'
+    if grep -q '^summary (copy bandwidth' "$OUT/bench_cuda.log"; then
+      # the summary table, then the targets line
+      sed -n '/^summary (copy bandwidth/,/^$/p' "$OUT/bench_cuda.log" | cut -c1-300 | sed 's/^/  /'
+    else  # stopped early: xent's line of each row done, the targets line if printed, the end of the log
+      grep -E '^[0-9x]+ +(fp32|bf16|fp16) ' "$OUT/bench_cuda.log" | cut -c1-200 | sed 's/^/  /'
+      grep -E '^targets' "$OUT/bench_cuda.log" | tail -1 | sed 's/^/  /'
+      tail -6 "$OUT/bench_cuda.log" | cut -c1-240 | sed 's/^/  /'
+    fi
+    sed -n '/^notes:/,/^$/p' "$OUT/bench_cuda.log" | head -15 | cut -c1-240 | sed 's/^/  /'
+    grep -E '^elapsed:' "$OUT/bench_cuda.log" | sed 's/^/  /'
+  fi
+  echo
+  printf '%-14s %5s %8s\n' stage rc seconds
+  local s
+  for s in "${STAGES[@]}"; do
+    # shellcheck disable=SC2086
+    printf '%-14s %5s %8s\n' $s
+  done
+  echo "total: $(($(now) - START))s (deadline ${TOTAL}s); files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+digest 2>&1 | tee "$OUT/summary.txt"
+
+FAILED=0
+for s in "${STAGES[@]}"; do
+  # shellcheck disable=SC2086
+  set -- $s
+  [[ $2 == 0 || $2 == skip ]] || FAILED=1
+done
+exit $FAILED
