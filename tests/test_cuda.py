@@ -101,19 +101,6 @@ def test_set_cuda_target_check_returns_previous_setting():
     assert xent_ext.set_cuda_target_check(original) is original
 
 
-def test_target_check_environment_variable():
-    # default on; XENT_EXT_CUDA_TARGET_CHECK=0 at import turns it off
-    code = "import xent_ext; print('XENT-CHECK', xent_ext.set_cuda_target_check(True))"
-    for value, expected in ((None, True), ("0", False)):
-        env = dict(os.environ)
-        env.pop("XENT_EXT_CUDA_TARGET_CHECK", None)
-        if value is not None:
-            env["XENT_EXT_CUDA_TARGET_CHECK"] = value
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"XENT-CHECK {expected}" in proc.stdout, (value, proc.stdout, proc.stderr[-3000:])
-
-
 # ----------------------------------------------------------------------------------
 # out-of-range class indices
 # ----------------------------------------------------------------------------------
@@ -251,108 +238,7 @@ def test_bad_target_without_check_is_nan(case, reduction, fresh_seed):
 
 
 # ----------------------------------------------------------------------------------
-# size
-# ----------------------------------------------------------------------------------
-
-
-# (N, kind): the probability path at N=8 only
-VOCAB_CASES = [(8, "index"), (64, "index"), (8, "prob")]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
-@pytest.mark.parametrize("N,kind", VOCAB_CASES, ids=[f"N{n}-{k}" for n, k in VOCAB_CASES])
-def test_vocab_256000(N, kind, dtype, reduction, rng, fresh_seed):
-    V = 256000
-    ls = rng.choice([0.0, 0.1])
-    w = random_weight(V, dtype, DEV) if rng.random() < 0.5 else None
-    x = make_logits((N, V), dtype, rng.choice(["contiguous", "sliced_batch"]), rng.choice([1.0, 4.0]), device=DEV)
-    if kind == "index":
-        ii = rng.randrange(V)
-        t = make_index_target((N, V), ignore_index=ii, ignore_frac=0.1, device=DEV)
-        wrt = ("input",)
-    else:
-        ii = -100
-        t = make_prob_target((N, V), dtype, device=DEV)
-        wrt = ("input", "target")
-    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt,
-                        ctx=f"seed={fresh_seed} V=256000 N={N} {dtype_name(dtype)} {reduction} {kind} ls={ls} "
-                            f"weighted={w is not None}")
-
-
-@pytest.mark.slow
-def test_more_than_2pow31_logits_bf16(fresh_seed):
-    """N x V > 2**31 bf16 logits (4.3 GB, and as much again for the gradient): every row's
-    loss against torch in fp32 (in chunks), the 'sum', and the gradient rows at the start,
-    at the end and around element 2**31, against torch on just those rows."""
-    N, V = 16800, 128256
-    numel = N * V
-    assert numel > 2**31
-    r = 2**31 // V  # the row that holds element 2**31
-    assert r * V < 2**31 < (r + 1) * V, "row r must straddle element 2**31"
-    bytes_bf16 = numel * 2
-    need = 2 * bytes_bf16 + 3 * 2**30  # logits + gradient + reference chunks and slack
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    if free < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
-    ctx = f"seed={fresh_seed} N={N} V={V} bf16"
-    gen = torch.Generator(device=DEV).manual_seed(fresh_seed)
-    # too big to draw on the CPU and copy: drawn on the GPU from a generator seeded by fresh_seed
-    x = torch.randn((N, V), dtype=torch.bfloat16, device=DEV, generator=gen).mul_(2.0)
-    t = torch.randint(0, V, (N,), device=DEV, generator=gen)
-    rows = sorted({0, 1, 2, r - 1, r, r + 1, N - 3, N - 2, N - 1})
-    rows_t = torch.tensor(rows, device=DEV)
-
-    # 1. 'none', no grad: every row against torch in fp32, 1024 rows at a time
-    loss_none = ours(x, t, reduction="none")
-    assert loss_none.shape == (N,) and loss_none.dtype == torch.bfloat16
-    ref = torch.empty(N, dtype=torch.float64, device=DEV)
-    env = torch.empty(N, dtype=torch.float64, device=DEV)
-    for i in range(0, N, 1024):
-        xc = x[i:i + 1024].float()
-        tc = t[i:i + 1024]
-        ref[i:i + 1024] = F.cross_entropy(xc, tc, reduction="none").double()
-        # error_envelope's per-row term for a plain class-index row: |x_t| + |lse| + 1 + sqrt(C)
-        env[i:i + 1024] = (xc.gather(1, tc[:, None]).squeeze(1).abs() + torch.logsumexp(xc, 1).abs()
-                           + 1 + math.sqrt(V)).double()
-        del xc
-    bf = torch.finfo(torch.bfloat16)
-    rtol = max(RTOL[torch.float32], 1.01 * bf.eps)
-    _compare("loss 'none' (all rows)", loss_none, ref.to(torch.bfloat16), rtol,
-             ENV_K * EPS32 * env + bf.smallest_normal, ctx)
-
-    # 2. 'sum' with the logits requiring grad (the gradient computed in the forward)
-    xa = x.detach().requires_grad_()
-    loss_sum = ours(xa, t, reduction="sum")
-    (grad_sum,) = torch.autograd.grad(loss_sum, xa)
-    ref_sum = ref.sum().item()
-    err = abs(loss_sum.double().item() - ref_sum)
-    allowed = 1.01 * bf.eps * abs(ref_sum) + ENV_K * EPS32 * env.sum().item()
-    assert err <= allowed, f"{ctx}: 'sum' {loss_sum.item()} vs {ref_sum} (err {err:.4g} > {allowed:.4g})"
-    assert grad_sum.shape == x.shape and grad_sum.dtype == x.dtype
-    # the 'sum' gradient row is the 'none' gradient row for an upstream gradient of 1
-    xs, ts = x[rows_t], t[rows_t]
-    compare_with_torch(loss_none[rows_t], {"input": grad_sum[rows_t]}, xs, ts, reduction="none",
-                       grad_out=None, ctx=ctx + f" 'sum' gradient rows {rows}")
-    del grad_sum, loss_sum, xa
-
-    # 3. 'none' with a random upstream gradient (the separate backward)
-    xb = x.detach().requires_grad_()
-    loss_b = ours(xb, t, reduction="none")
-    assert_bitwise_equal(loss_b.detach(), loss_none, ctx + " 'none' loss, second run")
-    g = torch.randn(N, device=DEV, generator=gen).to(torch.bfloat16)
-    (grad_b,) = torch.autograd.grad(loss_b, xb, g)
-    compare_with_torch(loss_b[rows_t], {"input": grad_b[rows_t]}, xs, ts, reduction="none",
-                       grad_out=g[rows_t], ctx=ctx + f" 'none' gradient rows {rows}")
-    del grad_b, loss_b, xb, x
-    torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------
-# CUDA graphs, torch.compile, streams, devices
+# CUDA graphs, streams, devices
 # ----------------------------------------------------------------------------------
 
 # (id, kind, shape, reduction, kwargs)
@@ -452,45 +338,6 @@ def test_cuda_graph_capture_and_replay(case, dtype, fresh_seed):
         assert torch.isnan(first_row).all(), f"{name}: gradient row of the bad target is not all NaN"
     del graph
     assert_context_usable()
-
-
-COMPILE_CASES = [
-    ("index", "mean", (64, 1000), torch.float32),
-    ("index", "none", (4, 21, 16, 16), torch.bfloat16),
-    ("prob", "mean", (4, 21, 16, 16), torch.bfloat16),
-    ("prob", "none", (64, 1000), torch.float32),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind,reduction,shape,dtype", COMPILE_CASES,
-                         ids=[f"{k}-{r}-{'x'.join(map(str, s))}-{dtype_name(d)}" for k, r, s, d in COMPILE_CASES])
-def test_compile_fullgraph_inductor(kind, reduction, shape, dtype, fresh_seed):
-    from torch.utils._triton import has_triton
-
-    if not has_triton():
-        pytest.skip("inductor on CUDA needs triton, which is not installed")
-    torch._dynamo.reset()
-    C = shape[1]
-    w = random_weight(C, dtype, DEV)
-    x = make_logits(shape, dtype, device=DEV)
-    if kind == "index":
-        t = make_index_target(shape, ignore_index=1, ignore_frac=0.1, device=DEV)
-        kw = dict(ignore_index=1, label_smoothing=0.1, reduction=reduction)
-        wrt = ("input",)
-    else:
-        t = make_prob_target(shape, dtype, device=DEV)
-        kw = dict(label_smoothing=0.1, reduction=reduction)
-        wrt = ("input", "target")
-
-    def loss_fn(x, t, weight=None, **kw):
-        return xent_ext.cross_entropy(x, t, weight=weight, **kw)
-
-    cfn = torch.compile(loss_fn, fullgraph=True)
-    g = random_like_loss(torch.empty(index_target_shape(shape) if reduction == "none" else (), dtype=dtype, device=DEV))
-    c_loss, c_grads = run_ce(cfn, x, t, w, g, wrt, **kw)
-    compare_with_torch(c_loss, c_grads, x, t, w, wrt=wrt, grad_out=g,
-                       ctx=f"seed={fresh_seed} compiled {kind} {reduction} {shape} {dtype_name(dtype)}", **kw)
 
 
 def test_runs_on_the_current_stream(fresh_seed):
@@ -635,3 +482,161 @@ def test_low_precision_error_not_worse_than_torch(shape, dtype, variant, fresh_s
             assert e_ours <= e_torch + slack, (
                 f"seed={fresh_seed} {shape} {dtype_name(dtype)} {variant} {reduction} {name}: our error norm "
                 f"{e_ours:.4g} > torch's {e_torch:.4g} + {slack:.3g} (vs float64)")
+
+
+# ----------------------------------------------------------------------------------
+# size
+# ----------------------------------------------------------------------------------
+
+
+# (N, kind): the probability path at N=8 only
+VOCAB_CASES = [(8, "index"), (64, "index"), (8, "prob")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("N,kind", VOCAB_CASES, ids=[f"N{n}-{k}" for n, k in VOCAB_CASES])
+def test_vocab_256000(N, kind, dtype, reduction, rng, fresh_seed):
+    V = 256000
+    ls = rng.choice([0.0, 0.1])
+    w = random_weight(V, dtype, DEV) if rng.random() < 0.5 else None
+    x = make_logits((N, V), dtype, rng.choice(["contiguous", "sliced_batch"]), rng.choice([1.0, 4.0]), device=DEV)
+    if kind == "index":
+        ii = rng.randrange(V)
+        t = make_index_target((N, V), ignore_index=ii, ignore_frac=0.1, device=DEV)
+        wrt = ("input",)
+    else:
+        ii = -100
+        t = make_prob_target((N, V), dtype, device=DEV)
+        wrt = ("input", "target")
+    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt,
+                        ctx=f"seed={fresh_seed} V=256000 N={N} {dtype_name(dtype)} {reduction} {kind} ls={ls} "
+                            f"weighted={w is not None}")
+
+
+@pytest.mark.slow
+def test_more_than_2pow31_logits_bf16(fresh_seed):
+    """N x V > 2**31 bf16 logits (4.3 GB, and as much again for the gradient): every row's
+    loss against torch in fp32 (in chunks), the 'sum', and the gradient rows at the start,
+    at the end and around element 2**31, against torch on just those rows."""
+    N, V = 16800, 128256
+    numel = N * V
+    assert numel > 2**31
+    r = 2**31 // V  # the row that holds element 2**31
+    assert r * V < 2**31 < (r + 1) * V, "row r must straddle element 2**31"
+    bytes_bf16 = numel * 2
+    need = 2 * bytes_bf16 + 3 * 2**30  # logits + gradient + reference chunks and slack
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    ctx = f"seed={fresh_seed} N={N} V={V} bf16"
+    gen = torch.Generator(device=DEV).manual_seed(fresh_seed)
+    # too big to draw on the CPU and copy: drawn on the GPU from a generator seeded by fresh_seed
+    x = torch.randn((N, V), dtype=torch.bfloat16, device=DEV, generator=gen).mul_(2.0)
+    t = torch.randint(0, V, (N,), device=DEV, generator=gen)
+    rows = sorted({0, 1, 2, r - 1, r, r + 1, N - 3, N - 2, N - 1})
+    rows_t = torch.tensor(rows, device=DEV)
+
+    # 1. 'none', no grad: every row against torch in fp32, 1024 rows at a time
+    loss_none = ours(x, t, reduction="none")
+    assert loss_none.shape == (N,) and loss_none.dtype == torch.bfloat16
+    ref = torch.empty(N, dtype=torch.float64, device=DEV)
+    env = torch.empty(N, dtype=torch.float64, device=DEV)
+    for i in range(0, N, 1024):
+        xc = x[i:i + 1024].float()
+        tc = t[i:i + 1024]
+        ref[i:i + 1024] = F.cross_entropy(xc, tc, reduction="none").double()
+        # error_envelope's per-row term for a plain class-index row: |x_t| + |lse| + 1 + sqrt(C)
+        env[i:i + 1024] = (xc.gather(1, tc[:, None]).squeeze(1).abs() + torch.logsumexp(xc, 1).abs()
+                           + 1 + math.sqrt(V)).double()
+        del xc
+    bf = torch.finfo(torch.bfloat16)
+    rtol = max(RTOL[torch.float32], 1.01 * bf.eps)
+    _compare("loss 'none' (all rows)", loss_none, ref.to(torch.bfloat16), rtol,
+             ENV_K * EPS32 * env + bf.smallest_normal, ctx)
+
+    # 2. 'sum' with the logits requiring grad (the gradient computed in the forward)
+    xa = x.detach().requires_grad_()
+    loss_sum = ours(xa, t, reduction="sum")
+    (grad_sum,) = torch.autograd.grad(loss_sum, xa)
+    ref_sum = ref.sum().item()
+    err = abs(loss_sum.double().item() - ref_sum)
+    allowed = 1.01 * bf.eps * abs(ref_sum) + ENV_K * EPS32 * env.sum().item()
+    assert err <= allowed, f"{ctx}: 'sum' {loss_sum.item()} vs {ref_sum} (err {err:.4g} > {allowed:.4g})"
+    assert grad_sum.shape == x.shape and grad_sum.dtype == x.dtype
+    # the 'sum' gradient row is the 'none' gradient row for an upstream gradient of 1
+    xs, ts = x[rows_t], t[rows_t]
+    compare_with_torch(loss_none[rows_t], {"input": grad_sum[rows_t]}, xs, ts, reduction="none",
+                       grad_out=None, ctx=ctx + f" 'sum' gradient rows {rows}")
+    del grad_sum, loss_sum, xa
+
+    # 3. 'none' with a random upstream gradient (the separate backward)
+    xb = x.detach().requires_grad_()
+    loss_b = ours(xb, t, reduction="none")
+    assert_bitwise_equal(loss_b.detach(), loss_none, ctx + " 'none' loss, second run")
+    g = torch.randn(N, device=DEV, generator=gen).to(torch.bfloat16)
+    (grad_b,) = torch.autograd.grad(loss_b, xb, g)
+    compare_with_torch(loss_b[rows_t], {"input": grad_b[rows_t]}, xs, ts, reduction="none",
+                       grad_out=g[rows_t], ctx=ctx + f" 'none' gradient rows {rows}")
+    del grad_b, loss_b, xb, x
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------
+# the environment switch (a subprocess) and torch.compile (inductor), slowest last
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_target_check_environment_variable():
+    # default on; XENT_EXT_CUDA_TARGET_CHECK=0 at import turns it off
+    code = "import xent_ext; print('XENT-CHECK', xent_ext.set_cuda_target_check(True))"
+    for value, expected in ((None, True), ("0", False)):
+        env = dict(os.environ)
+        env.pop("XENT_EXT_CUDA_TARGET_CHECK", None)
+        if value is not None:
+            env["XENT_EXT_CUDA_TARGET_CHECK"] = value
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"XENT-CHECK {expected}" in proc.stdout, (value, proc.stdout, proc.stderr[-3000:])
+
+
+# inductor compiles take seconds each: both target kinds and both reduction kinds in two cases
+COMPILE_CASES = [
+    ("index", "mean", (64, 1000), torch.float32),
+    ("prob", "none", (4, 21, 16, 16), torch.bfloat16),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,reduction,shape,dtype", COMPILE_CASES,
+                         ids=[f"{k}-{r}-{'x'.join(map(str, s))}-{dtype_name(d)}" for k, r, s, d in COMPILE_CASES])
+def test_compile_fullgraph_inductor(kind, reduction, shape, dtype, fresh_seed):
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        pytest.skip("inductor on CUDA needs triton, which is not installed")
+    torch._dynamo.reset()
+    C = shape[1]
+    w = random_weight(C, dtype, DEV)
+    x = make_logits(shape, dtype, device=DEV)
+    if kind == "index":
+        t = make_index_target(shape, ignore_index=1, ignore_frac=0.1, device=DEV)
+        kw = dict(ignore_index=1, label_smoothing=0.1, reduction=reduction)
+        wrt = ("input",)
+    else:
+        t = make_prob_target(shape, dtype, device=DEV)
+        kw = dict(label_smoothing=0.1, reduction=reduction)
+        wrt = ("input", "target")
+
+    def loss_fn(x, t, weight=None, **kw):
+        return xent_ext.cross_entropy(x, t, weight=weight, **kw)
+
+    cfn = torch.compile(loss_fn, fullgraph=True)
+    g = random_like_loss(torch.empty(index_target_shape(shape) if reduction == "none" else (), dtype=dtype, device=DEV))
+    c_loss, c_grads = run_ce(cfn, x, t, w, g, wrt, **kw)
+    compare_with_torch(c_loss, c_grads, x, t, w, wrt=wrt, grad_out=g,
+                       ctx=f"seed={fresh_seed} compiled {kind} {reduction} {shape} {dtype_name(dtype)}", **kw)

@@ -246,14 +246,28 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor])
         if dim != 4 and target.shape[1:] != input.shape[2:]:
             expected = [input.shape[0], *input.shape[2:]]
             raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+        # torch's CUDA nll_loss2d words two of these checks differently.
+        cuda = input.is_cuda
         if dim == 4 and target.dim() != 3:
+            if cuda:
+                raise RuntimeError(
+                    f"only batches of spatial targets supported (3D tensors) but got targets of size: : {list(target.shape)}"
+                )
             raise RuntimeError(
                 f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}"
             )
         if weight is not None and weight.numel() != num_classes:
             raise RuntimeError("weight tensor should be defined either for all or no classes")
         if dim == 4 and (input.shape[0], *input.shape[2:]) != tuple(target.shape):
+            if cuda:
+                raise RuntimeError(
+                    f"input and target batch or spatial sizes don't match: target {list(target.shape)}, "
+                    f"input {list(input.shape)}"
+                )
             raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
+        if cuda and target.dtype != torch.int64:
+            # CUDA's nll_loss2d reads int64 targets only, with no "Long or Byte" check first.
+            raise RuntimeError(f"expected scalar type Long but found {_dtype_name(target.dtype)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
     if target.dtype == torch.uint8 and dim >= 3:
@@ -285,6 +299,11 @@ def _index_target_loss(
         loss, _, _ = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction)
     if target.dtype == torch.uint8 and w is not None and smoothing > 0 and reduction == _ops.REDUCTION_MEAN:
         _raise_like_torch_uint8_smoothing(input, target, ignore_index)
+    if input.dim() == 1 and input.is_cuda and reduction == _ops.REDUCTION_MEAN and smoothing == 0:
+        # torch's CUDA kernel for a single (C,) input returns 0, not 0/0 = nan
+        # (the CPU's answer), when its one target is ignored. Selected on the
+        # device: no host sync.
+        loss = torch.where(y.reshape(()) == ignore_index, torch.zeros_like(loss), loss)
     if reduction == _ops.REDUCTION_NONE:
         loss = loss.reshape(target.shape if input.dim() > 1 else ())
     return loss
