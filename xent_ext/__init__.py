@@ -18,7 +18,10 @@ from ._C import set_cuda_target_check as _set_cuda_target_check
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 
-__version__ = "0.1.0"
+from ._compat import build_identity as _build_identity
+
+# With the local tag of the torch/CUDA it was built for, e.g. "0.1.0+pt214cu130".
+__version__ = _build_identity().version if _build_identity() is not None else "0.1.0"
 
 __all__ = [
     "cross_entropy",

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers the operators)
+from ._compat import load_compiled_module
+
+_C = load_compiled_module()  # registers the operators; a build for another torch raises a clear ImportError
 
 _ops = torch.ops.xent_ext
 

@@ -1,0 +1,310 @@
+// xent_ext for C++ (libtorch) programs: exact, fused cross-entropy.
+//
+//   #include <xent_ext/xent_ext.h>
+//   at::Tensor loss = xent_ext::cross_entropy(logits, target);   // like torch::nn::functional::cross_entropy
+//   loss.backward();
+//
+// CMake: find_package(xent_ext REQUIRED) and
+// target_link_libraries(app PRIVATE xent_ext::xent_ext).
+//
+// Linking and registration
+// ------------------------
+// The operators live in libxent_ext.so and are registered with torch's
+// dispatcher by that library's static initializers (TORCH_LIBRARY). Everything
+// in this header is inline and reaches the ops through the dispatcher by name,
+// so a program references no symbol of libxent_ext.so, and a linker in
+// --as-needed mode (Ubuntu's default) drops it: the ops are then missing and
+// the calls below throw "operator xent_ext::... is not registered". Link it
+// with -Wl,--no-as-needed (as for torchvision). The CMake target
+// xent_ext::xent_ext does this for you: it adds -Wl,--no-as-needed to the
+// consumer's link line. Without CMake:
+//   g++ app.o -Wl,--no-as-needed -lxent_ext -Wl,--as-needed -ltorch -ltorch_cpu -lc10 ...
+// Loading it at run time also works: dlopen("libxent_ext.so", RTLD_NOW | RTLD_GLOBAL)
+// before the first call.
+//
+// The operators (schemas in csrc/xent_ext.cpp, Note [Op schemas])
+// ---------------------------------------------------------------
+// Canonical inputs: logits (N, C, K) with any strides, float64/float32/
+// bfloat16/float16; class-index targets (N, K) int64 (or uint8); probability
+// targets (N, C, K) of the logits' dtype; class weights (C,) or nullopt;
+// reduction 0 none / 1 mean / 2 sum (xent_ext::reduction). Forwards return
+// (loss, lse, aux): loss (N, K) for 'none', else 0-d, in the logits' dtype;
+// lse (N, K) float64, which the backward recomputes softmax from; aux is the
+// weighted-mean denominator total_weight (index targets, 0-d) or coef_sum
+// (probability targets, (N, K)). A class index outside [0, C) that is not
+// ignore_index throws c10::IndexError("Target 7 is out of bounds.").
+// These raw ops are not differentiable by autograd; xent_ext::cross_entropy is.
+//
+// Thread safety: as torch's own ops.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace xent_ext {
+
+// torch's reduction enum (torch.nn._reduction.get_enum).
+namespace reduction {
+constexpr int64_t kNone = 0;
+constexpr int64_t kMean = 1;
+constexpr int64_t kSum = 2;
+}  // namespace reduction
+
+namespace detail {
+
+inline c10::OperatorHandle find_op(const char* name) {
+  std::optional<c10::OperatorHandle> handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  TORCH_CHECK(handle.has_value(), "operator ", name,
+              " is not registered: libxent_ext.so is not loaded. Link it with -Wl,--no-as-needed "
+              "(the CMake target xent_ext::xent_ext does), or dlopen it before the first call.");
+  return *handle;
+}
+
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------
+// The five operators, typed.
+
+// -> (loss, lse, total_weight)
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  static const auto op =
+      detail::find_op("xent_ext::cross_entropy_index_forward")
+          .typed<detail::Tensor3(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, int64_t, double,
+                                 int64_t)>();
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction);
+}
+
+// -> (loss, lse, total_weight, grad_input): also the input gradient for an
+// upstream gradient of 1, computed in the same pass. reduction must be mean or sum.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward_with_grad(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  static const auto op =
+      detail::find_op("xent_ext::cross_entropy_index_forward_with_grad")
+          .typed<detail::Tensor4(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, int64_t, double,
+                                 int64_t)>();
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction);
+}
+
+// -> grad_input (N, C, K). grad_loss: (N, K) for 'none', else a scalar, in the input's dtype.
+inline at::Tensor cross_entropy_index_backward(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& total_weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  static const auto op =
+      detail::find_op("xent_ext::cross_entropy_index_backward")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const detail::OptTensor&,
+                            const at::Tensor&, const at::Tensor&, int64_t, double, int64_t)>();
+  return op.call(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing, reduction);
+}
+
+// -> (loss, lse, coef_sum)
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, int64_t reduction) {
+  static const auto op =
+      detail::find_op("xent_ext::cross_entropy_prob_forward")
+          .typed<detail::Tensor3(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, double, int64_t)>();
+  return op.call(input, target, weight, label_smoothing, reduction);
+}
+
+// -> (grad_input, grad_target); a gradient not asked for is an empty tensor.
+inline std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& coef_sum,
+    double label_smoothing, int64_t reduction, bool input_grad, bool target_grad) {
+  static const auto op =
+      detail::find_op("xent_ext::cross_entropy_prob_backward")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const detail::OptTensor&, const at::Tensor&, const at::Tensor&,
+                                                    double, int64_t, bool, bool)>();
+  return op.call(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
+                 target_grad);
+}
+
+// ---------------------------------------------------------------------------
+// Autograd on the canonical (N, C, K) ops. First-order gradients w.r.t. the
+// logits (and probability targets); no gradient for the class weights, no
+// double backward (the Python package has both).
+
+namespace detail {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+inline std::optional<at::Tensor> or_nullopt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+struct IndexCrossEntropy : public torch::autograd::Function<IndexCrossEntropy> {
+  // fused: compute the gradient in the forward (Note [Gradient in the forward]).
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+                            int64_t reduction, bool fused) {
+    at::Tensor loss, lse, total_weight, grad;
+    if (fused) {
+      std::tie(loss, lse, total_weight, grad) =
+          cross_entropy_index_forward_with_grad(input, target, weight, ignore_index, label_smoothing, reduction);
+      ctx->saved_data["fused_grad"] = grad;
+    } else {
+      std::tie(loss, lse, total_weight) =
+          cross_entropy_index_forward(input, target, weight, ignore_index, label_smoothing, reduction);
+    }
+    ctx->save_for_backward({input, target, or_undefined(weight), lse, total_weight});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["reduction"] = reduction;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor& grad_loss = grad_outputs[0];
+    variable_list grads(7);
+    if (!grad_loss.defined()) {
+      return grads;
+    }
+    auto it = ctx->saved_data.find("fused_grad");
+    if (it != ctx->saved_data.end()) {
+      at::Tensor fused = it->second.toTensor();
+      ctx->saved_data.erase(it);  // handed out (or scaled in place) once
+      const double g = grad_loss.item<double>();
+      int exponent = 0;
+      const double mantissa = std::frexp(g, &exponent);
+      if (g == 1.0) {
+        grads[0] = fused;
+        return grads;
+      }
+      // Scaling rounds twice: exact for a power of two, harmless in fp32/fp64.
+      if (std::fabs(mantissa) == 0.5 || fused.scalar_type() == at::kFloat || fused.scalar_type() == at::kDouble) {
+        grads[0] = fused.mul_(grad_loss);
+        return grads;
+      }
+    }
+    const auto saved = ctx->get_saved_variables();
+    grads[0] = cross_entropy_index_backward(grad_loss, saved[0], saved[1], or_nullopt(saved[2]), saved[3], saved[4],
+                                            ctx->saved_data["ignore_index"].toInt(),
+                                            ctx->saved_data["label_smoothing"].toDouble(),
+                                            ctx->saved_data["reduction"].toInt());
+    return grads;
+  }
+};
+
+struct ProbCrossEntropy : public torch::autograd::Function<ProbCrossEntropy> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, double label_smoothing, int64_t reduction) {
+    auto [loss, lse, coef_sum] = cross_entropy_prob_forward(input, target, weight, label_smoothing, reduction);
+    ctx->save_for_backward({input, target, or_undefined(weight), lse, coef_sum});
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["reduction"] = reduction;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor& grad_loss = grad_outputs[0];
+    variable_list grads(5);
+    const bool want_input = ctx->needs_input_grad(0), want_target = ctx->needs_input_grad(1);
+    if (!grad_loss.defined() || !(want_input || want_target)) {
+      return grads;
+    }
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_input, grad_target] = cross_entropy_prob_backward(
+        grad_loss, saved[0], saved[1], or_nullopt(saved[2]), saved[3], saved[4],
+        ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["reduction"].toInt(), want_input, want_target);
+    if (want_input) {
+      grads[0] = grad_input;
+    }
+    if (want_target) {
+      grads[1] = grad_target;
+    }
+    return grads;
+  }
+};
+
+// (C,), (N, C) or (N, C, d1, ..., dk) as (N, C, K): a view unless the strides can't be merged.
+inline at::Tensor as_nck(const at::Tensor& t) {
+  if (t.dim() == 1) {
+    return t.unsqueeze(0).unsqueeze(-1);
+  }
+  if (t.dim() == 2) {
+    return t.unsqueeze(-1);
+  }
+  return t.flatten(2);
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------
+// The loss, as torch::nn::functional::cross_entropy computes it.
+//
+// input: logits (C), (N, C) or (N, C, d1, ..., dk); float64/32, bfloat16 or float16.
+// target: class indices (), (N) or (N, d1, ..., dk), int64 (or uint8), each in
+//   [0, C) or equal to ignore_index; or class probabilities of the input's shape
+//   (told apart by shape alone, as torch does; the computation runs in the
+//   promoted dtype of input, target and weight).
+// weight: class weights (C,) or nullopt. ignore_index: any value (must be
+//   negative with probability targets). label_smoothing: in [0, 1].
+// reduction: reduction::kNone (loss shaped like the target without the class
+//   dimension), kMean or kSum (0-d).
+// Differentiable w.r.t. input (and probability targets) under autograd; when
+// input requires grad and the reduction is mean or sum, the gradient is
+// computed in the forward pass and handed to autograd by the backward.
+// Arguments torch rejects are rejected, but not always with torch's words.
+inline at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight = std::nullopt, int64_t ignore_index = -100,
+                                double label_smoothing = 0.0, int64_t reduction = reduction::kMean) {
+  TORCH_CHECK(input.dim() >= 1, "xent_ext::cross_entropy: expected input of shape (C), (N, C) or (N, C, d1, ..., dk), "
+              "got a 0-d tensor");
+  TORCH_CHECK(!(label_smoothing > 1.0), "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+  // As torch: smoothing only for label_smoothing > 0 (negative and nan act as 0).
+  const double smoothing = label_smoothing > 0.0 ? label_smoothing : 0.0;
+  const int64_t class_dim = input.dim() == 1 ? 0 : 1;
+  std::vector<int64_t> rows_shape(input.sizes().begin(), input.sizes().end());
+  rows_shape.erase(rows_shape.begin() + class_dim);
+
+  at::Tensor loss;
+  if (input.sizes() == target.sizes()) {
+    TORCH_CHECK(target.is_floating_point(), "Expected floating point type for target with class probabilities, got ",
+                target.scalar_type());
+    TORCH_CHECK(ignore_index < 0, "ignore_index is not supported for floating point target");
+    at::ScalarType dtype = c10::promoteTypes(input.scalar_type(), target.scalar_type());
+    if (weight.has_value() && weight->defined()) {
+      dtype = c10::promoteTypes(dtype, weight->scalar_type());
+    }
+    const std::optional<at::Tensor> w =
+        weight.has_value() && weight->defined() ? std::optional<at::Tensor>(weight->to(dtype)) : std::nullopt;
+    loss = detail::ProbCrossEntropy::apply(detail::as_nck(input.to(dtype)), detail::as_nck(target.to(dtype)), w,
+                                           smoothing, reduction);
+  } else {
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(rows_shape), "xent_ext::cross_entropy: expected target of shape ",
+                at::IntArrayRef(rows_shape), " (class indices) or ", input.sizes(),
+                " (class probabilities) for input of shape ", input.sizes(), ", got ", target.sizes());
+    at::Tensor y = input.dim() == 1 ? target.reshape({1, 1}) : (input.dim() == 2 ? target.unsqueeze(-1) : target.flatten(1));
+    const bool fused = reduction != reduction::kNone && input.requires_grad() && c10::GradMode::is_enabled();
+    loss = detail::IndexCrossEntropy::apply(detail::as_nck(input), y, weight, ignore_index, smoothing, reduction,
+                                            fused);
+  }
+  if (reduction == reduction::kNone) {
+    loss = loss.reshape(rows_shape);
+  }
+  return loss;
+}
+
+}  // namespace xent_ext

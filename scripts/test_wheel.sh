@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Test an installed wheel, not the source tree: a fresh virtual environment
+# gets torch and the wheel, and the README's test command runs from a
+# temporary folder holding a copy of tests/ (so `import xent_ext` can only
+# find the installed package). Called by .ci/run and the workflows.
+#
+#   scripts/test_wheel.sh PYTHON WHEEL TORCH_SPEC VENV [PYTEST_ARGS...]
+#
+# PYTHON makes the venv; TORCH_SPEC is a pip requirement ("torch==2.14.1");
+# PIP_INDEX_URL / PIP_EXTRA_INDEX_URL pick CPU or CUDA builds of torch.
+set -euo pipefail
+PY=${1:?usage: test_wheel.sh PYTHON WHEEL TORCH_SPEC VENV [PYTEST_ARGS...]}
+WHEEL=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
+TORCH_SPEC=${3:?}
+VENV=${4:?}
+shift 4
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+rm -rf "$VENV"
+"$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC" numpy pytest expecttest
+"$VENV/bin/python" -m pip install --quiet "$WHEEL"
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+cp -r "$ROOT/tests" "$WORK/tests"
+cd "$WORK"
+"$VENV/bin/python" - "$ROOT" <<'PY'
+import pathlib, sys, xent_ext
+where = pathlib.Path(xent_ext.__file__).resolve()
+root = pathlib.Path(sys.argv[1]).resolve()
+assert where.parent != root / "xent_ext" and "site-packages" in where.parts, (
+    f"xent_ext was imported from {where.parent}, not from the installed wheel")
+print("testing the installed wheel:", where.parent)
+PY
+"$VENV/bin/python" -m xent_ext info
+# The README's test command.
+"$VENV/bin/python" -m pytest tests -q "$@"
