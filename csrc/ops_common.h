@@ -105,6 +105,35 @@ inline Tensor canonical_prob_target(const Tensor& target, const Tensor& input, c
   return target;
 }
 
+// What each op's arguments must satisfy, on either device (the device-specific
+// wrappers call these first).
+inline void check_forward_args(const Tensor& input, int64_t reduction, const char* op) {
+  check_input(input, op);
+  check_reduction(reduction, op);
+}
+
+inline void check_fused_reduction(int64_t reduction, const char* op) {
+  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum, op,
+              ": reduction must be 1 (mean) or 2 (sum): with 'none' the upstream gradient differs per row, got ",
+              reduction);
+}
+
+inline void check_index_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& lse,
+                                      const Tensor& total_weight, int64_t reduction, const char* op) {
+  check_forward_args(input, reduction, op);
+  check_grad_loss(grad_loss, input, reduction, op);
+  check_row_stat(lse, input, at::kDouble, "lse", op);
+  check_total_weight(total_weight, input, op);
+}
+
+inline void check_prob_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& lse,
+                                     const Tensor& coef_sum, int64_t reduction, const char* op) {
+  check_forward_args(input, reduction, op);
+  check_grad_loss(grad_loss, input, reduction, op);
+  check_row_stat(lse, input, at::kDouble, "lse", op);
+  check_row_stat(coef_sum, input, accumulation_dtype(input.scalar_type()), "coef_sum", op);
+}
+
 // Note [Target check on the GPU]
 // Whether the CUDA forward checks class indices with one host sync after its
 // kernels (Note [Bad targets on the GPU], cuda/xent_kernel.cu). On by default;

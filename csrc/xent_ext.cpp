@@ -102,8 +102,7 @@ cpu::IndexForwardArgs index_forward_args(
     double label_smoothing,
     int64_t reduction,
     const char* op) {
-  check_input(input, op);
-  check_reduction(reduction, op);
+  check_forward_args(input, reduction, op);
   cpu::IndexForwardArgs args;
   args.input = input;
   args.target = canonical_index_target(target, input, op);
@@ -141,9 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_cpu(
     double label_smoothing,
     int64_t reduction) {
   constexpr const char* op = "xent_ext::cross_entropy_index_forward_with_grad";
-  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum, op,
-              ": reduction must be 1 (mean) or 2 (sum): with 'none' the upstream gradient differs per row, got ",
-              reduction);
+  check_fused_reduction(reduction, op);
   cpu::IndexForwardArgs args =
       index_forward_args(input, target, weight, ignore_index, label_smoothing, reduction, op);
   args.grad_input = empty_gradient_like(input);
@@ -162,11 +159,7 @@ Tensor index_backward_cpu(
     double label_smoothing,
     int64_t reduction) {
   constexpr const char* op = "xent_ext::cross_entropy_index_backward";
-  check_input(input, op);
-  check_reduction(reduction, op);
-  check_grad_loss(grad_loss, input, reduction, op);
-  check_row_stat(lse, input, at::kDouble, "lse", op);
-  check_total_weight(total_weight, input, op);
+  check_index_backward_args(grad_loss, input, lse, total_weight, reduction, op);
   cpu::IndexBackwardArgs args;
   args.grad_loss = grad_loss;
   args.input = input;
@@ -191,8 +184,7 @@ std::tuple<Tensor, Tensor, Tensor> prob_forward_cpu(
     double label_smoothing,
     int64_t reduction) {
   constexpr const char* op = "xent_ext::cross_entropy_prob_forward";
-  check_input(input, op);
-  check_reduction(reduction, op);
+  check_forward_args(input, reduction, op);
   cpu::ProbForwardArgs args;
   args.input = input;
   args.target = canonical_prob_target(target, input, op);
@@ -218,11 +210,7 @@ std::tuple<Tensor, Tensor> prob_backward_cpu(
     bool input_grad,
     bool target_grad) {
   constexpr const char* op = "xent_ext::cross_entropy_prob_backward";
-  check_input(input, op);
-  check_reduction(reduction, op);
-  check_grad_loss(grad_loss, input, reduction, op);
-  check_row_stat(lse, input, at::kDouble, "lse", op);
-  check_row_stat(coef_sum, input, accumulation_dtype(input.scalar_type()), "coef_sum", op);
+  check_prob_backward_args(grad_loss, input, lse, coef_sum, reduction, op);
   cpu::ProbBackwardArgs args;
   args.grad_loss = grad_loss;
   args.input = input;

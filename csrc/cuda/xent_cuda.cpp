@@ -89,8 +89,7 @@ IndexForwardResult index_forward(
     int64_t reduction,
     bool with_grad,
     const char* op) {
-  check_input(input, op);
-  check_reduction(reduction, op);
+  check_forward_args(input, reduction, op);
   const Tensor target = canonical_index_target(target_in, input, op);
   const Tensor weight = canonical_weight(weight_in, input, op);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -156,9 +155,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_cuda(
     double label_smoothing,
     int64_t reduction) {
   constexpr const char* op = "xent_ext::cross_entropy_index_forward_with_grad";
-  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum, op,
-              ": reduction must be 1 (mean) or 2 (sum): with 'none' the upstream gradient differs per row, got ",
-              reduction);
+  check_fused_reduction(reduction, op);
   IndexForwardResult r =
       index_forward(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true, op);
   return {r.loss, r.lse, r.total_weight, r.grad_input};
@@ -175,11 +172,7 @@ Tensor index_backward_cuda(
     double label_smoothing,
     int64_t reduction) {
   constexpr const char* op = "xent_ext::cross_entropy_index_backward";
-  check_input(input, op);
-  check_reduction(reduction, op);
-  check_grad_loss(grad_loss, input, reduction, op);
-  check_row_stat(lse_in, input, at::kDouble, "lse", op);
-  check_total_weight(total_weight, input, op);
+  check_index_backward_args(grad_loss, input, lse_in, total_weight, reduction, op);
   const Tensor target = canonical_index_target(target_in, input, op);
   const Tensor weight = canonical_weight(weight_in, input, op);
   const Tensor lse = lse_in.contiguous();
@@ -215,8 +208,7 @@ std::tuple<Tensor, Tensor, Tensor> prob_forward_cuda(
     double label_smoothing,
     int64_t reduction) {
   constexpr const char* op = "xent_ext::cross_entropy_prob_forward";
-  check_input(input, op);
-  check_reduction(reduction, op);
+  check_forward_args(input, reduction, op);
   const Tensor target = canonical_prob_target(target_in, input, op);
   const Tensor weight = canonical_weight(weight_in, input, op);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -258,11 +250,7 @@ std::tuple<Tensor, Tensor> prob_backward_cuda(
     bool input_grad,
     bool target_grad) {
   constexpr const char* op = "xent_ext::cross_entropy_prob_backward";
-  check_input(input, op);
-  check_reduction(reduction, op);
-  check_grad_loss(grad_loss, input, reduction, op);
-  check_row_stat(lse_in, input, at::kDouble, "lse", op);
-  check_row_stat(coef_sum_in, input, accumulation_dtype(input.scalar_type()), "coef_sum", op);
+  check_prob_backward_args(grad_loss, input, lse_in, coef_sum_in, reduction, op);
   const Tensor target = canonical_prob_target(target_in, input, op);
   const Tensor weight = canonical_weight(weight_in, input, op);
   const Tensor lse = lse_in.contiguous();

@@ -735,20 +735,10 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
 // ---------------------------------------------------------------------------
 // Reductions (Note [Deterministic reduction on the GPU]).
 
-// Sums kN values per row over rows [tile * kReduceTile, ...) into partials.
-template <int kN, typename Values>
-__global__ void __launch_bounds__(kReduceThreads) sum_tiles_kernel(Values values, int64_t R, double* partials) {
-  __shared__ double smem[kN][kReduceThreads];
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kReduceTile;
-  const int64_t end = begin + kReduceTile < R ? begin + kReduceTile : R;
-  double acc[kN];
-#pragma unroll
-  for (int j = 0; j < kN; ++j) {
-    acc[j] = 0.0;
-  }
-  for (int64_t r = begin + threadIdx.x; r < end; r += kReduceThreads) {
-    values(r, acc);
-  }
+// Sums each thread's kN values over the block in a fixed tree: smem[j][0]
+// holds the total of value j afterwards, the same bits on every run.
+template <int kN>
+__device__ __forceinline__ void block_tree_sum(const double (&acc)[kN], double (*smem)[kReduceThreads]) {
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
     smem[j][threadIdx.x] = acc[j];
@@ -763,6 +753,23 @@ __global__ void __launch_bounds__(kReduceThreads) sum_tiles_kernel(Values values
     }
     __syncthreads();
   }
+}
+
+// Sums kN values per row over rows [tile * kReduceTile, ...) into partials.
+template <int kN, typename Values>
+__global__ void __launch_bounds__(kReduceThreads) sum_tiles_kernel(Values values, int64_t R, double* partials) {
+  __shared__ double smem[kN][kReduceThreads];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kReduceTile;
+  const int64_t end = begin + kReduceTile < R ? begin + kReduceTile : R;
+  double acc[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    acc[j] = 0.0;
+  }
+  for (int64_t r = begin + threadIdx.x; r < end; r += kReduceThreads) {
+    values(r, acc);
+  }
+  block_tree_sum<kN>(acc, smem);
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
@@ -786,20 +793,7 @@ __global__ void __launch_bounds__(kReduceThreads) finish_kernel(const double* pa
       acc[j] += partials[i * kN + j];
     }
   }
-#pragma unroll
-  for (int j = 0; j < kN; ++j) {
-    smem[j][threadIdx.x] = acc[j];
-  }
-  __syncthreads();
-  for (int s = kReduceThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-#pragma unroll
-      for (int j = 0; j < kN; ++j) {
-        smem[j][threadIdx.x] += smem[j][threadIdx.x + s];
-      }
-    }
-    __syncthreads();
-  }
+  block_tree_sum<kN>(acc, smem);
   if (threadIdx.x == 0) {
     double totals[kN];
 #pragma unroll
@@ -813,23 +807,16 @@ __global__ void __launch_bounds__(kReduceThreads) finish_kernel(const double* pa
 // Σ_c w_c in double (C without a weight), into *out; one block.
 template <typename A>
 __global__ void __launch_bounds__(kReduceThreads) weight_sum_kernel(const A* w, int64_t C, double* out) {
-  __shared__ double smem[kReduceThreads];
-  double acc = 0.0;
+  __shared__ double smem[1][kReduceThreads];
+  double acc[1] = {0.0};
   if (w != nullptr) {
     for (int64_t c = threadIdx.x; c < C; c += kReduceThreads) {
-      acc += static_cast<double>(w[c]);
+      acc[0] += static_cast<double>(w[c]);
     }
   }
-  smem[threadIdx.x] = acc;
-  __syncthreads();
-  for (int s = kReduceThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      smem[threadIdx.x] += smem[threadIdx.x + s];
-    }
-    __syncthreads();
-  }
+  block_tree_sum<1>(acc, smem);
   if (threadIdx.x == 0) {
-    *out = w != nullptr ? smem[0] : static_cast<double>(C);
+    *out = w != nullptr ? smem[0][0] : static_cast<double>(C);
   }
 }
 
