@@ -12,13 +12,17 @@
 # and a table of stage, rc, seconds), also written to $OUT/summary.txt, so
 # that the last 12,000 characters of output hold what matters.
 #
-# Files written to $OUT (8, no folders): build.log (machine, versions, peers'
-# install, build, `python -m xent_ext`), test_cuda.log/.xml (tests/test_cuda.py),
-# test_suite.log/.xml (the rest of the suite, CUDA twins only: -k cuda),
-# bench_cuda.log/.json, summary.txt.
+# Files written to $OUT (7, no folders): build.log (machine, versions, peers'
+# install, build, `python -m xent_ext`), test_cuda.log (tests/test_cuda.py),
+# test_suite.log (the rest of the suite, CUDA twins only: -k cuda),
+# test_cpu.log (the CPU tests, run at the same time as the CUDA twins on the
+# host's spare cores: the host's ISA, often AVX512, which our own machines
+# lack), bench_cuda.log/.json, summary.txt. JUnit XML goes to /tmp (the
+# device tool brings back at most 8 files).
 #
 # Knobs (environment): GPU_CHECK_SECONDS (overall deadline), GPU_CHECK_XDIST
-# (pytest-xdist workers for the suite stage; 0: none; default 4),
+# (pytest-xdist workers for the suite stage; 0: none; default 8),
+# GPU_CHECK_CPU_XDIST (workers for the CPU tests; 0: skip them; default 6),
 # GPU_CHECK_BUILD_CAP (most seconds for the build; default 330),
 # GPU_CHECK_BENCH_ARGS (extra arguments for the benchmark), PYTHON (python3).
 
@@ -29,7 +33,8 @@ OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 TOTAL=${GPU_CHECK_SECONDS:-480}
-XDIST_N=${GPU_CHECK_XDIST:-4}
+XDIST_N=${GPU_CHECK_XDIST:-8}
+CPU_XDIST_N=${GPU_CHECK_CPU_XDIST:-6}
 BUILD_CAP=${GPU_CHECK_BUILD_CAP:-330}
 START=$(date +%s)
 DEADLINE=$((START + TOTAL))
@@ -181,8 +186,9 @@ $PY -m pytest --help 2>/dev/null | grep -q -- '--session-timeout' && SESSION_TIM
 
 if [[ -f tests/test_cuda.py ]]; then
   T=$(budget 120 170 45)
-  ARGS=(tests/test_cuda.py -q -x "${PYTEST_COMMON[@]}" --junitxml="$OUT/test_cuda.xml")
-  ((HAVE_TIMEOUT)) && ARGS+=(--timeout=120)
+  # --maxfail rather than -x: one call is all a session gets, so see every failure there is.
+  ARGS=(tests/test_cuda.py -q --maxfail=20 "${PYTEST_COMMON[@]}" --junitxml=/tmp/test_cuda.xml)
+  ((HAVE_TIMEOUT)) && ARGS+=(--timeout=60)
   stage test-cuda "$T" "$OUT/test_cuda.log" $PY -m pytest "${ARGS[@]}"
 else
   echo "=== test-cuda: tests/test_cuda.py does not exist" | tee -a "$OUT/test_cuda.log"
@@ -190,12 +196,33 @@ else
 fi
 
 T=$(budget 150 130)
+# The CPU tests run meanwhile on the host's spare cores (they time nothing);
+# they are waited for before the benchmark, which they would disturb.
+CPU_PID=
+if ((CPU_XDIST_N > 0)) && ((${#XDIST[@]} > 0)) && ((T >= 20)); then
+  (
+    echo "=== test-cpu (timeout ${T}s, $(date -u +%H:%M:%S)): ATen CPU capability" \
+      "$($PY -c 'import torch; print(torch.backends.cpu.get_cpu_capability())' 2>&1)," \
+      "xent_ext $($PY -c 'import xent_ext; print(xent_ext.cpu_capability())' 2>&1); $(grep -o -m1 'avx512[a-z_]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    grep -m1 'model name' /proc/cpuinfo
+    XENT_TEST_DEVICES=cpu OMP_NUM_THREADS=2 timeout -k 10 "$T" $PY -m pytest tests -q -m "not cuda" \
+      --ignore=tests/test_cuda.py --ignore=tests/test_install.py --maxfail=30 "${PYTEST_COMMON[@]}" \
+      -n "$CPU_XDIST_N" --junitxml=/tmp/test_cpu.xml
+    echo "--- test-cpu: rc=$?"
+  ) >"$OUT/test_cpu.log" 2>&1 &
+  CPU_PID=$!
+fi
 ARGS=(tests -q -k cuda --ignore=tests/test_cuda.py --maxfail=30 "${PYTEST_COMMON[@]}" "${XDIST[@]}"
-  --junitxml="$OUT/test_suite.xml")
+  --junitxml=/tmp/test_suite.xml)
 ((HAVE_TIMEOUT)) && ARGS+=(--timeout=90)
 # Stop cleanly (with a report and the XML) before the hard timeout.
 ((HAVE_TIMEOUT && SESSION_TIMEOUT && T > 40)) && ARGS+=(--session-timeout=$((T - 25)))
 stage test-suite "$T" "$OUT/test_suite.log" $PY -m pytest "${ARGS[@]}"
+if [[ -n $CPU_PID ]]; then
+  wait "$CPU_PID"
+  CPU_RC=$(sed -n 's/^--- test-cpu: rc=//p' "$OUT/test_cpu.log" | tail -1)
+  STAGES+=("test-cpu ${CPU_RC:-?} -")
+fi
 
 # ---------------------------------------------------------------- benchmark
 T=$(budget 420 15 90)
@@ -228,10 +255,13 @@ digest() {
     build_section | tail -15 | cut -c1-300 | sed 's/^/  /'
   fi
   sed -n '/^=== xent-info/,/^--- xent-info/p' "$BUILD_LOG" | grep -vE '^(===|---)' | head -8 | sed 's/^/  /'
-  echo "tests/test_cuda.py (-x):"
+  echo "tests/test_cuda.py (--maxfail=20):"
   pytest_digest "$OUT/test_cuda.log"
   echo "suite, CUDA twins (-k cuda):"
   pytest_digest "$OUT/test_suite.log"
+  echo "CPU tests (host ISA, beside the twins):"
+  head -2 "$OUT/test_cpu.log" 2>/dev/null | cut -c1-240 | sed 's/^/  /'
+  pytest_digest "$OUT/test_cpu.log"
   echo "benchmark:"
   if [[ -f $OUT/bench_cuda.log ]]; then
     grep -E '^(GPU|torch|peers|copy):' "$OUT/bench_cuda.log" | cut -c1-240 | sed 's/^/  /'
