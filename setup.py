@@ -101,7 +101,8 @@ def _cuda_decision() -> tuple[bool, str]:
 WITH_CUDA, CUDA_REASON = _cuda_decision()
 # --expt-relaxed-constexpr: the shared math (csrc/common/xent_math.h) calls
 # std::numeric_limits in device code. No --use_fast_math: the loss must be exact.
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# --fmad=false: Note [No FMA contraction on the GPU] in csrc/cuda/xent_kernel.cu.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--fmad=false", "-lineinfo"]
 
 
 # Note [Build identity]

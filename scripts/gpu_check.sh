@@ -101,6 +101,14 @@ else
   CUDA_HOME_GUESS=${CUDA_HOME:-/usr/local/cuda}
 fi
 export CUDA_HOME=${CUDA_HOME:-$CUDA_HOME_GUESS}
+# The device image sets CXX=/opt/gcc/bin/g++, whose links put libstdc++'s code
+# into the extension itself (a second libstdc++ beside torch's): the first error
+# message the extension formatted (any TORCH_CHECK) segfaulted in
+# std::ostream (H200, 2026-11-27). The system compiler links libstdc++.so.
+if [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]]; then
+  echo "compilers: CC/CXX were '${CC:-}'/'${CXX:-}'; using /usr/bin/gcc and /usr/bin/g++"
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++
+fi
 export PY ARCH ARCH_NOTE  # for the stage functions below, run by `timeout bash -c NAME`
 
 machine_info() {
@@ -172,6 +180,8 @@ if ((BUILD_RC != 0 && BUILD_RC != 124 && BUILD_RC != 137)) &&
   BUILD_RC=$?
 fi
 xent_info() {
+  echo "libstdc++ of the extension: $(ldd xent_ext/_C*.so | grep -o 'libstdc++[^ ]*' | head -1 || true)," \
+    "std::ostream code inside it: $(nm -DC --defined-only xent_ext/_C*.so 2>/dev/null | grep -c 'basic_ostream') symbols (want 0)"
   $PY -c "import xent_ext; print('xent_ext imported from', xent_ext.__file__)" && $PY -m xent_ext
 }
 export -f xent_info

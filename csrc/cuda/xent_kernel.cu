@@ -27,6 +27,19 @@
 // grid size nor the GPU changes the order, so results are bitwise
 // reproducible, and the loss needs no host sync (CUDA-graph capturable).
 //
+// Note [No FMA contraction on the GPU]
+// The same gradient is computed by two kernels: the fused forward (for an
+// upstream gradient of 1) and the backward (a retain_graph second backward,
+// double backward, or a recompute under graph capture). With nvcc's default
+// --fmad=true each kernel may contract a*b - c*d into an FMA differently (which
+// product is fused depends on scheduling), so the two gradients differed in
+// the last bit: torch.autograd.gradcheck's reentrancy check failed on an H200
+// for fp64 with label smoothing. This file is built with --fmad=false (setup.py,
+// CMakeLists.txt): every product and sum rounds as written, in both kernels,
+// as the CPU's explicit vector ops do. The cost is one more instruction for
+// some mul-adds of a memory-bound kernel; the math library's own explicit
+// fma() calls (exp, log) are unaffected.
+//
 // Note [Bad targets on the GPU]
 // A class index outside [0, C) (and not ignore_index) never triggers a
 // device-side assert, which would leave the process's CUDA context unusable.
