@@ -12,7 +12,7 @@
 # and a table of stage, rc, seconds), also written to $OUT/summary.txt, so
 # that the last 12,000 characters of output hold what matters.
 #
-# Files written to $OUT (7, no folders): build.log (machine, versions, peers'
+# Files written to $OUT (8, no folders): build.log (machine, versions, peers'
 # install, build, `python -m xent_ext`), test_cuda.log (tests/test_cuda.py),
 # test_suite.log (the rest of the suite, CUDA twins only: -k cuda),
 # test_cpu.log (the CPU tests, run at the same time as the CUDA twins on the
@@ -241,6 +241,13 @@ BENCH_BUDGET=$((T > 120 ? T - 70 : T / 2))
 stage bench "$T" "$OUT/bench_cuda.log" $PY -m xent_ext.bench --device cuda --json "$OUT/bench_cuda.json" \
   --max-time 1 --budget "$BENCH_BUDGET" ${GPU_CHECK_BENCH_ARGS:-}
 
+# The same small shapes with the CUDA target check off (no host sync per
+# forward), to size what the sync costs (benchmarks/NOTES.md). Only if time is left.
+T=$(budget 90 10)
+stage bench-nocheck "$T" "$OUT/bench_nocheck.log" env XENT_EXT_CUDA_TARGET_CHECK=0 $PY -m xent_ext.bench \
+  --device cuda --shapes 8x256000,16x21x128x128,65536x1000,4096x32000:bf16 --no-compile --max-time 0.5 \
+  --budget $((T > 40 ? T - 30 : 10))
+
 # ---------------------------------------------------------------- digest
 pytest_digest() {  # LOG: the counts line and the first failures
   local log=$1
@@ -285,6 +292,10 @@ digest() {
     fi
     sed -n '/^notes:/,/^$/p' "$OUT/bench_cuda.log" | head -15 | cut -c1-240 | sed 's/^/  /'
     grep -E '^elapsed:' "$OUT/bench_cuda.log" | sed 's/^/  /'
+  fi
+  if [[ -f $OUT/bench_nocheck.log ]] && grep -q '^summary (copy bandwidth' "$OUT/bench_nocheck.log"; then
+    echo "benchmark, target check off:"
+    sed -n '/^summary (copy bandwidth/,/^$/p' "$OUT/bench_nocheck.log" | cut -c1-300 | sed 's/^/  /'
   fi
   echo
   printf '%-14s %5s %8s\n' stage rc seconds

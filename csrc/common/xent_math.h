@@ -97,8 +97,21 @@ XENT_HD void merge(RowStats<acc_t>& a, const RowStats<acc_t>& b) {
 // (Sterbenz), so softmax keeps full fp32 accuracy even for logits around 1e4,
 // where a single fp32 lse would be off by up to half an ulp of 1e4 (5e-4).
 // It costs 8 bytes per row.
-XENT_HD double log_sum_exp(double ref, double sum_exp) {
-  return ref + std::log(sum_exp);
+//
+// Note [One log per row]
+// Both the loss and the saved lse need log(sum_exp). It is taken once per row,
+// in double: lse = ref + log_sum, and the loss uses acc_t(log_sum), which is
+// at least as accurate as a log in acc_t. sum_exp is in [1, C] for any row
+// with a finite maximum, so log_sum is small and exact enough either way.
+// Taking it once matters where rows are short: with C = 10 the two scalar
+// logs were a third of the CPU forward, so the CPU's column walks take it for
+// a group of rows with one vector log (xent_kernel.h, row_logs).
+XENT_HD double row_log(double sum_exp) {
+  return std::log(sum_exp);
+}
+
+XENT_HD double log_sum_exp(double ref, double log_sum) {
+  return ref + log_sum;
 }
 
 template <typename acc_t>
@@ -120,15 +133,16 @@ XENT_HD SplitLse<acc_t> split_lse(double lse) {
 //   (1 - eps) * nll + (eps / C) * smooth,
 //   nll = w_y * (lse - x_y),  smooth = Σ_c w_c (lse - x_c).
 // (lse - x_y) is formed as (ref - x_y) + log(sum_exp): both parts are exact
-// or small, so a large logit offset costs no accuracy.
+// or small, so a large logit offset costs no accuracy. log_sum is
+// row_log(sum_exp) (Note [One log per row]).
 template <typename acc_t>
-XENT_HD acc_t index_row_nll(const RowStats<acc_t>& st, acc_t x_target, acc_t w_target) {
-  return w_target * ((st.ref - x_target) + std::log(st.sum_exp));
+XENT_HD acc_t index_row_nll(const RowStats<acc_t>& st, acc_t log_sum, acc_t x_target, acc_t w_target) {
+  return w_target * ((st.ref - x_target) + log_sum);
 }
 
 template <typename acc_t>
-XENT_HD acc_t index_row_smooth(const RowStats<acc_t>& st) {
-  return st.coef_sum * std::log(st.sum_exp) - st.coef_dot;
+XENT_HD acc_t index_row_smooth(const RowStats<acc_t>& st, acc_t log_sum) {
+  return st.coef_sum * log_sum - st.coef_dot;
 }
 
 // Note [Smoothing off]
@@ -143,13 +157,14 @@ XENT_HD T smoothed_loss(T nll, T smooth, T label_smoothing, int64_t num_classes)
 template <typename acc_t>
 XENT_HD acc_t index_row_loss(
     const RowStats<acc_t>& st,
+    acc_t log_sum,
     acc_t x_target,
     acc_t w_target,
     acc_t label_smoothing,
     int64_t num_classes,
     bool smoothing) {
-  const acc_t nll = index_row_nll(st, x_target, w_target);
-  return smoothing ? smoothed_loss(nll, index_row_smooth(st), label_smoothing, num_classes) : nll;
+  const acc_t nll = index_row_nll(st, log_sum, x_target, w_target);
+  return smoothing ? smoothed_loss(nll, index_row_smooth(st, log_sum), label_smoothing, num_classes) : nll;
 }
 
 // The reduced loss with smoothing, in torch's order: each part is reduced
@@ -164,8 +179,8 @@ XENT_HD double reduced_smoothed_loss(
 // Loss of one row with a probability target: Σ_c w_c q_c (lse - x_c), with
 // q = target * (1 - eps) + eps / C already folded into coef.
 template <typename acc_t>
-XENT_HD acc_t prob_row_loss(const RowStats<acc_t>& st) {
-  return st.coef_sum * std::log(st.sum_exp) - st.coef_dot;
+XENT_HD acc_t prob_row_loss(const RowStats<acc_t>& st, acc_t log_sum) {
+  return st.coef_sum * log_sum - st.coef_dot;
 }
 
 // Probability-target coefficient q_c = t_c * (1 - eps) + eps / C (torch §5.3).

@@ -676,8 +676,26 @@ struct NoAfter {
   void operator()(int64_t, int64_t, const E*) const {}
 };
 
-// Calls finish(r, stats) for every row r, with stats accumulated over the
-// whole row, walking the layout as choose_walk decides. Rows run in
+// log_sum[j] = log(st[j].sum_exp) for n <= kMax rows, one vector log per
+// Vectorized<double>::size() rows (Note [One log per row]): Sleef's 1-ulp
+// log on AVX2/AVX512, std::log lane by lane on the default ISA.
+template <int64_t kMax, typename acc_t>
+void row_logs(const RowStats<acc_t>* st, int64_t n, double* log_sum) {
+  using VD = Vectorized<double>;
+  static_assert(kMax % VD::size() == 0, "whole vectors");
+  double sums[kMax];
+  for (int64_t j = 0; j < kMax; ++j) {
+    sums[j] = j < n ? static_cast<double>(st[j].sum_exp) : 1.0;  // lanes past n: log(1), dropped
+  }
+  for (int64_t j = 0; j < n; j += VD::size()) {
+    VD::loadu(sums + j).log().store(log_sum + j);
+  }
+}
+
+// Calls finish(r, stats, log_sum) for every row r, with stats accumulated
+// over the whole row and log_sum = math::row_log(stats.sum_exp) (taken a
+// group of rows at a time in the column walks), walking the layout as
+// choose_walk decides. Rows run in
 // parallel; when rows are few and long, their chunks run in parallel too and
 // are merged afterwards, in the same order as the sequential path, so both
 // give identical bits. After rows [r0, r0 + n) are finished, the same thread
@@ -696,13 +714,15 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
       const int64_t grain = std::max<int64_t>(1, kGrainElements / (kStep * C));
       at::parallel_for(0, tiles.count, grain, [&](int64_t begin, int64_t end) {
         RowStats<acc_t> st[kStep];
+        double log_sum[kStep];
         for (int64_t t = begin; t < end; ++t) {
           const int64_t r0 = tiles.n(t) * Lc.K + tiles.k0(t);
           const int64_t npos = tiles.size(t);
           const RowView<T> first = Lc.row(r0);
           column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st);
+          row_logs<kStep>(st, npos, log_sum);
           for (int64_t j = 0; j < npos; ++j) {
-            finish(r0 + j, st[j]);
+            finish(r0 + j, st[j], log_sum[j]);
           }
           after(r0, npos, static_cast<const RowExps<acc_t>*>(nullptr));
         }
@@ -720,6 +740,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
       at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
         Scratch<acc_t> scratch;
         RowStats<acc_t> st[kGroup];
+        double log_sum[kGroup];
         for (int64_t t = begin; t < end; ++t) {
           const int64_t r0 = t * kTileRows;
           const int64_t n = std::min(kTileRows, R - r0);
@@ -731,8 +752,9 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
             const int64_t npos = std::min(kGroup, n - j0);
             column_stats<acc_t, kCoef>(
                 scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, gathered, C, npos, st);
+            row_logs<kGroup>(st, npos, log_sum);
             for (int64_t j = 0; j < npos; ++j) {
-              finish(r0 + j0 + j, st[j]);
+              finish(r0 + j0 + j, st[j], log_sum[j]);
             }
           }
           after(r0, n, static_cast<const RowExps<acc_t>*>(nullptr));
@@ -767,7 +789,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           }
           math::merge(st, part);
         }
-        finish(r, st);
+        finish(r, st, math::row_log(st.sum_exp));
         after(r, 1, keep ? &exps : nullptr);
       }
     });
@@ -795,7 +817,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
     for (int64_t c = 0; c < chunks; ++c) {
       math::merge(st, partial[r * chunks + c]);
     }
-    finish(r, st);
+    finish(r, st, math::row_log(st.sum_exp));
   }
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -1403,8 +1425,8 @@ void index_forward_typed(const IndexForwardArgs& args) {
   // part, with the smoothing part in row_smooth (math::reduced_smoothed_loss).
   std::vector<acc_t> row_loss(static_cast<size_t>(R));
   std::vector<acc_t> row_smooth(static_cast<size_t>(reduce && smoothing ? R : 0));
-  const auto finish = [&](int64_t r, const RowStats<acc_t>& st) {
-    lse[r] = math::log_sum_exp(st.ref, st.sum_exp);
+  const auto finish = [&](int64_t r, const RowStats<acc_t>& st, double log_sum) {
+    lse[r] = math::log_sum_exp(st.ref, log_sum);
     const int64_t y = rows.y(r);
     if (y == rows.ignore_index) {
       // torch selects rather than multiplies: an ignored row is exactly 0
@@ -1418,10 +1440,10 @@ void index_forward_typed(const IndexForwardArgs& args) {
     const acc_t x_y = static_cast<acc_t>(x[(r / K) * sn + (r % K) * sk + y * sc]);
     const acc_t w_y = rows.w ? rows.w[y] : acc_t(1);
     if (row_smooth.empty()) {
-      row_loss[r] = math::index_row_loss(st, x_y, w_y, rows.eps, C, smoothing);
+      row_loss[r] = math::index_row_loss(st, static_cast<acc_t>(log_sum), x_y, w_y, rows.eps, C, smoothing);
     } else {
-      row_loss[r] = math::index_row_nll(st, x_y, w_y);
-      row_smooth[r] = math::index_row_smooth(st);
+      row_loss[r] = math::index_row_nll(st, static_cast<acc_t>(log_sum), x_y, w_y);
+      row_smooth[r] = math::index_row_smooth(st, static_cast<acc_t>(log_sum));
     }
   };
   if (args.grad_input.defined()) {
@@ -1487,10 +1509,10 @@ void prob_forward_typed(const ProbForwardArgs& args) {
   std::vector<acc_t> row_loss(static_cast<size_t>(R));
   for_each_row_stats<T, kCoef>(
       make_layout<T>(input, &target), coef,
-      [&](int64_t r, const RowStats<acc_t>& st) {
-        lse[r] = math::log_sum_exp(st.ref, st.sum_exp);
+      [&](int64_t r, const RowStats<acc_t>& st, double log_sum) {
+        lse[r] = math::log_sum_exp(st.ref, log_sum);
         coef_sum[r] = st.coef_sum;
-        row_loss[r] = math::prob_row_loss(st);
+        row_loss[r] = math::prob_row_loss(st, static_cast<acc_t>(log_sum));
       });
   if (args.reduction == kReductionNone) {
     write_rows<T>(args.loss, row_loss.data(), R);

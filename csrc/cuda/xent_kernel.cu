@@ -588,7 +588,9 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     walk_row(io, C, vectorize, team.lane, team.size, stats);
     const RowStats<A> st = team_reduce<kWalk>(stats.st, smem);
 
-    const double lse = t.bad ? quiet_nan<double>() : math::log_sum_exp(st.ref, st.sum_exp);
+    // Note [One log per row] (xent_math.h).
+    const double log_sum = math::row_log(static_cast<double>(st.sum_exp));
+    const double lse = t.bad ? quiet_nan<double>() : math::log_sum_exp(st.ref, log_sum);
     if (team.leader()) {
       a.lse[r] = lse;
       A nll = A(0), smooth = A(0);  // torch selects: an ignored row is exactly 0
@@ -598,10 +600,10 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
         const A x_y = to_acc(io.x[t.y * a.x.sc]);
         const A w_y = w != nullptr ? w[t.y] : A(1);
         if (!reduce) {
-          nll = math::index_row_loss(st, x_y, w_y, eps, C, smoothing);
+          nll = math::index_row_loss(st, static_cast<A>(log_sum), x_y, w_y, eps, C, smoothing);
         } else {
-          nll = math::index_row_nll(st, x_y, w_y);
-          smooth = smoothing ? math::index_row_smooth(st) : A(0);
+          nll = math::index_row_nll(st, static_cast<A>(log_sum), x_y, w_y);
+          smooth = smoothing ? math::index_row_smooth(st, static_cast<A>(log_sum)) : A(0);
         }
       }
       if (!reduce) {
@@ -698,9 +700,10 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     walk_row(io, C, vectorize, team.lane, team.size, stats);
     const RowStats<A> st = team_reduce<kWalk>(stats.st, smem);
     if (team.leader()) {
-      a.lse[r] = math::log_sum_exp(st.ref, st.sum_exp);
+      const double log_sum = math::row_log(static_cast<double>(st.sum_exp));
+      a.lse[r] = math::log_sum_exp(st.ref, log_sum);
       coef_sum[r] = st.coef_sum;
-      const A l = math::prob_row_loss(st);
+      const A l = math::prob_row_loss(st, static_cast<A>(log_sum));
       if (a.reduction == kReductionNone) {
         loss[r] = Store<T>::of(l);
       } else {
