@@ -113,12 +113,36 @@ __device__ __forceinline__ A quiet_nan() {
 template <typename T>
 constexpr int kVecOf = 16 / sizeof(T);
 
+// Note [Tuning knobs]
+// The launch shape of the row kernels, as macros so that a GPU session can
+// time variants without editing this file: build with, e.g.,
+// NVCC_APPEND_FLAGS="-DXENT_CUDA_UNROLL_2B=4" (nvcc appends it; remove the
+// object first so the build recompiles). scripts/gpu_tune.sh does that for a
+// list of variants. The first GPU run (H200) read at half of copy bandwidth
+// with the defaults below (benchmarks/NOTES.md).
+#ifndef XENT_CUDA_UNROLL_2B
+#define XENT_CUDA_UNROLL_2B 2  // 16-byte packs in flight per lane, 2-byte types
+#endif
+#ifndef XENT_CUDA_UNROLL_4B
+#define XENT_CUDA_UNROLL_4B 4  // ... 4-byte types (8 for double is fixed)
+#endif
+#ifndef XENT_CUDA_BLOCK_THREADS
+#define XENT_CUDA_BLOCK_THREADS 512  // block walk: threads per row (<= 1024)
+#endif
+#ifndef XENT_CUDA_BLOCK_MIN_BLOCKS
+#define XENT_CUDA_BLOCK_MIN_BLOCKS 2  // block walk: resident blocks per SM asked of ptxas
+#endif
+#ifndef XENT_CUDA_BLOCK_GRID_PER_SM
+#define XENT_CUDA_BLOCK_GRID_PER_SM 4  // block walk: blocks launched per SM (grid-stride over rows)
+#endif
+
 // 16-byte packs in flight per lane: 16 logits per step for 2-byte and 4-byte
 // types, 8 for double (Note [Registers and occupancy]).
 template <typename T>
-constexpr int kUnrollVectorOf = sizeof(T) == 2 ? 2 : 4;
+constexpr int kUnrollVectorOf = sizeof(T) == 2 ? XENT_CUDA_UNROLL_2B : (sizeof(T) == 4 ? XENT_CUDA_UNROLL_4B : 4);
 constexpr int kUnrollScalar = 8;  // scalar loads in flight per lane
-constexpr int kBlockThreads = 512;
+constexpr int kBlockThreads = XENT_CUDA_BLOCK_THREADS;
+static_assert(kBlockThreads % 32 == 0 && kBlockThreads <= 1024, "the block walk reduces through smem[33]");
 constexpr int kWarpBlockThreads = 256;
 constexpr int kThreadBlockThreads = 256;
 constexpr int kReduceThreads = 256;
@@ -132,7 +156,7 @@ constexpr int kReduceThreads = 256;
 // outside the inner loops (-Xptxas -v). float64 kernels get 128 registers.
 #define XENT_ROW_KERNEL_BOUNDS(walk, T)                                  \
   __launch_bounds__((walk) == Walk::kBlock ? kBlockThreads : 256,         \
-                    sizeof(T) == 8 ? 1 : ((walk) == Walk::kBlock ? 2 : 4))
+                    sizeof(T) == 8 ? 1 : ((walk) == Walk::kBlock ? XENT_CUDA_BLOCK_MIN_BLOCKS : 4))
 
 // ---------------------------------------------------------------------------
 // Loads and stores of one pack: kW == 1 is a scalar at class stride `stride`;
@@ -963,7 +987,7 @@ Grid grid_for(Walk walk, int64_t R) {
     default:
       threads = kBlockThreads;
       rows_per_block = 1;
-      max_blocks = sms * 4;
+      max_blocks = sms * XENT_CUDA_BLOCK_GRID_PER_SM;
       break;
   }
   int64_t blocks = (R + rows_per_block - 1) / rows_per_block;

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: time the CUDA row kernels' launch-shape variants
+# (Note [Tuning knobs] in csrc/cuda/xent_kernel.cu) side by side.
+#
+#   bash scripts/gpu_tune.sh            # repository root; $OUT: where results go
+#
+# For each variant (a set of -D flags, passed to nvcc through NVCC_APPEND_FLAGS),
+# it recompiles the CUDA kernels only (the rest of the build is reused: about
+# 40 s a variant for one arch), prints ptxas's registers and spills of the
+# block-walk kernels, and runs the GPU benchmark on the shapes that matter
+# (no torch.compile; eager and Liger Kernel, when carried, are timed in every
+# run, so each variant's ratios come from one process). It ends with one table:
+# variant, shape, mode, xent µs, % of copy bandwidth, eager/xent, liger/xent.
+#
+# Files in $OUT: tune.log (everything), tune.json (every run's benchmark JSON,
+# by variant), tune_summary.txt (the table). Record the outcome in
+# benchmarks/NOTES.md, and make the winner the default in xent_kernel.cu.
+#
+# Knobs: GPU_TUNE_SECONDS (overall deadline, default 540), GPU_TUNE_SHAPES
+# (default below), GPU_TUNE_VARIANTS (';'-separated "name=flags" list).
+
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-/tmp/gpu_tune_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_TUNE_SECONDS:-540}))
+SHAPES=${GPU_TUNE_SHAPES:-8192x128256:bf16,4096x32000:bf16,8192x50257:fp32,65536x1000:fp32}
+VARIANTS=${GPU_TUNE_VARIANTS:-"base=;u2b4=-DXENT_CUDA_UNROLL_2B=4 -DXENT_CUDA_UNROLL_4B=8;u2b8=-DXENT_CUDA_UNROLL_2B=8 -DXENT_CUDA_UNROLL_4B=8;grid1=-DXENT_CUDA_BLOCK_GRID_PER_SM=1;t1024=-DXENT_CUDA_BLOCK_THREADS=1024 -DXENT_CUDA_BLOCK_MIN_BLOCKS=1 -DXENT_CUDA_BLOCK_GRID_PER_SM=1;u2b4grid2=-DXENT_CUDA_UNROLL_2B=4 -DXENT_CUDA_UNROLL_4B=8 -DXENT_CUDA_BLOCK_GRID_PER_SM=2"}
+export PYTHONUNBUFFERED=1
+LOG=$OUT/tune.log
+[[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null &&
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# The system compiler: see scripts/gpu_check.sh (the image's CXX links libstdc++ into the extension).
+[[ -x /usr/bin/g++ && -x /usr/bin/gcc ]] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+ARCH=$($PY -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}')" 2>/dev/null || echo 9.0)
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee -a "$LOG"
+
+IFS=';' read -r -a LIST <<<"$VARIANTS"
+for v in "${LIST[@]}"; do
+  name=${v%%=*}
+  flags=${v#*=}
+  left=$((DEADLINE - $(date +%s)))
+  if ((left < 90)); then
+    echo "=== $name: skipped, ${left}s left" | tee -a "$LOG"
+    continue
+  fi
+  echo "=== $name: NVCC_APPEND_FLAGS='$flags' ($(($(date +%s) - START))s since start)" | tee -a "$LOG"
+  rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/xent_kernel.o
+  if ! NVCC_APPEND_FLAGS="$flags -Xptxas -v" TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 \
+    timeout $((left - 60)) $PY setup.py build_ext --inplace >/tmp/tune_build_$name.log 2>&1; then
+    echo "build failed:" | tee -a "$LOG"
+    grep -E "error" /tmp/tune_build_$name.log | head -10 | tee -a "$LOG"
+    continue
+  fi
+  # Registers and spills of the block-walk kernels (mangled names contain "WalkE2E": kBlock = 2).
+  grep -A2 -E "Compiling entry function '.*(index|prob)_(forward|backward)_kernel.*WalkE2E" /tmp/tune_build_$name.log |
+    grep -E "registers|spill" | sort | uniq -c | head -6 | sed 's/^/  ptxas: /' | tee -a "$LOG"
+  left=$((DEADLINE - $(date +%s)))
+  timeout $((left > 30 ? left - 15 : 15)) $PY -m xent_ext.bench --device cuda --shapes "$SHAPES" --no-compile \
+    --max-time 0.5 --json "/tmp/tune_$name.json" --budget $((left > 60 ? left - 45 : 10)) >>"$LOG" 2>&1
+  echo "  bench rc=$?" | tee -a "$LOG"
+done
+
+$PY - "$OUT" "${LIST[@]}" <<'EOF' 2>&1 | tee "$OUT/tune_summary.txt"
+import json, os, sys
+out, variants = sys.argv[1], [v.split("=", 1)[0] for v in sys.argv[2:]]
+runs = {}
+for name in variants:
+    path = f"/tmp/tune_{name}.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            runs[name] = json.load(f)
+with open(os.path.join(out, "tune.json"), "w") as f:
+    json.dump(runs, f)
+print(f"{'variant':<11} {'shape':<14} {'dtype':<5} {'mode':<8} {'xent us':>9} {'%copy':>6} {'eager/x':>8} {'liger/x':>8}")
+for name, run in runs.items():
+    for row in run.get("rows", []):
+        impls = row.get("impls", {})
+        x = impls.get("xent", {})
+        if not x.get("median_ms"):
+            continue
+        def ratio(peer):
+            p = impls.get(peer, {})
+            return f"{p['median_ms'] / x['median_ms']:.2f}" if p.get("median_ms") else "-"
+        shape = "x".join(str(d) for d in row["shape"])
+        print(f"{name:<11} {shape:<14} {row['dtype']:<5} {row['mode']:<8} {x['median_ms'] * 1e3:>9.0f} "
+              f"{x.get('pct_of_copy') or 0:>6.1f} {ratio('eager'):>8} {ratio('liger'):>8}")
+EOF
+echo "total: $(($(date +%s) - START))s"
