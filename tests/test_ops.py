@@ -468,3 +468,26 @@ def test_gradient_in_forward_reuse_and_scaling(dtype, reduction, device):
     tol = dict(rtol=2e-2, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want, **tol)
+
+
+# Note [Autograd on the hot path]: the eager training and evaluation calls skip
+# torch.library's autograd wrapper; torch.func transforms take the full
+# autograd.Function path, which torch.library's wrapper could not run.
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_func_transforms(reduction, device):
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(9, 17, generator=gen, dtype=torch.float64).to(device)
+    y = torch.randint(17, (9,), generator=gen).to(device)
+
+    def loss_of(fn):
+        return lambda a: fn(a, y, reduction=reduction, label_smoothing=0.2).sum()
+
+    torch.testing.assert_close(torch.func.grad(loss_of(xent_ext.cross_entropy))(x),
+                               torch.func.grad(loss_of(F.cross_entropy))(x))
+    # The fused forward+backward inside a no-grad region and outside it, in one process.
+    xr = x.clone().requires_grad_()
+    loss_of(xent_ext.cross_entropy)(xr).backward()
+    with torch.no_grad():
+        torch.testing.assert_close(xent_ext.cross_entropy(x, y, reduction=reduction, label_smoothing=0.2),
+                                   F.cross_entropy(x, y, reduction=reduction, label_smoothing=0.2))
+    torch.testing.assert_close(xr.grad, torch.func.grad(loss_of(F.cross_entropy))(x))

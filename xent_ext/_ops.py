@@ -241,3 +241,67 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "xent_ext::cross_entropy_prob_forward", _prob_backward, setup_context=_prob_setup_context
 )
+
+
+# ---------------------------------------------------------------------------
+# Note [Autograd on the hot path]
+# torch.library's autograd wrapper costs tens of microseconds of Python per
+# call (argument defaults, keyset checks, a generated Function): measured on
+# 8 x 10 CPU logits, a forward that requires grad took 85 µs against 6 µs for
+# torch's own cross_entropy. For small and mid-size inputs that host time is
+# the step time, and on a GPU whose target check syncs every forward it adds
+# to every step (benchmarks/NOTES.md). Eager calls (xent_ext/functional.py)
+# go around it through the callers below: the same operators, the same
+# setup_context and backward as the registered formulas above, which stay
+# for torch.compile and export (traced calls use the ops), opcheck and
+# direct callers of torch.ops.xent_ext. The wrapper also cannot run under
+# torch.func transforms; these can.
+
+
+def _eager_function(op: Any, setup_context: Any, backward: Any, name: str) -> Any:
+    """A caller of ``op`` with its registered autograd formula, minus
+    torch.library's wrapper (which also fails under torch.func transforms,
+    having no ``setup_context``): an autograd.Function whose forward runs the
+    op below autograd, with the same setup_context and backward.
+
+    ``Function.apply``'s Python layer binds default arguments through
+    inspect.signature on every call (~40 µs) because setup_context is
+    defined. Callers pass every argument positionally, so binding is a no-op:
+    outside torch.func transforms the caller goes to the C++ apply underneath,
+    as Function.apply itself then does, after the same unwrapping of dead
+    functorch wrappers; under transforms, through Function.apply. When no
+    argument requires grad (or grad mode is off) it calls the op below
+    autograd directly.
+    """
+
+    def forward(*args: Any) -> Any:
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    function = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
+    apply_in_cpp = super(torch.autograd.Function, function).apply
+    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+    def call(*args: Any) -> Any:
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(*args)
+        args = tuple(unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return apply_in_cpp(*args)
+        # Nothing to differentiate: no graph node, no setup_context (half the cost).
+        return forward(*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+# Each returns its op's outputs; the loss is the first.
+index_loss = _eager_function(_ops.cross_entropy_index_forward, _index_setup_context, _index_backward, "index_loss")
+fused_index_loss = _eager_function(
+    _ops.cross_entropy_index_forward_with_grad, _index_fused_setup_context, _index_fused_backward, "fused_index_loss"
+)
+prob_loss = _eager_function(_ops.cross_entropy_prob_forward, _prob_setup_context, _prob_backward, "prob_loss")

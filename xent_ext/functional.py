@@ -196,7 +196,8 @@ def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], r
     if _weight_needs_grad(weight):
         loss = _prob_loss_with_weight_grad(x, q, w, reduction, smoothing)
     else:
-        loss, _, _ = torch.ops.xent_ext.cross_entropy_prob_forward(x, q, w, smoothing, reduction)
+        op = torch.ops.xent_ext.cross_entropy_prob_forward if torch.compiler.is_compiling() else _ops.prob_loss
+        loss = op(x, q, w, smoothing, reduction)[0]
     if reduction == _ops.REDUCTION_NONE:
         out_shape = input.shape[:_class_dim(input)] + input.shape[_class_dim(input) + 1:]
         loss = loss.reshape(out_shape)
@@ -293,10 +294,13 @@ def _index_target_loss(
     w = weight.reshape(-1) if weight is not None else None
     # torch applies smoothing only for label_smoothing > 0 (negative and nan act as 0).
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
+    # Note [Autograd on the hot path] (_ops.py): eager calls skip torch.library's wrapper.
     if _gradient_in_forward(x, reduction):
-        loss = torch.ops.xent_ext.cross_entropy_index_forward_with_grad(x, y, w, ignore_index, smoothing, reduction)[0]
+        loss = _ops.fused_index_loss(x, y, w, ignore_index, smoothing, reduction)[0]
+    elif torch.compiler.is_compiling():
+        loss = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction)[0]
     else:
-        loss, _, _ = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction)
+        loss = _ops.index_loss(x, y, w, ignore_index, smoothing, reduction)[0]
     if target.dtype == torch.uint8 and w is not None and smoothing > 0 and reduction == _ops.REDUCTION_MEAN:
         _raise_like_torch_uint8_smoothing(input, target, ignore_index)
     if input.dim() == 1 and input.is_cuda and reduction == _ops.REDUCTION_MEAN and smoothing == 0:
