@@ -57,7 +57,7 @@ for v in "${LIST[@]}"; do
     continue
   fi
   # Registers and spills of the block-walk kernels (mangled names contain "WalkE2E": kBlock = 2).
-  grep -A2 -E "Compiling entry function '.*(index|prob)_(forward|backward)_kernel.*WalkE2E" /tmp/tune_build_$name.log |
+  grep -A3 -E "Compiling entry function '.*(index|prob)_(forward|backward)_kernel.*WalkE2E" /tmp/tune_build_$name.log |
     grep -E "registers|spill" | sort | uniq -c | head -6 | sed 's/^/  ptxas: /' | tee -a "$LOG"
   left=$((DEADLINE - $(date +%s)))
   timeout $((left > 30 ? left - 15 : 15)) $PY -m xent_ext.bench --device cuda --shapes "$SHAPES" --no-compile \

@@ -271,7 +271,7 @@ def _eager_function(op: Any, setup_context: Any, backward: Any, name: str) -> An
     as Function.apply itself then does, after the same unwrapping of dead
     functorch wrappers; under transforms, through Function.apply. When no
     argument requires grad (or grad mode is off) it calls the op below
-    autograd directly.
+    autograd directly (the dispatcher handles dead wrappers there).
     """
 
     def forward(*args: Any) -> Any:
@@ -289,9 +289,8 @@ def _eager_function(op: Any, setup_context: Any, backward: Any, name: str) -> An
     def call(*args: Any) -> Any:
         if torch._C._are_functorch_transforms_active():
             return function.apply(*args)
-        args = tuple(unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return apply_in_cpp(*args)
+            return apply_in_cpp(*[unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
         # Nothing to differentiate: no graph node, no setup_context (half the cost).
         return forward(*args)
 
