@@ -501,15 +501,22 @@ def print_header(info: dict[str, Any], cfg: TimingConfig, use_compile: bool) -> 
         ("threads", ", ".join(str(t) for t in info["threads"])),
         ("torch", info["torch_version"] + (f" (CUDA {info['cuda_version']})" if "gpu" in info else "")),
         ("xent_ext build", build),
-        (
-            "timing",
-            f"median of interleaved samples; >= {cfg.min_time_s:g} s per impl, "
-            f"<= {cfg.max_time_s:g} s per row, >= {cfg.min_reps} samples"
-            if cfg.fixed_reps is None
-            else f"median of {cfg.fixed_reps} interleaved samples (--reps)",
-        ),
+        ("timing", _timing_text(cfg)),
         ("torch.compile", "on (dynamic=False)" if use_compile else "off"),
     ]
+    _print_header_lines(lines)
+
+
+def _timing_text(cfg: TimingConfig, clock: str = "") -> str:
+    """The header's timing line, for both harnesses (clock: e.g. 'CUDA events, ')."""
+    if cfg.fixed_reps is not None:
+        return f"{clock}median of {cfg.fixed_reps} interleaved samples (--reps)"
+    return (f"{clock}median of interleaved samples; >= {cfg.min_time_s:g} s per impl, "
+            f"<= {cfg.max_time_s:g} s per row, >= {cfg.min_reps} samples")
+
+
+def _print_header_lines(lines: list[tuple[str, Any]]) -> None:
+    """Prints 'key: value' header lines, aligned, skipping values of None."""
     for key, value in lines:
         if value is not None:
             print(f"{key + ':':<16}{value}")
@@ -1167,17 +1174,10 @@ def print_gpu_header(info: dict[str, Any], peers: dict[str, Peer], cfg: TimingCo
             + " (xent_ext.cuda_target_check())",
         ),
         ("peers", peer_text),
-        (
-            "timing",
-            f"CUDA events, median of interleaved samples; >= {cfg.min_time_s:g} s per impl, "
-            f"<= {cfg.max_time_s:g} s per row, >= {cfg.min_reps} samples"
-            if cfg.fixed_reps is None
-            else f"CUDA events, median of {cfg.fixed_reps} interleaved samples (--reps)",
-        ),
+        ("timing", _timing_text(cfg, "CUDA events, ")),
         ("torch.compile", "on (dynamic=False)" if use_compile else "off"),
     ]
-    for key, value in lines:
-        print(f"{key + ':':<16}{value}")
+    _print_header_lines(lines)
 
 
 def gpu_bench_row(
