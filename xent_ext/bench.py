@@ -104,6 +104,7 @@ class TimingConfig:
     max_time_s: float  # ... unless all implementations together would exceed this
     min_reps: int  # never fewer timed samples than this
     fixed_reps: int | None  # --reps: exact number of samples, no adaptation
+    order: str = "auto"  # CPU: "interleaved", "blocks", or "auto" (see ``sample_order``)
 
 
 @dataclass
@@ -138,12 +139,23 @@ class ImplResult:
 
 
 @dataclass
+class CacheCost:
+    """xent's cost with its inputs in cache (see ``measure_in_cache``)."""
+
+    host_ms: float  # fixed cost per call: Python, dispatch, allocation, the final reduction
+    ms_per_byte: float  # cost per byte of logits, read from cache: the computation
+    slice_bytes: int  # logits bytes of the smaller of the two slices timed
+
+
+@dataclass
 class Row:
     case: Case
     threads: int
     mode: str
     impls: dict[str, ImplResult]
     bandwidth: Bandwidth
+    order: str = "interleaved"  # how the samples were taken (``sample_order``)
+    cache: CacheCost | None = None
 
     @property
     def bytes_moved(self) -> int:
@@ -174,6 +186,30 @@ class Row:
         t = self.impls["xent"].median_ms
         return 100.0 * self.floor_ms / t if t else None
 
+    @property
+    def compute_ms(self) -> float | None:
+        """xent's time for these logits if they came from cache (host time excluded)."""
+        return self.cache.ms_per_byte * self.case.logits_bytes if self.cache else None
+
+    @property
+    def cache_gbps(self) -> float | None:
+        """``xent_gbps`` with the logits in cache: the compute ceiling, comparable to the bandwidths."""
+        t = self.compute_ms
+        return self.bytes_moved / (t * 1e-3) / 1e9 if t else None
+
+    @property
+    def bound(self) -> str | None:
+        """The largest of the three lower bounds on xent's time: 'memory', 'compute' or 'host'.
+
+        memory: the bandwidth floor; compute: the in-cache time scaled to these
+        logits; host: the fixed cost per call.  What is left of xent's time
+        above the largest is neither (e.g. page faults on the gradient).
+        """
+        if self.cache is None:
+            return None
+        costs = {"memory": self.floor_ms, "compute": self.compute_ms or 0.0, "host": self.cache.host_ms}
+        return max(costs, key=lambda k: costs[k])
+
     def to_json(self) -> dict[str, Any]:
         impls: dict[str, Any] = {}
         for name, r in self.impls.items():
@@ -194,6 +230,12 @@ class Row:
             "pct_of_floor": self.pct_of_floor,
             "speedup_vs_eager": self.speedup("eager"),
             "speedup_vs_compile": self.speedup("compile"),
+            "order": self.order,
+            "cache": asdict(self.cache) if self.cache else None,
+            "compute_ms": self.compute_ms,
+            "cache_gbps": self.cache_gbps,
+            "bound": self.bound,
+            "targets": [asdict(t) for t in cpu_target_checks(self)],
             "impls": impls,
         }
 
@@ -293,6 +335,51 @@ def interleaved_samples(
         for name in names[k:] + names[:k]:
             samples[name].append(sampler(steps[name], inner[name]))
     return samples, inner
+
+
+BLOCK_ROUNDS = 2  # blocks per implementation in "blocks" order
+
+
+def blocked_samples(
+    steps: dict[str, Step],
+    estimates: dict[str, float],
+    cfg: TimingConfig,
+    sync: Callable[[], None],
+    rounds: int = BLOCK_ROUNDS,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Time warmed-up ``steps`` in blocks of back-to-back calls; same results as ``interleaved_samples``.
+
+    Each implementation runs its samples back to back (A A A, B B B, C C C,
+    then the next round in reverse order: C C C, B B B, A A A), each block
+    after one untimed call.  This is what a training loop sees: every call
+    allocates buffers of the same sizes the previous call freed.  Interleaved,
+    a call instead first-touches memory another implementation just freed in
+    other sizes, which on the VMs these benchmarks were written on costs more
+    than the computation (benchmarks/NOTES.md, "Page faults").  Two rounds in
+    opposite orders keep slow drift of the machine from favouring one side.
+    """
+    n, inner = plan_repetitions(estimates, cfg)
+    per_block = max(1, math.ceil(n / rounds))
+    names = list(steps)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            steps[name]()  # untimed: the first call after a switch pays the switch
+            for _ in range(per_block):
+                samples[name].append(time_sample(steps[name], inner[name], sync))
+    return samples, inner
+
+
+def sample_order(cfg: TimingConfig, mode: str) -> str:
+    """'interleaved' or 'blocks' for a CPU row: ``auto`` interleaves fwd and blocks fwd+bwd.
+
+    The forward allocates next to nothing, so interleaving (the fairest order
+    against drift) costs it nothing; fwd+bwd allocates a logits-sized gradient
+    per call, whose first-touch cost depends on what ran just before.
+    """
+    if cfg.order != "auto":
+        return cfg.order
+    return "interleaved" if mode == "fwd" else "blocks"
 
 
 # --------------------------------------------------------------------------
@@ -427,12 +514,188 @@ def bench_row(
             results[name].error = f"memory measurement failed: {first_line(exc)}"
             estimates[name] = time_sample(step, 1, sync)
 
-    samples, inner = interleaved_samples(steps, estimates, cfg, sync)
+    order = sample_order(cfg, mode)
+    sampler = interleaved_samples if order == "interleaved" else blocked_samples
+    samples, inner = sampler(steps, estimates, cfg, sync)
     for name in steps:
         results[name].samples_ms = [s * 1e3 for s in samples[name]]
         results[name].inner = inner[name]
     x.grad = None
-    return Row(case, torch.get_num_threads(), mode, results, bandwidth)
+    cache = None
+    if "xent" in steps and device.type == "cpu":
+        cache = measure_in_cache(x, target, mode)
+    return Row(case, torch.get_num_threads(), mode, results, bandwidth, order, cache)
+
+
+DEFAULT_CPU_LLC_BYTES = 16 * 2**20  # last-level cache, when sysfs does not say
+CACHE_SLICE_MAX_BYTES = 4 * 2**20  # logits of the larger slice ``measure_in_cache`` times
+
+
+def cpu_llc_bytes() -> int:
+    """Size of cpu0's last-level cache (Linux sysfs), or ``DEFAULT_CPU_LLC_BYTES``."""
+    sizes = []
+    for index in range(2, 5):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size", encoding="utf-8") as f:
+                text = f.read().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=DEFAULT_CPU_LLC_BYTES)
+
+
+def cache_slice(x: torch.Tensor, target: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``units`` rows (N x C) or spatial positions of image 0 (N x C x d1...), copied.
+
+    Keeps the layout kind: a 2-D slice is rows of contiguous classes, a
+    spatial slice (1, C, units) has classes strided, as in the full input.
+    """
+    x = x.detach()
+    if x.dim() == 2:
+        return x[:units].clone(), target[:units].clone()
+    c = x.shape[1]
+    return (
+        x[:1].reshape(1, c, -1)[:, :, :units].contiguous(),
+        target[:1].reshape(1, -1)[:, :units].contiguous(),
+    )
+
+
+def measure_in_cache(
+    x: torch.Tensor, target: torch.Tensor, mode: str
+) -> CacheCost | None:
+    """xent's per-call and per-byte cost on a slice of the input small enough to stay in cache.
+
+    Times ``k`` and ``2k`` rows (or spatial positions), each called over and
+    over so that it stays in cache (the larger slice holds at most 4 MiB of
+    logits and a quarter of the last-level cache): the difference is the
+    cost of ``k`` rows without DRAM traffic, the rest of the smaller call's
+    time the fixed cost per call.  Slices of a few rows would not do: their
+    difference drowns in the per-call noise.  Scaled to the full
+    input, the first says what xent would take if memory were free, which is
+    how the harness tells a compute-bound row from a memory-bound one.
+    Returns None for 1-D logits (one row: nothing to slice).
+    """
+    if x.dim() < 2:
+        return None
+    unit_bytes = x.shape[1] * x.element_size()
+    units_max = x.shape[0] if x.dim() == 2 else math.prod(x.shape[2:])
+    k = min(units_max // 2, min(CACHE_SLICE_MAX_BYTES, cpu_llc_bytes() // 4) // 2 // unit_bytes)
+    k = max(k, 1)
+    if 2 * k > units_max:
+        return None
+    steps: dict[str, Step] = {}
+    for name, units in (("k", k), ("2k", 2 * k)):
+        xs, ts = cache_slice(x, target, units)
+        if mode != "fwd":
+            xs.requires_grad_(True)
+        steps[name] = make_step(xent_ext.cross_entropy, xs, ts, mode)
+        steps[name]()  # warm-up: brings the slice into cache
+    sync = make_sync(x.device)
+    estimates = {name: time_sample(step, 1, sync) for name, step in steps.items()}
+    slice_cfg = TimingConfig(min_time_s=0.1, max_time_s=1.0, min_reps=9, fixed_reps=None)
+    samples, _ = interleaved_samples(steps, estimates, slice_cfg, sync)
+    t_k, t_2k = (statistics.median(samples[name]) * 1e3 for name in ("k", "2k"))
+    per_unit = max(t_2k - t_k, 1e-9) / k  # noise can make the difference <= 0
+    return CacheCost(
+        host_ms=max(t_k - per_unit * k, 0.0), ms_per_byte=per_unit / unit_bytes, slice_bytes=k * unit_bytes
+    )
+
+
+# --------------------------------------------------------------------------
+# Targets (issue 4, CPU)
+# --------------------------------------------------------------------------
+#
+# fwd+bwd: >= 5x faster than torch eager and >= 2x faster than torch.compile
+# on LLM shapes, >= 3x and >= 1.5x on the others; peak extra memory at most
+# one gradient-sized buffer plus O(N).  fwd on LLM shapes: within 1.5x of the
+# bandwidth floor (one read of the logits at the read bandwidth).
+
+LLM_MIN_CLASSES = 32000
+LLM_MIN_ROWS = 1024  # a batch of tokens; 8 x 256000 is "few, long rows", not an LLM batch
+TARGET_EAGER = {"llm": 5.0, "other": 3.0}
+TARGET_COMPILE = {"llm": 2.0, "other": 1.5}
+TARGET_FLOOR_FACTOR = 1.5
+# O(N) allowance on top of one gradient: per-row statistics and targets, plus allocator slack.
+MEM_BYTES_PER_ROW = 64
+MEM_SLACK_BYTES = 2**20
+
+
+@dataclass
+class TargetCheck:
+    name: str  # "vs eager", "vs compile", "memory", "floor"
+    value: float | None  # measured: a speedup, gradients of memory, or floor time / xent time
+    goal: float
+    at_least: bool  # True: value >= goal is met; False: value <= goal is met
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.goal if self.at_least else self.value <= self.goal
+
+    def text(self) -> str:
+        sign = ">=" if self.at_least else "<="
+        value = "n/a" if self.value is None else f"{self.value:.4g}"
+        verdict = {True: "ok", False: "MISSED", None: "not measured"}[self.met]
+        return f"{self.name} {value} ({sign} {self.goal:.4g}) {verdict}"
+
+
+def shape_class(case: Case) -> str:
+    """'llm' for an LLM batch (2-D, C >= 32000, N >= 1024), else 'other'."""
+    n_rows = case.shape[0] if len(case.shape) == 2 else 0
+    return "llm" if n_rows >= LLM_MIN_ROWS and case.num_classes >= LLM_MIN_CLASSES else "other"
+
+
+def cpu_target_checks(row: Row) -> list[TargetCheck]:
+    """The targets that apply to this row, each with its measured value."""
+    kind = shape_class(row.case)
+    if row.mode == "fwd":
+        if kind != "llm":
+            return []
+        pct = row.pct_of_floor
+        return [TargetCheck("floor", None if pct is None else pct / 100, 1 / TARGET_FLOOR_FACTOR, True)]
+    checks = [
+        TargetCheck("vs eager", row.speedup("eager"), TARGET_EAGER[kind], True),
+        TargetCheck("vs compile", row.speedup("compile"), TARGET_COMPILE[kind], True),
+    ]
+    peak = row.impls["xent"].peak_extra_bytes
+    b = row.case.logits_bytes
+    rows = math.prod(row.case.target_shape)
+    allowance = (b + MEM_BYTES_PER_ROW * rows + MEM_SLACK_BYTES) / b
+    checks.append(TargetCheck("memory", None if peak is None else peak / b, allowance, False))
+    return checks
+
+
+def target_line(row: Row) -> str | None:
+    """One line of the targets summary, with the measured reason when one is missed."""
+    checks = cpu_target_checks(row)
+    if not checks:
+        return None
+    where = f"{row.case.label} {row.case.dtype} thr={row.threads} {row.mode}"
+    line = f"{where}: " + "; ".join(c.text() for c in checks)
+    if any(c.met is False for c in checks) and row.cache is not None:
+        xent_ms = row.impls["xent"].median_ms or float("nan")
+        line += (
+            f"\n    why: {row.bound}-bound. xent {fmt_ms(xent_ms)} ms; memory floor {fmt_ms(row.floor_ms)} ms, "
+            f"in-cache compute {fmt_ms(row.compute_ms)} ms ({fmt(row.cache_gbps, '.1f')} GB/s), "
+            f"host {fmt_us(row.cache.host_ms)} us per call"
+        )
+    return line
+
+
+def print_targets(rows: Sequence[Row]) -> None:
+    """The targets section: one line per row that has targets, then how many were met."""
+    lines = [line for line in map(target_line, rows) if line]
+    if not lines:
+        return
+    checks = [c for row in rows for c in cpu_target_checks(row)]
+    met = sum(c.met is True for c in checks)
+    print(f"\ntargets (fwd+bwd: >= {TARGET_EAGER['llm']:g}x eager and >= {TARGET_COMPILE['llm']:g}x "
+          f"compile on LLM shapes, >= {TARGET_EAGER['other']:g}x and >= {TARGET_COMPILE['other']:g}x on "
+          f"others, memory <= 1 gradient + O(N); fwd on LLM shapes: >= 1/{TARGET_FLOOR_FACTOR:g} of the "
+          f"floor's speed): {met} of {len(checks)} met")
+    for line in lines:
+        print(f"  {line}")
 
 
 def loss_mismatches(row: Row) -> list[str]:
@@ -509,9 +772,14 @@ def print_header(info: dict[str, Any], cfg: TimingConfig, use_compile: bool) -> 
 
 def _timing_text(cfg: TimingConfig, clock: str = "") -> str:
     """The header's timing line, for both harnesses (clock: e.g. 'CUDA events, ')."""
+    order = {
+        "auto": "interleaved samples (fwd), blocks of back-to-back calls (fwd+bwd)",
+        "interleaved": "interleaved samples",
+        "blocks": "blocks of back-to-back calls",
+    }[cfg.order]
     if cfg.fixed_reps is not None:
-        return f"{clock}median of {cfg.fixed_reps} interleaved samples (--reps)"
-    return (f"{clock}median of interleaved samples; >= {cfg.min_time_s:g} s per impl, "
+        return f"{clock}median of {cfg.fixed_reps} samples (--reps), {order}"
+    return (f"{clock}median of {order}; >= {cfg.min_time_s:g} s per impl, "
             f"<= {cfg.max_time_s:g} s per row, >= {cfg.min_reps} samples")
 
 
@@ -563,6 +831,8 @@ class Table:
             ("comp/xent", 9),
             ("xent GB/s", 9),
             ("%floor", 6),
+            ("cache GB/s", 10),
+            ("bound", 7),
             ("xent ms", 8),
             ("eager ms", 8),
             ("comp ms", 8),
@@ -594,6 +864,8 @@ class Table:
             "-" if skip else fmt(row.speedup("compile"), ".2f"),
             fmt(row.xent_gbps, ".1f"),
             fmt(row.pct_of_floor, ".0f"),
+            fmt(row.cache_gbps, ".1f"),
+            row.bound or "n/a",
             fmt_ms(xent.median_ms),
             fmt_ms(eager.median_ms),
             "-" if skip else fmt_ms(comp.median_ms),
@@ -609,7 +881,13 @@ eager/xent, comp/xent: median time of torch eager / torch.compile divided by xen
 xent GB/s: logits bytes moved by xent (fwd: 1 read; fwd+bwd: 2 reads + 1 write) / xent median time
 %floor:    bandwidth-floor time / xent median time (floor: 1 read at the read bandwidth,
            plus 1 read + 1 write at the copy bandwidth for fwd+bwd)
-MiB:       peak extra memory of one call (fwd+bwd includes the logits-sized gradient)"""
+cache GB/s: xent GB/s if the logits came from cache: bytes moved / (in-cache time per byte x bytes),
+           timed on slices of the input that stay in cache; xent's compute ceiling
+bound:     largest of xent's three lower bounds: memory (the floor), compute (the in-cache time),
+           host (the fixed cost per call); time above it is neither (e.g. page faults)
+MiB:       peak extra memory of one call (fwd+bwd includes the logits-sized gradient)
+timing:    fwd rows interleave the implementations' samples; fwd+bwd rows time each in blocks of
+           back-to-back calls (--order; benchmarks/README.md says why)"""
 
 
 # --------------------------------------------------------------------------
@@ -896,6 +1174,30 @@ class GpuRow:
         """Peak extra memory in gradient buffers (one gradient = the logits' bytes)."""
         peak = self.impls[name].peak_extra_bytes
         return peak / self.case.logits_bytes if peak is not None else None
+
+    @property
+    def compute_ms(self) -> float | None:
+        """xent's time for these logits if they came from cache (host time excluded)."""
+        return self.cache.ms_per_byte * self.case.logits_bytes if self.cache else None
+
+    @property
+    def cache_gbps(self) -> float | None:
+        """``xent_gbps`` with the logits in cache: the compute ceiling, comparable to the bandwidths."""
+        t = self.compute_ms
+        return self.bytes_moved / (t * 1e-3) / 1e9 if t else None
+
+    @property
+    def bound(self) -> str | None:
+        """The largest of the three lower bounds on xent's time: 'memory', 'compute' or 'host'.
+
+        memory: the bandwidth floor; compute: the in-cache time scaled to these
+        logits; host: the fixed cost per call.  What is left of xent's time
+        above the largest is neither (e.g. page faults on the gradient).
+        """
+        if self.cache is None:
+            return None
+        costs = {"memory": self.floor_ms, "compute": self.compute_ms or 0.0, "host": self.cache.host_ms}
+        return max(costs, key=lambda k: costs[k])
 
     def to_json(self) -> dict[str, Any]:
         impls: dict[str, Any] = {}
@@ -1302,6 +1604,7 @@ def gpu_main(args: argparse.Namespace, argv: Sequence[str] | None, device: torch
         max_time_s=args.max_time if args.max_time is not None else 1.0 if args.quick else 2.0,
         min_reps=5 if args.quick else 10,
         fixed_reps=args.reps,
+        order="interleaved",  # CUDA events, no page faults: --order is for the CPU harness
     )
     l2_bytes = DEFAULT_L2_BYTES
     if device.type == "cuda":
@@ -1467,6 +1770,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         help="adaptive: cap on seconds per row and mode (default 10, --quick 4; cuda: 2, --quick 1)",
     )
+    p.add_argument(
+        "--order",
+        choices=("auto", "interleaved", "blocks"),
+        default="auto",
+        help="cpu: how samples are taken: round-robin across implementations, or each in blocks of "
+        "back-to-back calls, as a training loop runs (default auto: fwd interleaved, fwd+bwd blocks)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write all results (with raw samples) as JSON")
     p.add_argument(
         "--quick",
@@ -1520,6 +1830,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_time_s=args.max_time if args.max_time is not None else 4.0 if args.quick else 10.0,
         min_reps=3 if args.quick else 5,
         fixed_reps=args.reps,
+        order=args.order,
     )
 
     info = machine_info(device, threads)
@@ -1540,6 +1851,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = Table(max(len(c.label) for c in cases))
     table.print_header()
     notes: list[str] = []
+    rows: list[Row] = []
     generator = torch.Generator(device=device).manual_seed(0)
     for case in cases:
         x = torch.randn(case.shape, dtype=DTYPES[case.dtype], device=device, generator=generator)
@@ -1554,6 +1866,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 notes += [f"{where}: {name}: {r.error}" for name, r in row.impls.items() if r.error]
                 notes += [f"{where}: WARNING {m}" for m in loss_mismatches(row)]
                 report["rows"].append(row.to_json())
+                rows.append(row)
                 if args.json:
                     with open(args.json, "w", encoding="utf-8") as f:
                         json.dump(report, f, indent=2)
@@ -1565,6 +1878,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print()
     print(LEGEND)
+    print_targets(rows)
     if notes:
         print("\nnotes:")
         for note in notes:
