@@ -47,7 +47,7 @@ void check_target_range(const Tensor& target, int64_t C, int64_t ignore_index) {
   const int64_t tn = target.stride(0), tk = target.stride(1);
   const int64_t* t = target.data_ptr<int64_t>();
   const auto bad = [&](int64_t r) {
-    const int64_t y = t[(r / K) * tn + (r % K) * tk];
+    const int64_t y = t[cpu::row_offset(r, K, tn, tk)];
     return y != ignore_index && (y < 0 || y >= C);
   };
   std::atomic<bool> any_bad{false};
@@ -64,7 +64,7 @@ void check_target_range(const Tensor& target, int64_t C, int64_t ignore_index) {
   }
   for (int64_t r = 0; r < N * K; ++r) {
     if (bad(r)) {
-      TORCH_CHECK_INDEX(false, "Target ", t[(r / K) * tn + (r % K) * tk], " is out of bounds.");
+      TORCH_CHECK_INDEX(false, "Target ", t[cpu::row_offset(r, K, tn, tk)], " is out of bounds.");
     }
   }
 }

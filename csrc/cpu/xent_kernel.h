@@ -469,7 +469,7 @@ struct Layout {
     return N * K;
   }
   int64_t at(int64_t r, RowStrides s) const {
-    return (r / K) * s.n + (r % K) * s.k;
+    return row_offset(r, K, s.n, s.k);
   }
   RowView<T> row(int64_t r) const {
     return {x + at(r, xs), xc, q ? q + at(r, qs) : nullptr, qc};
@@ -677,18 +677,23 @@ struct NoAfter {
 };
 
 // log_sum[j] = log(st[j].sum_exp) for n <= kMax rows, one vector log per
-// Vectorized<double>::size() rows (Note [One log per row]): Sleef's 1-ulp
-// log on AVX2/AVX512, std::log lane by lane on the default ISA.
+// vector of rows (Note [One log per row]): Sleef's 1-ulp log on AVX2/AVX512,
+// std::log lane by lane on the default ISA. fp32 accumulation takes the log
+// in fp32 (Note [Log in the accumulation type]).
 template <int64_t kMax, typename acc_t>
 void row_logs(const RowStats<acc_t>* st, int64_t n, double* log_sum) {
-  using VD = Vectorized<double>;
-  static_assert(kMax % VD::size() == 0, "whole vectors");
-  double sums[kMax];
+  using V = Vectorized<acc_t>;
+  static_assert(kMax % V::size() == 0, "whole vectors");
+  acc_t sums[kMax];
+  acc_t logs[kMax];
   for (int64_t j = 0; j < kMax; ++j) {
-    sums[j] = j < n ? static_cast<double>(st[j].sum_exp) : 1.0;  // lanes past n: log(1), dropped
+    sums[j] = j < n ? st[j].sum_exp : acc_t(1);  // lanes past n: log(1), dropped
   }
-  for (int64_t j = 0; j < n; j += VD::size()) {
-    VD::loadu(sums + j).log().store(log_sum + j);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    V::loadu(sums + j).log().store(logs + j);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    log_sum[j] = static_cast<double>(logs[j]);
   }
 }
 
@@ -828,13 +833,17 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
 }
 
 // Note [Deterministic reduction]
-// Row losses are summed in fixed blocks of kReduceBlock rows (sequentially
-// inside a block, blocks in parallel) and the block sums sequentially, all in
-// double. The grouping never depends on the thread count, so 'mean' and
-// 'sum' are bitwise identical for any number of threads, and the double
+// Row losses are summed in fixed blocks of kReduceBlock rows (blocks in
+// parallel) and the block sums sequentially, all in double. Inside a block,
+// kReduceLanes partial sums take every kReduceLanes-th value and are added
+// together in a fixed tree at the end: one chain of dependent adds would cost
+// an add latency per row (a visible share of the forward at C = 10), and the
+// lanes vectorize. The grouping never depends on the thread count, so 'mean'
+// and 'sum' are bitwise identical for any number of threads, and the double
 // accumulator keeps the sum of up to millions of fp32 row losses exact to
 // fp32 precision.
 constexpr int64_t kReduceBlock = 1024;
+constexpr int64_t kReduceLanes = 8;
 
 template <typename acc_t>
 double deterministic_sum(const acc_t* values, int64_t n) {
@@ -844,11 +853,22 @@ double deterministic_sum(const acc_t* values, int64_t n) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t lo = b * kReduceBlock;
       const int64_t hi = std::min(n, lo + kReduceBlock);
-      double s = 0.0;
-      for (int64_t i = lo; i < hi; ++i) {
-        s += static_cast<double>(values[i]);
+      double lane[kReduceLanes] = {};
+      int64_t i = lo;
+      for (; i + kReduceLanes <= hi; i += kReduceLanes) {
+        for (int64_t j = 0; j < kReduceLanes; ++j) {
+          lane[j] += static_cast<double>(values[i + j]);
+        }
       }
-      block_sum[b] = s;
+      for (int64_t j = 0; i < hi; ++i, ++j) {
+        lane[j] += static_cast<double>(values[i]);
+      }
+      for (int64_t width = kReduceLanes / 2; width > 0; width /= 2) {
+        for (int64_t j = 0; j < width; ++j) {
+          lane[j] += lane[j + width];
+        }
+      }
+      block_sum[b] = lane[0];
     }
   });
   double total = 0.0;
@@ -905,7 +925,7 @@ struct GradOut {
     }
   }
   acc_t operator()(int64_t r) const {
-    return per_row ? static_cast<acc_t>(per_row[(r / K) * sn + (r % K) * sk]) : scalar;
+    return per_row ? static_cast<acc_t>(per_row[row_offset(r, K, sn, sk)]) : scalar;
   }
 };
 
@@ -1378,7 +1398,7 @@ struct IndexRows {
     weight_sum = static_cast<acc_t>(sum);
   }
   int64_t y(int64_t r) const {
-    return target[(r / K) * tn + (r % K) * tk];
+    return target[row_offset(r, K, tn, tk)];
   }
   GradPlan<acc_t> plan(int64_t r, acc_t grad_scaled, double lse) const {
     const int64_t t = y(r);
@@ -1439,7 +1459,7 @@ void index_forward_typed(const IndexForwardArgs& args) {
       }
       return;
     }
-    const acc_t x_y = static_cast<acc_t>(x[(r / K) * sn + (r % K) * sk + y * sc]);
+    const acc_t x_y = static_cast<acc_t>(x[row_offset(r, K, sn, sk) + y * sc]);
     const acc_t w_y = rows.w ? rows.w[y] : acc_t(1);
     if (row_smooth.empty()) {
       row_loss[r] = math::index_row_loss(st, static_cast<acc_t>(log_sum), x_y, w_y, rows.eps, C, smoothing);
