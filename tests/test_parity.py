@@ -345,8 +345,41 @@ def test_module_matches_functional(kind, device, rng, fresh_seed):
 # ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_name)
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((64, 10), "contiguous"), ((8, 40), "contiguous"), ((4, 2100), "contiguous"), ((8, 40), "transposed"),
+     ((3, 5, 4, 4), "contiguous"), ((3, 40, 5), "contiguous"), ((300, 3), "contiguous")],
+    ids=str,
+)
+def test_recomputed_gradient_equals_fused(shape, layout, dtype, device, fresh_seed):
+    """A second backward recomputes the gradient the fused forward wrote: same bits (gradcheck needs it).
+
+    Rows of few classes, a few tens, two chunks; contiguous and strided
+    classes; with weights, ignored rows and smoothing.
+    """
+    C = shape[1]
+    x = make_logits(shape, dtype, device=device)
+    if layout == "transposed":
+        x = x.t().contiguous().t()
+    x.requires_grad_()
+    t = make_index_target(shape, ignore_index=1, ignore_frac=0.2, device=device)
+    w = random_weight(C, dtype, device)
+    for kwargs in (dict(), dict(weight=w, ignore_index=1, label_smoothing=0.1)):
+        loss = ours(x, t, **kwargs)
+        fused, = torch.autograd.grad(loss, x, retain_graph=True)
+        recomputed, = torch.autograd.grad(loss, x)
+        assert torch.equal(fused, recomputed), kwargs
+        ref_kwargs = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        ref, = torch.autograd.grad(F.cross_entropy(x.double(), t, **ref_kwargs), x)
+        # ref is rounded to x's dtype; compared against the bits from xent
+        ref = ref.double()
+        rtol, atol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-7), torch.bfloat16: (2e-2, 1e-3)}[dtype]
+        torch.testing.assert_close(fused.double(), ref, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("shape", [(4, 5), (2, 4, 3), (5,)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 5), (2, 4, 3), (5,), (3, 40)], ids=str)
 def test_gradcheck_index(shape, reduction, device, fresh_seed):
     x = make_logits(shape, torch.float64, device=device).requires_grad_()
     C = shape[0] if len(shape) == 1 else shape[1]

@@ -577,7 +577,9 @@ void column_stats(
     const CoefSource<T>& coef,
     int64_t C,
     int64_t npos,
-    RowStats<acc_type<T>>* out) {
+    RowStats<acc_type<T>>* out,
+    acc_type<T>* keep_exp = nullptr,
+    int64_t keep_stride = 0) {
   using acc_t = acc_type<T>;
   using V = Vectorized<acc_t>;
   using IO = VecIO<T>;
@@ -606,8 +608,14 @@ void column_stats(
     load(x + c * xc, xa, xb);
     const V da = xa - shift0;
     const V db = xb - shift1;
-    s0 = s0 + vexp(da);
-    s1 = s1 + vexp(db);
+    const V ea = vexp(da);
+    const V eb = vexp(db);
+    s0 = s0 + ea;
+    s1 = s1 + eb;
+    if (keep_exp) {  // whole vectors: lanes past npos land in the tile's spare columns
+      ea.store(keep_exp + c * keep_stride);
+      eb.store(keep_exp + c * keep_stride + V::size());
+    }
     if constexpr (kCoef != Coef::kNone) {
       V ca(acc_t(1)), cb(acc_t(1));
       if constexpr (uses_target(kCoef)) {
@@ -669,6 +677,35 @@ struct RowExps {
 };
 
 constexpr int64_t kMaxKeptExps = 1 << 18;
+
+// Note [Recomputed equals fused]
+// The backward of index targets recomputes the gradient only when the fused
+// one cannot be used (reduction 'none', a second backward, a non-unit
+// upstream gradient in bf16/fp16). autograd.gradcheck runs the backward twice
+// and requires identical bits, so the recomputation takes its exps exactly as
+// the fused forward keeps them: the same stats function on the same chunk or
+// tile, then the same gradient function. It costs the recomputation a max
+// pass over each chunk, from L1.
+//
+// Note [Kept exps in a tile]
+// Note [Kept exps] for rows of few classes (kGatheredColumns): the stats walk
+// keeps the tile it transposed and the exps it took, so the fused gradient
+// neither gathers the rows again nor takes a second exp per logit (both were
+// a fifth of a C = 10 forward+backward). The per-row factor
+// a * exp(shift - lse) is taken a vector of rows at a time, its exponent
+// rounded to acc_t first: shift - lse is -log(sum_exp), at most log(C) in
+// size, so that rounding moves the gradient by under 2 ulp of fp32.
+//
+// What the gathered-columns walk keeps of a tile of rows for the fused
+// gradient (Note [Kept exps in a tile]): the transposed logits, and
+// exp(x - shift) in the same column-major layout, which the gradient walk
+// overwrites with the gradient.
+template <typename acc_t>
+struct TileExps {
+  const acc_t* x;      // x[c * kTileRows + j]: row r0 + j, class c
+  acc_t* e;            // exp(x - shift[j]), same layout
+  const acc_t* shift;  // accumulation shift of each row of the tile
+};
 
 // No-op hook for for_each_row_stats.
 struct NoAfter {
@@ -742,10 +779,13 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
       gathered.w = coef.w;
       gathered.q_scale = coef.q_scale;
       gathered.q_shift = coef.q_shift;
+      // Kept only for the fused gradient of index targets (the only after hook).
+      constexpr bool kKeep = !std::is_same_v<After, NoAfter> && !uses_target(kCoef);
       at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
         Scratch<acc_t> scratch;
         RowStats<acc_t> st[kGroup];
         double log_sum[kGroup];
+        acc_t shift[kTileRows];
         for (int64_t t = begin; t < end; ++t) {
           const int64_t r0 = t * kTileRows;
           const int64_t n = std::min(kTileRows, R - r0);
@@ -756,13 +796,20 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
             const int64_t npos = std::min(kGroup, n - j0);
             column_stats<acc_t, kCoef>(
-                scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, gathered, C, npos, st);
+                scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, gathered, C, npos, st,
+                kKeep ? scratch.g + j0 : nullptr, kTileRows);
             row_logs<kGroup>(st, npos, log_sum);
             for (int64_t j = 0; j < npos; ++j) {
               finish(r0 + j0 + j, st[j], log_sum[j]);
+              shift[j0 + j] = math::accumulation_shift(st[j].ref);
             }
           }
-          after(r0, n, static_cast<const RowExps<acc_t>*>(nullptr));
+          if constexpr (kKeep) {
+            const TileExps<acc_t> kept{scratch.x, scratch.g, shift};
+            after(r0, n, &kept);
+          } else {
+            after(r0, n, static_cast<const RowExps<acc_t>*>(nullptr));
+          }
         }
       });
       return;
@@ -1182,6 +1229,24 @@ struct GradWalker {
   // Up to kTileRows rows of few classes, transposed through scratch (kGatheredColumns).
   void gathered_tile(int64_t r0, int64_t n, Scratch<acc_t>& scratch) const {
     const int64_t C = L.C;
+    if constexpr (!uses_target(kCoef)) {
+      // Index targets: the exps exactly as the fused forward keeps them (the
+      // same column_stats), so the fused and the recomputed gradient agree
+      // to the bit (Note [Recomputed equals fused]).
+      gather_tile(L.x, L.xs, L, r0, n, scratch.x);
+      RowStats<acc_t> st[kGroup];
+      acc_t shift[kTileRows];
+      for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
+        const int64_t npos = std::min(kGroup, n - j0);
+        column_stats<acc_t, kCoef>(
+            scratch.x + j0, kTileRows, nullptr, kTileRows, gathered, C, npos, st, scratch.g + j0, kTileRows);
+        for (int64_t j = 0; j < npos; ++j) {
+          shift[j0 + j] = math::accumulation_shift(st[j].ref);
+        }
+      }
+      tile_from_exps(r0, n, TileExps<acc_t>{scratch.x, scratch.g, shift});
+      return;
+    }
     GradPlan<acc_t> plans[kTileRows];
     gather_tile(L.x, L.xs, L, r0, n, scratch.x);
     if (uses_target(kCoef)) {
@@ -1214,6 +1279,51 @@ struct GradWalker {
     }
   }
 
+  // Up to kTileRows rows from what the gathered-columns stats walk kept of
+  // them (Note [Kept exps in a tile]); the gradient replaces the exps in place.
+  void tile_from_exps(int64_t r0, int64_t n, const TileExps<acc_t>& tile) const {
+    using V = Vectorized<acc_t>;
+    static_assert(kTileRows % V::size() == 0, "whole vectors");
+    const int64_t C = L.C;
+    GradPlan<acc_t> plans[kTileRows];
+    acc_t factor[kTileRows] = {};  // a * exp(shift - lse); 0 past n
+    acc_t a[kTileRows] = {};
+    acc_t d[kTileRows] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      plans[j] = plan_of(r0 + j);
+      a[j] = plans[j].k.a;
+      d[j] = plans[j].k.d;
+      factor[j] = static_cast<acc_t>(static_cast<double>(tile.shift[j]) - plans[j].lse);
+    }
+    const int64_t n_vec = (n + V::size() - 1) / V::size() * V::size();
+    for (int64_t j = 0; j < n_vec; j += V::size()) {
+      (V::loadu(a + j) * vexp(V::loadu(factor + j))).store(factor + j);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* e = tile.e + c * kTileRows;
+      acc_t w(1);
+      if constexpr (uses_weight(kCoef)) {
+        w = static_cast<acc_t>(coef.w[c]);
+      }
+      for (int64_t j = 0; j < n_vec; j += V::size()) {
+        V g = V::loadu(factor + j) * V::loadu(e + j);
+        if constexpr (kCoef != Coef::kNone) {
+          g = g - V::loadu(d + j) * V(w);
+        }
+        g.store(e + j);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (plans[j].y >= 0) {
+        tile.e[plans[j].y * kTileRows + j] -= plans[j].k.b;  // as in gathered_tile
+      }
+      T* dst = grad + L.at(r0 + j, gs);
+      for (int64_t c = 0; c < C; ++c) {
+        dst[c * gc] = static_cast<T>(tile.e[c * kTileRows + j]);
+      }
+    }
+  }
+
   // One chunk of one row (kRows).
   void row_chunk(int64_t r, int64_t chunk, Scratch<acc_t>& scratch) const {
     const GradPlan<acc_t> plan = plan_of(r);
@@ -1228,8 +1338,16 @@ struct GradWalker {
       }
       return;
     }
-    row_chunk_grad<T, kCoef>(
-        row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, math::split_lse<acc_t>(plan.lse), scratch);
+    if constexpr (!uses_target(kCoef)) {
+      // Index targets: the exps exactly as the fused forward keeps them (the
+      // same row_chunk_stats), so the fused and the recomputed gradient agree
+      // to the bit (Note [Recomputed equals fused]).
+      const RowStats<acc_t> part = row_chunk_stats<T, kCoef>(row, coef, c_begin, len, scratch, scratch.g);
+      chunk_from_exps(plan, row, grad_row, chunk, scratch.g, math::accumulation_shift(part.ref));
+    } else {
+      row_chunk_grad<T, kCoef>(
+          row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, math::split_lse<acc_t>(plan.lse), scratch);
+    }
     if (plan.y >= c_begin && plan.y < c_begin + len) {
       grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<acc_t>(
           static_cast<acc_t>(row.x[plan.y * row.x_stride]), coef_at<T, kCoef>(coef, row, plan.y), plan));
@@ -1238,8 +1356,6 @@ struct GradWalker {
 
   // One row from the exps the forward kept (Note [Kept exps]).
   void row_from_exps(int64_t r, const RowExps<acc_t>& exps) const {
-    using V = Vectorized<acc_t>;
-    using IO = VecIO<T>;
     const GradPlan<acc_t> plan = plan_of(r);
     const RowView<T> row = L.row(r);
     T* grad_row = grad + L.at(r, gs);
@@ -1250,50 +1366,8 @@ struct GradWalker {
       }
       return;
     }
-    const V vd(plan.k.d);
     for (int64_t chunk = 0; chunk < num_chunks(C); ++chunk) {
-      // softmax = kept * exp(shift - lse); the factor is formed in double.
-      const acc_t a = plan.k.a * static_cast<acc_t>(std::exp(static_cast<double>(exps.shift[chunk]) - plan.lse));
-      const V va(a);
-      const int64_t c_begin = chunk * kChunk;
-      const int64_t len = chunk_len(C, chunk);
-      const acc_t* e = exps.e + c_begin;
-      CoefSource<T> chunk_coef = coef;
-      if (uses_weight(kCoef)) {
-        chunk_coef.w = coef.w + c_begin;
-      }
-      V ca, cb;
-      const auto grad_of = [&](const V& ev, const V& cv) {
-        if constexpr (kCoef == Coef::kNone) {
-          return va * ev;
-        } else {
-          return va * ev - vd * cv;
-        }
-      };
-      if (gc == 1) {
-        T* g = grad_row + c_begin;
-        int64_t i = 0;
-        for (; i + IO::kStep <= len; i += IO::kStep) {
-          if constexpr (kCoef != Coef::kNone) {
-            CoefLoader<T, kCoef>::load(chunk_coef, i, ca, cb);
-          }
-          IO::store(g + i, grad_of(V::loadu(e + i), ca), grad_of(V::loadu(e + i + V::size()), cb));
-        }
-        if (i < len) {
-          const int64_t rest = len - i;
-          if constexpr (kCoef != Coef::kNone) {
-            CoefLoader<T, kCoef>::load(chunk_coef, i, rest, ca, cb);
-          }
-          const V ea = V::loadu(e + i, std::min<int64_t>(rest, V::size()));
-          const V eb = rest > V::size() ? V::loadu(e + i + V::size(), rest - V::size()) : V(acc_t(0));
-          IO::store(g + i, rest, grad_of(ea, ca), grad_of(eb, cb));
-        }
-      } else {
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t coef_i = coef_at<T, kCoef>(coef, row, c_begin + i);
-          grad_row[(c_begin + i) * gc] = static_cast<T>(a * e[i] - plan.k.d * coef_i);
-        }
-      }
+      chunk_from_exps(plan, row, grad_row, chunk, exps.e + chunk * kChunk, exps.shift[chunk]);
     }
     if (plan.y >= 0) {
       grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<acc_t>(
@@ -1301,9 +1375,62 @@ struct GradWalker {
     }
   }
 
-  // Rows [r0, r0 + n) in this thread: one tile of the stats walk, which
-  // matches this walk's tiles whenever the walks agree. exps: what the rows
-  // walk kept of row r0 (n == 1), or null.
+  // One chunk of a row's gradient from e = exp(x - shift) over the chunk
+  // (the one-hot element is the caller's).
+  void chunk_from_exps(
+      const GradPlan<acc_t>& plan, const RowView<T>& row, T* grad_row, int64_t chunk, const acc_t* e, acc_t shift) const {
+    using V = Vectorized<acc_t>;
+    using IO = VecIO<T>;
+    const V vd(plan.k.d);
+    // softmax = kept * exp(shift - lse); the factor is formed in double.
+    const acc_t a = plan.k.a * static_cast<acc_t>(std::exp(static_cast<double>(shift) - plan.lse));
+    const V va(a);
+    const int64_t c_begin = chunk * kChunk;
+    const int64_t len = chunk_len(L.C, chunk);
+    CoefSource<T> chunk_coef = coef;
+    if (uses_weight(kCoef)) {
+      chunk_coef.w = coef.w + c_begin;
+    }
+    V ca, cb;
+    const auto grad_of = [&](const V& ev, const V& cv) {
+      if constexpr (kCoef == Coef::kNone) {
+        return va * ev;
+      } else {
+        return va * ev - vd * cv;
+      }
+    };
+    if (gc == 1) {
+      T* g = grad_row + c_begin;
+      int64_t i = 0;
+      for (; i + IO::kStep <= len; i += IO::kStep) {
+        if constexpr (kCoef != Coef::kNone) {
+          CoefLoader<T, kCoef>::load(chunk_coef, i, ca, cb);
+        }
+        IO::store(g + i, grad_of(V::loadu(e + i), ca), grad_of(V::loadu(e + i + V::size()), cb));
+      }
+      if (i < len) {
+        const int64_t rest = len - i;
+        if constexpr (kCoef != Coef::kNone) {
+          CoefLoader<T, kCoef>::load(chunk_coef, i, rest, ca, cb);
+        }
+        const V ea = V::loadu(e + i, std::min<int64_t>(rest, V::size()));
+        const V eb = rest > V::size() ? V::loadu(e + i + V::size(), rest - V::size()) : V(acc_t(0));
+        IO::store(g + i, rest, grad_of(ea, ca), grad_of(eb, cb));
+      }
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t coef_i = coef_at<T, kCoef>(coef, row, c_begin + i);
+        grad_row[(c_begin + i) * gc] = static_cast<T>(a * e[i] - plan.k.d * coef_i);
+      }
+    }
+  }
+
+  // A tile the gathered-columns stats walk kept (that walk's choice never
+  // depends on the gradient's strides, so this walker's walk is the same).
+  void rows(int64_t r0, int64_t n, const TileExps<acc_t>* tile) const {
+    tile_from_exps(r0, n, *tile);
+  }
+
   void rows(int64_t r0, int64_t n, const RowExps<acc_t>* exps = nullptr) const {
     if constexpr (!uses_target(kCoef)) {
       if (exps && walk == Walk::kRows && n == 1) {
@@ -1469,10 +1596,15 @@ void index_forward_typed(const IndexForwardArgs& args) {
     }
   };
   if (args.grad_input.defined()) {
-    const GradOut<T> unit(1.0 / denominator);
+    // The scale from the stored, acc_t-rounded total weight, which is what a
+    // recomputing backward reads (Note [Recomputed equals fused]).
+    const double stored_denominator = args.reduction == kReductionMean
+        ? static_cast<double>(*args.total_weight.data_ptr<acc_t>())
+        : 1.0;
+    const GradOut<T> unit(1.0 / stored_denominator);
     const auto plan_of = [&](int64_t r) { return rows.plan(r, unit(r), lse[r]); };
     const auto walker = make_grad_walker<T, kCoef>(L, args.grad_input, coef, plan_of);
-    for_each_row_stats<T, kCoef>(L, coef, finish, [&](int64_t r0, int64_t n, const RowExps<acc_t>* exps) {
+    for_each_row_stats<T, kCoef>(L, coef, finish, [&](int64_t r0, int64_t n, const auto* exps) {
       walker.rows(r0, n, exps);
     });
   } else {

@@ -592,7 +592,10 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
   const Coefs<A, kMode> coefs{w, A(1), A(0)};
   // The fused gradient's upstream gradient is 1 / denominator (CPU kernel:
   // Note [Gradient in the forward]); scalars were written by the pre-pass.
-  const double denominator = a.reduction == kReductionMean ? a.scratch.scalars[0] : 1.0;
+  // The denominator rounded to A, as the total_weight output a recomputing
+  // backward reads holds it (CPU kernel: Note [Recomputed equals fused]).
+  const double denominator =
+      a.reduction == kReductionMean ? static_cast<double>(static_cast<A>(a.scratch.scalars[0])) : 1.0;
   const A unit = static_cast<A>(1.0 / denominator);
   const A weight_sum = static_cast<A>(a.scratch.scalars[1]);
   A* row_nll = static_cast<A*>(a.scratch.row_nll);
