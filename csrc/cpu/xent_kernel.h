@@ -678,6 +678,13 @@ struct RowExps {
 
 constexpr int64_t kMaxKeptExps = 1 << 18;
 
+// Whether a kColumns tile (step rows of C classes) keeps its exps: up to
+// 4 x kChunk values, so short class dims (segmentation) do and a transposed
+// LLM-sized row does not. Depends on the shape only.
+inline bool keeps_column_exps(int64_t C, int64_t step) {
+  return C * step <= 4 * kChunk;
+}
+
 // Note [Recomputed equals fused]
 // The backward of index targets recomputes the gradient only when the fused
 // one cannot be used (reduction 'none', a second backward, a non-unit
@@ -696,15 +703,14 @@ constexpr int64_t kMaxKeptExps = 1 << 18;
 // rounded to acc_t first: shift - lse is -log(sum_exp), at most log(C) in
 // size, so that rounding moves the gradient by under 2 ulp of fp32.
 //
-// What the gathered-columns walk keeps of a tile of rows for the fused
-// gradient (Note [Kept exps in a tile]): the transposed logits, and
-// exp(x - shift) in the same column-major layout, which the gradient walk
-// overwrites with the gradient.
+// What the column walks keep of a tile of rows for the fused gradient (Note
+// [Kept exps in a tile]): exp(x - shift), column-major, which the gradient
+// walk may overwrite.
 template <typename acc_t>
 struct TileExps {
-  const acc_t* x;      // x[c * kTileRows + j]: row r0 + j, class c
-  acc_t* e;            // exp(x - shift[j]), same layout
+  acc_t* e;            // e[c * stride + j] = exp(x - shift[j]) of row r0 + j, class c
   const acc_t* shift;  // accumulation shift of each row of the tile
+  int64_t stride;      // kTileRows (gathered columns) or the vector step (columns)
 };
 
 // No-op hook for for_each_row_stats.
@@ -754,19 +760,30 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
       const Layout<T> Lc = columns_view(L);
       const ColumnTiles tiles(Lc.N, Lc.K, kStep);
       const int64_t grain = std::max<int64_t>(1, kGrainElements / (kStep * C));
+      // Kept for the fused gradient of index targets when the tile's exps fit
+      // the scratch (Note [Kept exps in a tile]).
+      const bool keep = !std::is_same_v<After, NoAfter> && !uses_target(kCoef) && keeps_column_exps(C, kStep);
       at::parallel_for(0, tiles.count, grain, [&](int64_t begin, int64_t end) {
         RowStats<acc_t> st[kStep];
         double log_sum[kStep];
+        acc_t shift[kStep];
+        std::vector<acc_t> kept(keep ? static_cast<size_t>(C * kStep) : 0);
         for (int64_t t = begin; t < end; ++t) {
           const int64_t r0 = tiles.n(t) * Lc.K + tiles.k0(t);
           const int64_t npos = tiles.size(t);
           const RowView<T> first = Lc.row(r0);
-          column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st);
+          column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st, keep ? kept.data() : nullptr, kStep);
           row_logs<kStep>(st, npos, log_sum);
           for (int64_t j = 0; j < npos; ++j) {
             finish(r0 + j, st[j], log_sum[j]);
+            shift[j] = math::accumulation_shift(st[j].ref);
           }
-          after(r0, npos, static_cast<const RowExps<acc_t>*>(nullptr));
+          if (keep) {
+            const TileExps<acc_t> tile{kept.data(), shift, kStep};
+            after(r0, npos, &tile);
+          } else {
+            after(r0, npos, static_cast<const RowExps<acc_t>*>(nullptr));
+          }
         }
       });
       return;
@@ -805,7 +822,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
             }
           }
           if constexpr (kKeep) {
-            const TileExps<acc_t> kept{scratch.x, scratch.g, shift};
+            const TileExps<acc_t> kept{scratch.g, shift, kTileRows};
             after(r0, n, &kept);
           } else {
             after(r0, n, static_cast<const RowExps<acc_t>*>(nullptr));
@@ -1205,8 +1222,28 @@ struct GradWalker {
     gathered.q_shift = coef.q_shift;
   }
 
-  // kStep adjacent rows starting at r0 (kColumns).
-  void column_tile(int64_t r0, int64_t npos) const {
+  // The buffer column_tile keeps a tile's exps in (empty when it keeps none).
+  std::vector<acc_t> column_buffer() const {
+    const bool keep = walk == Walk::kColumns && !uses_target(kCoef) && keeps_column_exps(L.C, kStep);
+    return std::vector<acc_t>(keep ? static_cast<size_t>(L.C * kStep) : 0);
+  }
+
+  // kStep adjacent rows starting at r0 (kColumns); kept from column_buffer().
+  void column_tile(int64_t r0, int64_t npos, std::vector<acc_t>& kept) const {
+    if constexpr (!uses_target(kCoef)) {
+      if (keeps_column_exps(L.C, kStep)) {
+        // Exactly as the fused forward keeps them (Note [Recomputed equals fused]).
+        RowStats<acc_t> st[kStep];
+        acc_t shift[kStep];
+        const RowView<T> first = Lc.row(r0);
+        column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, L.C, npos, st, kept.data(), kStep);
+        for (int64_t j = 0; j < npos; ++j) {
+          shift[j] = math::accumulation_shift(st[j].ref);
+        }
+        column_from_exps(r0, npos, TileExps<acc_t>{kept.data(), shift, kStep});
+        return;
+      }
+    }
     GradPlan<acc_t> plans[kStep];
     LanePlans<acc_t, kStep> lanes;
     for (int64_t j = 0; j < npos; ++j) {
@@ -1244,7 +1281,7 @@ struct GradWalker {
           shift[j0 + j] = math::accumulation_shift(st[j].ref);
         }
       }
-      tile_from_exps(r0, n, TileExps<acc_t>{scratch.x, scratch.g, shift});
+      tile_from_exps(r0, n, TileExps<acc_t>{scratch.g, shift, kTileRows});
       return;
     }
     GradPlan<acc_t> plans[kTileRows];
@@ -1320,6 +1357,56 @@ struct GradWalker {
       T* dst = grad + L.at(r0 + j, gs);
       for (int64_t c = 0; c < C; ++c) {
         dst[c * gc] = static_cast<T>(tile.e[c * kTileRows + j]);
+      }
+    }
+  }
+
+  // npos <= kStep adjacent rows of a kColumns tile from their kept exps
+  // (Note [Kept exps in a tile]), written straight to the gradient.
+  void column_from_exps(int64_t r0, int64_t npos, const TileExps<acc_t>& tile) const {
+    using V = Vectorized<acc_t>;
+    using IO = VecIO<T>;
+    static_assert(kStep == 2 * V::size(), "two vectors per tile row");
+    GradPlan<acc_t> plans[kStep];
+    acc_t factor[kStep] = {};  // a * exp(shift - lse); 0 past npos
+    acc_t a[kStep] = {};
+    acc_t d[kStep] = {};
+    for (int64_t j = 0; j < npos; ++j) {
+      plans[j] = plan_of(r0 + j);
+      a[j] = plans[j].k.a;
+      d[j] = plans[j].k.d;
+      factor[j] = static_cast<acc_t>(static_cast<double>(tile.shift[j]) - plans[j].lse);
+    }
+    for (int64_t j = 0; j < kStep; j += V::size()) {
+      (V::loadu(a + j) * vexp(V::loadu(factor + j))).store(factor + j);
+    }
+    const V f0 = V::loadu(factor), f1 = V::loadu(factor + V::size());
+    const V d0 = V::loadu(d), d1 = V::loadu(d + V::size());
+    T* g0 = grad + Lc.at(r0, gsc);
+    const bool full = npos == kStep;
+    for (int64_t c = 0; c < L.C; ++c) {
+      const acc_t* e = tile.e + c * tile.stride;
+      V ga = f0 * V::loadu(e);
+      V gb = f1 * V::loadu(e + V::size());
+      if constexpr (kCoef != Coef::kNone) {
+        const V w(uses_weight(kCoef) ? static_cast<acc_t>(coef.w[c]) : acc_t(1));
+        ga = ga - d0 * w;
+        gb = gb - d1 * w;
+      }
+      if (full) {
+        IO::store(g0 + c * gc, ga, gb);
+      } else {
+        IO::store(g0 + c * gc, npos, ga, gb);
+      }
+    }
+    for (int64_t j = 0; j < npos; ++j) {
+      const int64_t y = plans[j].y;
+      if (y >= 0) {  // the one-hot element, rounded to T once
+        acc_t g = factor[j] * tile.e[y * tile.stride + j];
+        if constexpr (kCoef != Coef::kNone) {
+          g = g - d[j] * (uses_weight(kCoef) ? static_cast<acc_t>(coef.w[y]) : acc_t(1));
+        }
+        g0[j + y * gc] = static_cast<T>(g - plans[j].k.b);
       }
     }
   }
@@ -1425,10 +1512,15 @@ struct GradWalker {
     }
   }
 
-  // A tile the gathered-columns stats walk kept (that walk's choice never
-  // depends on the gradient's strides, so this walker's walk is the same).
+  // A tile a column stats walk kept.
   void rows(int64_t r0, int64_t n, const TileExps<acc_t>* tile) const {
-    tile_from_exps(r0, n, *tile);
+    if (walk == Walk::kGatheredColumns && tile->stride == kTileRows) {
+      tile_from_exps(r0, n, *tile);
+    } else if (walk == Walk::kColumns && tile->stride == kStep) {
+      column_from_exps(r0, n, *tile);
+    } else {  // a gradient laid out otherwise than the logits: its own walk
+      rows(r0, n, static_cast<const RowExps<acc_t>*>(nullptr));
+    }
   }
 
   void rows(int64_t r0, int64_t n, const RowExps<acc_t>* exps = nullptr) const {
@@ -1440,11 +1532,12 @@ struct GradWalker {
     }
     Scratch<acc_t> scratch;
     if (walk == Walk::kColumns) {
+      std::vector<acc_t> kept = column_buffer();
       for (int64_t j = 0; j < n;) {
         // Stay inside one column tile (rows of one n, aligned to kStep).
         const int64_t k = (r0 + j) % Lc.K;
         const int64_t npos = std::min({n - j, kStep - k % kStep, Lc.K - k});
-        column_tile(r0 + j, npos);
+        column_tile(r0 + j, npos, kept);
         j += npos;
       }
     } else if (walk == Walk::kGatheredColumns) {
@@ -1466,8 +1559,9 @@ struct GradWalker {
     if (walk == Walk::kColumns) {
       const ColumnTiles tiles(Lc.N, Lc.K, kStep);
       at::parallel_for(0, tiles.count, std::max<int64_t>(1, kGrainElements / (kStep * C)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> kept = column_buffer();
         for (int64_t t = begin; t < end; ++t) {
-          column_tile(tiles.n(t) * Lc.K + tiles.k0(t), tiles.size(t));
+          column_tile(tiles.n(t) * Lc.K + tiles.k0(t), tiles.size(t), kept);
         }
       });
     } else if (walk == Walk::kGatheredColumns) {
