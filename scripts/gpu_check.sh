@@ -17,7 +17,8 @@
 # test_suite.log (the rest of the suite, CUDA twins only: -k cuda),
 # test_cpu.log (the CPU tests, run at the same time as the CUDA twins on the
 # host's spare cores: the host's ISA, often AVX512, which our own machines
-# lack), bench_cuda.log/.json, summary.txt. JUnit XML goes to /tmp (the
+# lack; at the end, if time is left, the CPU benchmark), bench_cuda.log/.json,
+# bench_nocheck.log, summary.txt. JUnit XML goes to /tmp (the
 # device tool brings back at most 8 files).
 #
 # Knobs (environment): GPU_CHECK_SECONDS (overall deadline), GPU_CHECK_XDIST
@@ -248,6 +249,14 @@ stage bench-nocheck "$T" "$OUT/bench_nocheck.log" env XENT_EXT_CUDA_TARGET_CHECK
   --device cuda --shapes 8x256000,16x21x128x128,65536x1000,4096x32000:bf16 --no-compile --max-time 0.5 \
   --budget $((T > 40 ? T - 30 : 10))
 
+# The CPU benchmark on the host's cores (AVX512 where it has them) at 1 and 2
+# threads: issue 4's targets are set for a 2-core AVX512 machine, and sessions
+# have no AVX512. Last, only with the time left, appended to test_cpu.log (the
+# device tool brings back at most 8 files).
+T=$(budget 150 5)
+stage bench-cpu "$T" "$OUT/test_cpu.log" env OMP_NUM_THREADS=2 $PY -m xent_ext.bench --quick --threads 1,2 \
+  --max-time 2
+
 # ---------------------------------------------------------------- digest
 pytest_digest() {  # LOG: the counts line and the first failures
   local log=$1
@@ -296,6 +305,13 @@ digest() {
   if [[ -f $OUT/bench_nocheck.log ]] && grep -q '^summary (copy bandwidth' "$OUT/bench_nocheck.log"; then
     echo "benchmark, target check off:"
     sed -n '/^summary (copy bandwidth/,/^$/p' "$OUT/bench_nocheck.log" | cut -c1-300 | sed 's/^/  /'
+  fi
+  if grep -q '^=== bench-cpu' "$OUT/test_cpu.log" 2>/dev/null; then
+    echo "CPU benchmark (host cores; the ISA line says whether AVX512):"
+    sed -n '/^=== bench-cpu/,$p' "$OUT/test_cpu.log" >/tmp/bench_cpu.log
+    grep -E '^(CPU|ISA):' /tmp/bench_cpu.log | sed 's/^/  /'
+    grep -E '^[0-9x]+ +(fp32|bf16|fp16) ' /tmp/bench_cpu.log | cut -c1-200 | sed 's/^/  /'
+    sed -n '/^targets/,$p' /tmp/bench_cpu.log | head -20 | cut -c1-240 | sed 's/^/  /'
   fi
   echo
   printf '%-14s %5s %8s\n' stage rc seconds
