@@ -25,7 +25,7 @@ def test_cli_runs_and_writes_every_field(tmp_path, capsys):
         ([512, 10], "fwd"), ([512, 10], "fwd+bwd"), ([2, 3, 8, 8], "fwd"), ([2, 3, 8, 8], "fwd+bwd")]
     for r in rows:
         assert r["order"] == ("interleaved" if r["mode"] == "fwd" else "blocks")
-        assert r["bound"] in ("memory", "compute", "host")
+        assert r["bound"] in ("memory", "compute", "host", "other")
         assert r["cache"]["slice_bytes"] > 0 and r["compute_ms"] > 0
         assert len(r["impls"]["xent"]["samples_ms"]) == 2
         assert r["impls"]["compile"]["skipped"]
@@ -79,6 +79,18 @@ def test_target_verdicts():
     assert fwd_ok.met and not fwd_miss.met
     line = bench.target_line(_row(llm, "fwd", 1.6 * floor_ms, 1.0, 1.0, 0))
     assert "MISSED" in line and "why: " in line
+
+
+def test_bound():
+    # _row's cache: 1e-7 ms per byte (524 MB: 52 ms of compute), 0.01 ms per call.
+    shape = (4096, 32000)
+    compute_ms = 4096 * 32000 * 4 * 1e-7
+    assert _row(shape, "fwd", compute_ms * 1.1, 1.0, 1.0, 0).bound == "compute"
+    # Far above every bound: something else (page faults, a disturbed sample).
+    assert _row(shape, "fwd", compute_ms * 3, 1.0, 1.0, 0).bound == "other"
+    fast = _row(shape, "fwd", 30.0, 1.0, 1.0, 0)
+    fast.cache = bench.CacheCost(host_ms=0.01, ms_per_byte=1e-12, slice_bytes=1024)
+    assert fast.bound == "memory"  # floor: 524 MB at 20 GB/s = 26 ms
 
 
 def test_in_cache_cost_scales_with_input():

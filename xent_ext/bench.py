@@ -199,16 +199,21 @@ class Row:
 
     @property
     def bound(self) -> str | None:
-        """The largest of the three lower bounds on xent's time: 'memory', 'compute' or 'host'.
+        """What bounds xent's time: 'memory', 'compute', 'host' or 'other'.
 
-        memory: the bandwidth floor; compute: the in-cache time scaled to these
-        logits; host: the fixed cost per call.  What is left of xent's time
-        above the largest is neither (e.g. page faults on the gradient).
+        The largest of three lower bounds: memory (the bandwidth floor),
+        compute (the in-cache time scaled to these logits), host (the fixed
+        cost per call); 'other' when xent's time exceeds the larger of memory
+        and compute plus host by more than the largest bound (page faults on
+        the gradient, or a disturbed sample).
         """
-        if self.cache is None:
+        t = self.impls["xent"].median_ms
+        if self.cache is None or t is None:
             return None
         costs = {"memory": self.floor_ms, "compute": self.compute_ms or 0.0, "host": self.cache.host_ms}
-        return max(costs, key=lambda k: costs[k])
+        largest = max(costs, key=lambda k: costs[k])
+        explained = max(costs["memory"], costs["compute"]) + costs["host"]
+        return "other" if t - explained > costs[largest] else largest
 
     def to_json(self) -> dict[str, Any]:
         impls: dict[str, Any] = {}
@@ -884,7 +889,8 @@ xent GB/s: logits bytes moved by xent (fwd: 1 read; fwd+bwd: 2 reads + 1 write) 
 cache GB/s: xent GB/s if the logits came from cache: bytes moved / (in-cache time per byte x bytes),
            timed on slices of the input that stay in cache; xent's compute ceiling
 bound:     largest of xent's three lower bounds: memory (the floor), compute (the in-cache time),
-           host (the fixed cost per call); time above it is neither (e.g. page faults)
+           host (the fixed cost per call); other: xent took over twice what they explain
+           (page faults, a disturbed sample)
 MiB:       peak extra memory of one call (fwd+bwd includes the logits-sized gradient)
 timing:    fwd rows interleave the implementations' samples; fwd+bwd rows time each in blocks of
            back-to-back calls (--order; benchmarks/README.md says why)"""
@@ -1174,30 +1180,6 @@ class GpuRow:
         """Peak extra memory in gradient buffers (one gradient = the logits' bytes)."""
         peak = self.impls[name].peak_extra_bytes
         return peak / self.case.logits_bytes if peak is not None else None
-
-    @property
-    def compute_ms(self) -> float | None:
-        """xent's time for these logits if they came from cache (host time excluded)."""
-        return self.cache.ms_per_byte * self.case.logits_bytes if self.cache else None
-
-    @property
-    def cache_gbps(self) -> float | None:
-        """``xent_gbps`` with the logits in cache: the compute ceiling, comparable to the bandwidths."""
-        t = self.compute_ms
-        return self.bytes_moved / (t * 1e-3) / 1e9 if t else None
-
-    @property
-    def bound(self) -> str | None:
-        """The largest of the three lower bounds on xent's time: 'memory', 'compute' or 'host'.
-
-        memory: the bandwidth floor; compute: the in-cache time scaled to these
-        logits; host: the fixed cost per call.  What is left of xent's time
-        above the largest is neither (e.g. page faults on the gradient).
-        """
-        if self.cache is None:
-            return None
-        costs = {"memory": self.floor_ms, "compute": self.compute_ms or 0.0, "host": self.cache.host_ms}
-        return max(costs, key=lambda k: costs[k])
 
     def to_json(self) -> dict[str, Any]:
         impls: dict[str, Any] = {}

@@ -1318,24 +1318,36 @@ struct GradWalker {
 
   // Up to kTileRows rows from what the gathered-columns stats walk kept of
   // them (Note [Kept exps in a tile]); the gradient replaces the exps in place.
-  void tile_from_exps(int64_t r0, int64_t n, const TileExps<acc_t>& tile) const {
+  // For rows r0 + j, j < n <= kMax: plans[j], d[j] and factor[j] =
+  // a * exp(shift[j] - lse), the exp a vector of rows at a time (Note [Kept
+  // exps in a tile]); factor and d past n, up to kMax, are 0.
+  template <int64_t kMax>
+  void tile_factors(int64_t r0, int64_t n, const acc_t* shift, GradPlan<acc_t>* plans, acc_t* factor, acc_t* d) const {
     using V = Vectorized<acc_t>;
-    static_assert(kTileRows % V::size() == 0, "whole vectors");
-    const int64_t C = L.C;
-    GradPlan<acc_t> plans[kTileRows];
-    acc_t factor[kTileRows] = {};  // a * exp(shift - lse); 0 past n
-    acc_t a[kTileRows] = {};
-    acc_t d[kTileRows] = {};
+    static_assert(kMax % V::size() == 0, "whole vectors");
+    acc_t a[kMax] = {};
+    for (int64_t j = 0; j < kMax; ++j) {
+      factor[j] = d[j] = acc_t(0);
+    }
     for (int64_t j = 0; j < n; ++j) {
       plans[j] = plan_of(r0 + j);
       a[j] = plans[j].k.a;
       d[j] = plans[j].k.d;
-      factor[j] = static_cast<acc_t>(static_cast<double>(tile.shift[j]) - plans[j].lse);
+      factor[j] = static_cast<acc_t>(static_cast<double>(shift[j]) - plans[j].lse);
     }
-    const int64_t n_vec = (n + V::size() - 1) / V::size() * V::size();
-    for (int64_t j = 0; j < n_vec; j += V::size()) {
+    for (int64_t j = 0; j < n; j += V::size()) {
       (V::loadu(a + j) * vexp(V::loadu(factor + j))).store(factor + j);
     }
+  }
+
+  void tile_from_exps(int64_t r0, int64_t n, const TileExps<acc_t>& tile) const {
+    using V = Vectorized<acc_t>;
+    const int64_t C = L.C;
+    GradPlan<acc_t> plans[kTileRows];
+    acc_t factor[kTileRows];
+    acc_t d[kTileRows];
+    tile_factors<kTileRows>(r0, n, tile.shift, plans, factor, d);
+    const int64_t n_vec = (n + V::size() - 1) / V::size() * V::size();
     for (int64_t c = 0; c < C; ++c) {
       acc_t* e = tile.e + c * kTileRows;
       acc_t w(1);
@@ -1368,18 +1380,9 @@ struct GradWalker {
     using IO = VecIO<T>;
     static_assert(kStep == 2 * V::size(), "two vectors per tile row");
     GradPlan<acc_t> plans[kStep];
-    acc_t factor[kStep] = {};  // a * exp(shift - lse); 0 past npos
-    acc_t a[kStep] = {};
-    acc_t d[kStep] = {};
-    for (int64_t j = 0; j < npos; ++j) {
-      plans[j] = plan_of(r0 + j);
-      a[j] = plans[j].k.a;
-      d[j] = plans[j].k.d;
-      factor[j] = static_cast<acc_t>(static_cast<double>(tile.shift[j]) - plans[j].lse);
-    }
-    for (int64_t j = 0; j < kStep; j += V::size()) {
-      (V::loadu(a + j) * vexp(V::loadu(factor + j))).store(factor + j);
-    }
+    acc_t factor[kStep];
+    acc_t d[kStep];
+    tile_factors<kStep>(r0, npos, tile.shift, plans, factor, d);
     const V f0 = V::loadu(factor), f1 = V::loadu(factor + V::size());
     const V d0 = V::loadu(d), d1 = V::loadu(d + V::size());
     T* g0 = grad + Lc.at(r0, gsc);
