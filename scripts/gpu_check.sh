@@ -219,7 +219,9 @@ if ((CPU_XDIST_N > 0)) && ((${#XDIST[@]} > 0)) && ((T >= 20)); then
     XENT_TEST_DEVICES=cpu OMP_NUM_THREADS=2 timeout -k 10 "$T" $PY -m pytest tests -q -m "not cuda" \
       --ignore=tests/test_cuda.py --ignore=tests/test_install.py --maxfail=30 "${PYTEST_COMMON[@]}" \
       -n "$CPU_XDIST_N" --junitxml=/tmp/test_cpu.xml
-    echo "--- test-cpu: rc=$?"
+    rc=$?
+    echo  # a run killed by timeout leaves pytest's progress line open
+    echo "--- test-cpu: rc=$rc"
   ) >"$OUT/test_cpu.log" 2>&1 &
   CPU_PID=$!
 fi
@@ -259,13 +261,14 @@ stage bench-cpu "$T" "$OUT/test_cpu.log" env OMP_NUM_THREADS=2 $PY -m xent_ext.b
 
 # ---------------------------------------------------------------- digest
 pytest_digest() {  # LOG: the counts line and the first failures
-  local log=$1
-  [[ -f $log ]] || { echo "  (no log)"; return; }
+  [[ -f $1 ]] || { echo "  (no log)"; return; }
+  local log=/tmp/digest_$(basename "$1")
+  sed '/^=== bench-cpu/,$d' "$1" >"$log"  # test_cpu.log ends with the CPU benchmark
   grep -E '(passed|failed|error|skipped|no tests ran|deselected)' "$log" | grep -vE '^(FAILED|ERROR) ' | tail -1 | sed 's/^/  /'
   grep -E '^(FAILED|ERROR) ' "$log" | head -20 | cut -c1-240 | sed 's/^/  /'
   local n
   n=$(grep -cE '^(FAILED|ERROR) ' "$log")
-  ((n > 20)) && echo "  ... $((n - 20)) more in $(basename "$log")"
+  ((n > 20)) && echo "  ... $((n - 20)) more in $(basename "$1")"
   grep -E 'Timeout|session timeout|TIMED OUT' "$log" | head -3 | cut -c1-240 | sed 's/^/  /'
 }
 
