@@ -695,10 +695,13 @@ inline bool keeps_column_exps(int64_t C, int64_t step) {
 // pass over each chunk, from L1.
 //
 // Note [Kept exps in a tile]
-// Note [Kept exps] for rows of few classes (kGatheredColumns): the stats walk
-// keeps the tile it transposed and the exps it took, so the fused gradient
-// neither gathers the rows again nor takes a second exp per logit (both were
-// a fifth of a C = 10 forward+backward). The per-row factor
+// Note [Kept exps] for the column walks: for rows of few classes
+// (kGatheredColumns) the stats walk keeps the tile it transposed and the exps
+// it took, so the fused gradient neither gathers the rows again nor takes a
+// second exp per logit (both were a fifth of a C = 10 forward+backward); for
+// class-strided tiles (kColumns, NCHW) it keeps the exps when the tile's are
+// few (keeps_column_exps), which also spares the one-hot element its scalar
+// exp. The per-row factor
 // a * exp(shift - lse) is taken a vector of rows at a time, its exponent
 // rounded to acc_t first: shift - lse is -log(sum_exp), at most log(C) in
 // size, so that rounding moves the gradient by under 2 ulp of fp32.
@@ -760,8 +763,8 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
       const Layout<T> Lc = columns_view(L);
       const ColumnTiles tiles(Lc.N, Lc.K, kStep);
       const int64_t grain = std::max<int64_t>(1, kGrainElements / (kStep * C));
-      // Kept for the fused gradient of index targets when the tile's exps fit
-      // the scratch (Note [Kept exps in a tile]).
+      // Kept for the fused gradient of index targets when the tile's exps are
+      // few (Note [Kept exps in a tile]).
       const bool keep = !std::is_same_v<After, NoAfter> && !uses_target(kCoef) && keeps_column_exps(C, kStep);
       at::parallel_for(0, tiles.count, grain, [&](int64_t begin, int64_t end) {
         RowStats<acc_t> st[kStep];
