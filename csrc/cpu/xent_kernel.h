@@ -568,6 +568,9 @@ struct ColumnTiles {
 // Statistics of npos <= kStep rows whose classes are xc apart and whose rows
 // are adjacent: vectors across rows, one pass for the max and one for the
 // sums, classes in order (the same order for every lane and every thread).
+// keep_exp, when not null, receives exp(x - shift) at keep_exp[c * keep_stride
+// + j] and keep_shift[j] the shift (math::accumulation_shift of the max), for
+// kStep lanes (Note [Kept exps in a tile]).
 template <typename T, Coef kCoef>
 void column_stats(
     const T* x,
@@ -579,7 +582,8 @@ void column_stats(
     int64_t npos,
     RowStats<acc_type<T>>* out,
     acc_type<T>* keep_exp = nullptr,
-    int64_t keep_stride = 0) {
+    int64_t keep_stride = 0,
+    acc_type<T>* keep_shift = nullptr) {
   using acc_t = acc_type<T>;
   using V = Vectorized<acc_t>;
   using IO = VecIO<T>;
@@ -603,6 +607,10 @@ void column_stats(
   // math::accumulation_shift, lane-wise.
   const V shift0 = V::blendv(m0, zero, m0 == neg_inf);
   const V shift1 = V::blendv(m1, zero, m1 == neg_inf);
+  if (keep_exp) {
+    shift0.store(keep_shift);
+    shift1.store(keep_shift + V::size());
+  }
   V s0 = zero, s1 = zero, t0 = zero, t1 = zero, c0 = zero, c1 = zero;
   for (int64_t c = 0; c < C; ++c) {
     load(x + c * xc, xa, xb);
@@ -775,11 +783,11 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           const int64_t r0 = tiles.n(t) * Lc.K + tiles.k0(t);
           const int64_t npos = tiles.size(t);
           const RowView<T> first = Lc.row(r0);
-          column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st, keep ? kept.data() : nullptr, kStep);
+          column_stats<T, kCoef>(
+              first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st, keep ? kept.data() : nullptr, kStep, shift);
           row_logs<kStep>(st, npos, log_sum);
           for (int64_t j = 0; j < npos; ++j) {
             finish(r0 + j, st[j], log_sum[j]);
-            shift[j] = math::accumulation_shift(st[j].ref);
           }
           if (keep) {
             const TileExps<acc_t> tile{kept.data(), shift, kStep};
@@ -817,11 +825,10 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
             const int64_t npos = std::min(kGroup, n - j0);
             column_stats<acc_t, kCoef>(
                 scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, gathered, C, npos, st,
-                kKeep ? scratch.g + j0 : nullptr, kTileRows);
+                kKeep ? scratch.g + j0 : nullptr, kTileRows, shift + j0);
             row_logs<kGroup>(st, npos, log_sum);
             for (int64_t j = 0; j < npos; ++j) {
               finish(r0 + j0 + j, st[j], log_sum[j]);
-              shift[j0 + j] = math::accumulation_shift(st[j].ref);
             }
           }
           if constexpr (kKeep) {
@@ -1239,10 +1246,7 @@ struct GradWalker {
         RowStats<acc_t> st[kStep];
         acc_t shift[kStep];
         const RowView<T> first = Lc.row(r0);
-        column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, L.C, npos, st, kept.data(), kStep);
-        for (int64_t j = 0; j < npos; ++j) {
-          shift[j] = math::accumulation_shift(st[j].ref);
-        }
+        column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, L.C, npos, st, kept.data(), kStep, shift);
         column_from_exps(r0, npos, TileExps<acc_t>{kept.data(), shift, kStep});
         return;
       }
@@ -1279,10 +1283,7 @@ struct GradWalker {
       for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
         const int64_t npos = std::min(kGroup, n - j0);
         column_stats<acc_t, kCoef>(
-            scratch.x + j0, kTileRows, nullptr, kTileRows, gathered, C, npos, st, scratch.g + j0, kTileRows);
-        for (int64_t j = 0; j < npos; ++j) {
-          shift[j0 + j] = math::accumulation_shift(st[j].ref);
-        }
+            scratch.x + j0, kTileRows, nullptr, kTileRows, gathered, C, npos, st, scratch.g + j0, kTileRows, shift + j0);
       }
       tile_from_exps(r0, n, TileExps<acc_t>{scratch.g, shift, kTileRows});
       return;
