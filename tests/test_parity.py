@@ -625,6 +625,36 @@ def test_exact_extreme_rows(dtype, device):
                             grad_out=None, ctx=f"3e38 ls {device}")
 
 
+@pytest.mark.parametrize("scale", [1.0, 8.0, 40.0])
+@pytest.mark.parametrize("shape", [(64, 5000), (4096, 10), (4, 21, 16, 16)], ids=["long", "short", "NCHW"])
+def test_fp32_accuracy_against_float64(shape, scale, device, fresh_seed):
+    # Note [Fast exp]: the fp32 exp is ~1.5 ulp. Losses and probabilities must stay within a
+    # few ulps of float64 math on every walk (row chunks, gathered short rows, class-strided
+    # tiles), for logits spread over the exp's range. Bounds from fp32 rounding: lse - x[y]
+    # and x - lse are differences formed in fp32, so each may be off by about
+    # eps * max(|x|, |lse|) absolute on top of a few eps relative (torch is no better there).
+    eps = torch.finfo(torch.float32).eps
+    x = make_logits(shape, torch.float32, scale=scale, device=device)
+    t = make_index_target(shape, device=device)
+    xd = x.double().requires_grad_()
+    ref = F.cross_entropy(xd, t, reduction="none")
+    ref.sum().backward()
+    xo = x.clone().requires_grad_()
+    loss = ours(xo, t, reduction="none")
+    loss.sum().backward()
+    ctx = fmt_ctx(fresh_seed, shape=shape, scale=scale, device=device)
+    ref_grad, xd = xd.grad, xd.detach()
+    lse = torch.logsumexp(xd, dim=1, keepdim=True)
+    x_y = xd.gather(1, t.unsqueeze(1))
+    allowed = 4 * eps * ref.abs() + 2 * eps * torch.maximum(lse.abs(), x_y.abs()).squeeze(1)
+    excess = ((loss.double() - ref).abs() - allowed).max().item()
+    assert excess <= 0, f"{ctx}: a loss is off by {excess:.3g} more than its bound"
+    p = torch.exp(xd - lse)
+    allowed = (4 + 2 * torch.maximum(xd.abs(), lse.abs())) * eps * p + eps
+    excess = ((xo.grad.double() - ref_grad).abs() - allowed).max().item()
+    assert excess <= 0, f"{ctx}: a gradient element is off by {excess:.3g} more than its bound"
+
+
 # ----------------------------------------------------------------------------------
 # class counts around vector widths, long rows, many short rows
 # ----------------------------------------------------------------------------------
