@@ -68,7 +68,18 @@ OPENMP_FLAGS = ["-fopenmp"]
 # No -std flag: BuildExtension adds the standard the installed torch needs (C++20 for torch >= 2.14).
 # -g0 overrides the -g in Python's default CFLAGS: debug info made the module
 # 42 MB and the compile slower, and wheels ship without it.
-CXX_FLAGS = ["-O3", "-g0", "-fvisibility=hidden", *OPENMP_FLAGS]
+# Note [No FMA contraction on the CPU]
+# -ffp-contract=off: as on the GPU (Note [No FMA contraction on the GPU],
+# csrc/cuda/xent_kernel.cu), the same gradient comes from two places, the fused
+# forward and the recomputing backward, inlined into different callers. GCC's
+# default (-ffp-contract=fast) may fuse a*b - c*d into an FMA in one inlined
+# copy and not in the other, vector intrinsics included (they are plain vector
+# arithmetic to GCC): a rebuild that only changed unrelated code left a
+# (4, 2100) fp32 weighted, smoothed gradient 1 ulp apart between the two in its
+# last chunk's tail. Without contraction every product and sum rounds as
+# written; the FMAs that matter (exp, the coefficient sums) are explicit
+# at::vec::fmadd calls, which this flag does not touch.
+CXX_FLAGS = ["-O3", "-g0", "-fvisibility=hidden", "-ffp-contract=off", *OPENMP_FLAGS]
 DEFINES = [f"-DXENT_HAVE_{isa.upper()}" for isa in ISAS if isa != "default"]
 
 

@@ -36,9 +36,9 @@
 // the last bit: torch.autograd.gradcheck's reentrancy check failed on an H200
 // for fp64 with label smoothing. This file is built with --fmad=false (setup.py,
 // CMakeLists.txt): every product and sum rounds as written, in both kernels,
-// as the CPU's explicit vector ops do. The cost is one more instruction for
-// some mul-adds of a memory-bound kernel; the math library's own explicit
-// fma() calls (exp, log) are unaffected.
+// as in the CPU build (Note [No FMA contraction on the CPU], setup.py). The
+// cost is one more instruction for some mul-adds of a memory-bound kernel; the
+// math library's own explicit fma() calls (exp, log) are unaffected.
 //
 // Note [Bad targets on the GPU]
 // A class index outside [0, C) (and not ignore_index) never triggers a
