@@ -20,11 +20,17 @@ namespace cpu {
 // division costs 10-20 cycles on the x86 cores we measured, and the short-row
 // paths took one per row in up to five places (target check, weight pre-pass,
 // tile gather, target lookup, x[y]): with C = 10 that was a large share of
-// the forward. Most inputs are 2-D (K == 1), where the offset is r * stride
-// and the branch is always predicted.
+// the forward. Most inputs are 2-D (K == 1), where the offset is r * stride,
+// and most (N, K) tensors with K > 1 (targets, per-row losses and upstream
+// gradients of an (N, C, H, W) input) have their rows evenly spaced
+// (stride_n == K * stride_k), where it is r * stride_k. Both branches are
+// decided by the tensor, so they are always predicted.
 inline int64_t row_offset(int64_t r, int64_t K, int64_t stride_n, int64_t stride_k) {
   if (K == 1) {
     return r * stride_n;
+  }
+  if (stride_n == K * stride_k) {
+    return r * stride_k;
   }
   return (r / K) * stride_n + (r % K) * stride_k;
 }
