@@ -590,6 +590,34 @@ def test_nonfinite_logits(case, dtype, reduction, ls, device, fresh_seed):
         check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt, ctx=ctx)
 
 
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("walk", ["chunks", "short_rows", "nchw"])
+def test_nan_in_every_walk(walk, dtype, reduction, ls, device, fresh_seed):
+    # Note [Max ignoring nan]: the max passes skip nan and the exp pass carries it. Rows of
+    # several chunks with one chunk all nan (which a merge must not drop as empty) or one nan
+    # in the tail chunk; short rows (gathered tiles) and class-strided tiles with one nan.
+    if walk == "chunks":
+        x = make_logits((4, 4500), dtype, device=device)
+        x[0, 2048:4096] = float("nan")
+        x[1, 4400] = float("nan")
+        x[2, :2048] = float("nan")
+    elif walk == "short_rows":
+        x = make_logits((70, 10), dtype, device=device)
+        x[3, 7] = float("nan")
+        x[40, :] = float("nan")
+    else:
+        x = make_logits((2, 21, 4, 5), dtype, device=device)
+        x[1, 13, 2, 3] = float("nan")
+        x[0, :, 1, 1] = float("nan")
+    t = make_index_target(x.shape, device=device)
+    for w in (None, random_weight(x.shape[1], dtype, device)):
+        check_against_torch(ours, x, t, w, reduction=reduction, label_smoothing=ls,
+                            ctx=fmt_ctx(fresh_seed, walk=walk, dtype=dtype_name(dtype), red=reduction, ls=ls,
+                                        weighted=w is not None, device=device))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("magnitude", [1e4, 1e30], ids=["1e4", "1e30"])
