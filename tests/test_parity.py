@@ -595,9 +595,10 @@ def test_nonfinite_logits(case, dtype, reduction, ls, device, fresh_seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 @pytest.mark.parametrize("walk", ["chunks", "short_rows", "nchw"])
 def test_nan_in_every_walk(walk, dtype, reduction, ls, device, fresh_seed):
-    # Note [Max ignoring nan]: the max passes skip nan and the exp pass carries it. Rows of
-    # several chunks with one chunk all nan (which a merge must not drop as empty) or one nan
-    # in the tail chunk; short rows (gathered tiles) and class-strided tiles with one nan.
+    # Note [Max ignoring nan]: the rows walk's max pass skips nan and the exp pass carries it.
+    # Rows of several chunks with one chunk all nan (which a merge must not drop as empty) or
+    # one nan in the tail chunk; short rows (gathered tiles) and class-strided tiles, whose
+    # max still propagates nan, with one nan and a row or position of only nans.
     if walk == "chunks":
         x = make_logits((4, 4500), dtype, device=device)
         x[0, 2048:4096] = float("nan")
