@@ -740,6 +740,31 @@ def test_many_short_rows(reduction, dtype, kind, device, rng, fresh_seed):
                         ctx=fmt_ctx(fresh_seed, dtype=dtype_name(dtype), red=reduction, ls=ls, **desc))
 
 
+# Rows of 8 to 32 classes are transposed through scratch in blocks of 8 rows x 8 classes,
+# the last block of classes overlapping the one before when C is not a multiple of 8
+# (Note [Tile transposes] in csrc/cpu/xent_kernel.h): C around the block size and the
+# walk's limit, row counts that leave partial blocks and partial tiles, rows at a stride
+# (sliced_batch), channels-last (rows evenly spaced across n) and an expanded batch
+# (rows 0 apart within each n).
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("C", [7, 8, 9, 10, 16, 17, 31, 32])
+def test_small_class_tiles(C, dtype, kind, device, rng, fresh_seed):
+    layout = rng.choice(["contiguous", "sliced_batch", "channels_last", "expanded"])
+    if layout in ("channels_last", "expanded"):
+        shape = (rng.randint(1, 3), C, rng.randint(1, 9), rng.randint(5, 17))
+    else:
+        shape = (rng.choice([rng.randint(1, 7), rng.randint(9, 63), rng.randint(65, 300)]), C)
+    reduction = rng.choice(REDUCTIONS)
+    ls = rng.choice([0.0, 0.1])
+    tl = "channels_last" if kind == "prob" and layout == "channels_last" else "contiguous"
+    x, t, w, ii, desc = build_case(rng, shape, dtype, "i64" if kind == "index" else "prob_softmax",
+                                   "in_range", rng.random() < 0.5, layout=layout, target_layout=tl, device=device)
+    wrt = ("input",) if kind == "index" else ("input", "target")
+    check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ii, label_smoothing=ls, wrt=wrt,
+                        ctx=fmt_ctx(fresh_seed, dtype=dtype_name(dtype), red=reduction, ls=ls, **desc))
+
+
 def test_result_is_not_shared_between_calls(device, fresh_seed):
     # two calls on the same inputs produce independent tensors with equal values
     x = make_logits((3, 7), device=device)

@@ -690,14 +690,84 @@ void column_stats(
 constexpr int64_t kTileRows = 64;
 static_assert(kSmallClasses * kTileRows <= kChunk, "a gathered tile must fit the scratch buffers");
 
+// Note [Tile transposes]
+// A gathered-columns tile is transposed into scratch and its gradient back
+// out. Element by element that was a fifth of a C = 10 forward+backward (a
+// load and a store per logit, twice), so fp32 tiles of evenly spaced rows
+// with C >= 8 move in 8 x 8 blocks (at::vec::transpose_mxn: eight vector
+// loads, shuffles, eight vector stores). When C is not a multiple of 8 the
+// last block of classes starts at C - 8 and overlaps the one before it: it
+// reads logits it already read and writes the same values again, so nothing
+// past a row is touched and no tail code is needed. Rows past the last whole
+// block of 8, other dtypes and unevenly spaced rows go element by element.
+constexpr int64_t kTransposeBlock = 8;
+
+// The offset from row r to row r + 1 when it is the same for every r, else -1.
+inline int64_t even_row_step(int64_t K, RowStrides s) {
+  if (K == 1) {
+    return s.n;
+  }
+  return s.n == K * s.k ? s.k : -1;
+}
+
+// Whether rows of C classes at this step move by blocks (Note [Tile transposes]).
+template <typename T, typename acc_t>
+bool transposes_by_block(int64_t C, int64_t step) {
+  return std::is_same_v<T, float> && std::is_same_v<acc_t, float> && C >= kTransposeBlock && step >= 0;
+}
+
 // Copies rows [r0, r0 + n) of a contiguous-class layout into column-major
 // scratch: dst[c * kTileRows + j] = row (r0 + j), class c.
 template <typename T, typename acc_t>
 void gather_tile(const T* base, RowStrides s, const Layout<T>& L, int64_t r0, int64_t n, acc_t* dst) {
-  for (int64_t j = 0; j < n; ++j) {
+  const int64_t C = L.C;
+  const int64_t step = even_row_step(L.K, s);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+    if (transposes_by_block<T, acc_t>(C, step)) {
+      const T* src = base + L.at(r0, s);
+      for (; j + kTransposeBlock <= n; j += kTransposeBlock) {
+        for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
+          const int64_t c = std::min(c0, C - kTransposeBlock);  // the last block may overlap
+          at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(
+              src + j * step + c, step, dst + c * kTileRows + j, kTileRows);
+        }
+      }
+    }
+  }
+  for (; j < n; ++j) {
     const T* src = base + L.at(r0 + j, s);
-    for (int64_t c = 0; c < L.C; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       dst[c * kTileRows + j] = static_cast<acc_t>(src[c]);
+    }
+  }
+}
+
+// The reverse of gather_tile for a gradient with class stride gc: row
+// (r0 + j), class c = src[c * kTileRows + j], rounded to T.
+template <typename T, typename acc_t>
+void scatter_tile(const acc_t* src, T* base, RowStrides s, int64_t gc, const Layout<T>& L, int64_t r0, int64_t n) {
+  const int64_t C = L.C;
+  const int64_t step = even_row_step(L.K, s);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+    // A step below C would make rows overlap: a gradient never does, but the
+    // block path would then depend on the order of its stores.
+    if (gc == 1 && step >= C && transposes_by_block<T, acc_t>(C, step)) {
+      T* dst = base + L.at(r0, s);
+      for (; j + kTransposeBlock <= n; j += kTransposeBlock) {
+        for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
+          const int64_t c = std::min(c0, C - kTransposeBlock);  // the last block may overlap
+          at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(
+              src + c * kTileRows + j, kTileRows, dst + j * step + c, step);
+        }
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    T* dst = base + L.at(r0 + j, s);
+    for (int64_t c = 0; c < C; ++c) {
+      dst[c * gc] = static_cast<T>(src[c * kTileRows + j]);
     }
   }
 }
@@ -1343,11 +1413,8 @@ struct GradWalker {
         // scalar expf per row was 7 % of a C = 10 forward+backward).
         scratch.g[y * kTileRows + j] -= plans[j].k.b;
       }
-      T* dst = grad + L.at(r0 + j, gs);
-      for (int64_t c = 0; c < C; ++c) {
-        dst[c * gc] = static_cast<T>(scratch.g[c * kTileRows + j]);
-      }
     }
+    scatter_tile(scratch.g, grad, gs, gc, L, r0, n);
   }
 
   // Up to kTileRows rows from what the gathered-columns stats walk kept of
@@ -1400,11 +1467,8 @@ struct GradWalker {
       if (plans[j].y >= 0) {
         tile.e[plans[j].y * kTileRows + j] -= plans[j].k.b;  // as in gathered_tile
       }
-      T* dst = grad + L.at(r0 + j, gs);
-      for (int64_t c = 0; c < C; ++c) {
-        dst[c * gc] = static_cast<T>(tile.e[c * kTileRows + j]);
-      }
     }
+    scatter_tile(tile.e, grad, gs, gc, L, r0, n);
   }
 
   // npos <= kStep adjacent rows of a kColumns tile from their kept exps
