@@ -688,6 +688,14 @@ void column_stats(
 
 // Rows per gathered-columns tile (a multiple of every kStep).
 constexpr int64_t kTileRows = 64;
+
+// Note [Finishing rows in groups]
+// The column walks hand their finish a vector's worth of rows at once (the
+// rows walk one row). Finishing index-target rows one call at a time (target
+// lookup, x[y], the loss) was a quarter of the C = 10 forward: the closure's
+// pointers were reloaded after every store, and the row offsets recomputed
+// with their layout branches. A group runs as short loops over local copies.
+constexpr int64_t kMaxFinishRows = kTileRows;
 static_assert(kSmallClasses * kTileRows <= kChunk, "a gathered tile must fit the scratch buffers");
 
 // Note [Tile transposes]
@@ -851,10 +859,12 @@ void row_logs(const RowStats<acc_t>* st, int64_t n, double* log_sum) {
   }
 }
 
-// Calls finish(r, stats, log_sum) for every row r, with stats accumulated
-// over the whole row and log_sum = math::row_log(stats.sum_exp) (taken a
-// group of rows at a time in the column walks), walking the layout as
-// choose_walk decides. Rows run in
+// Calls finish(r0, n, stats, log_sum) for consecutive rows r0 .. r0 + n - 1
+// (n <= kMaxFinishRows: one row in the rows walk, a vector group of rows in
+// the column walks, Note [Finishing rows in groups]), with stats[j]
+// accumulated over the whole row r0 + j and log_sum[j] =
+// math::row_log(stats[j].sum_exp) (taken a group of rows at a time in the
+// column walks), walking the layout as choose_walk decides. Rows run in
 // parallel; when rows are few and long, their chunks run in parallel too and
 // are merged afterwards, in the same order as the sequential path, so both
 // give identical bits. After rows [r0, r0 + n) are finished, the same thread
@@ -886,9 +896,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           column_stats<T, kCoef>(
               first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st, keep ? kept.data() : nullptr, kStep, shift);
           row_logs<kStep>(st, npos, log_sum);
-          for (int64_t j = 0; j < npos; ++j) {
-            finish(r0 + j, st[j], log_sum[j]);
-          }
+          finish(r0, npos, st, log_sum);
           if (keep) {
             const TileExps<acc_t> tile{kept.data(), shift, kStep};
             after(r0, npos, &tile);
@@ -927,9 +935,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
                 scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, gathered, C, npos, st,
                 kKeep ? scratch.g + j0 : nullptr, kTileRows, shift + j0);
             row_logs<kGroup>(st, npos, log_sum);
-            for (int64_t j = 0; j < npos; ++j) {
-              finish(r0 + j0 + j, st[j], log_sum[j]);
-            }
+            finish(r0 + j0, npos, st, log_sum);
           }
           if constexpr (kKeep) {
             const TileExps<acc_t> kept{scratch.g, shift, kTileRows};
@@ -968,7 +974,8 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           }
           math::merge(st, part);
         }
-        finish(r, st, math::row_log(st.sum_exp));
+        const double log_sum = math::row_log(st.sum_exp);
+        finish(r, 1, &st, &log_sum);
         after(r, 1, keep ? &exps : nullptr);
       }
     });
@@ -996,7 +1003,8 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
     for (int64_t c = 0; c < chunks; ++c) {
       math::merge(st, partial[r * chunks + c]);
     }
-    finish(r, st, math::row_log(st.sum_exp));
+    const double log_sum = math::row_log(st.sum_exp);
+    finish(r, 1, &st, &log_sum);
   }
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -1769,25 +1777,49 @@ void index_forward_typed(const IndexForwardArgs& args) {
   // part, with the smoothing part in row_smooth (math::reduced_smoothed_loss).
   std::vector<acc_t> row_loss(static_cast<size_t>(R));
   std::vector<acc_t> row_smooth(static_cast<size_t>(reduce && smoothing ? R : 0));
-  const auto finish = [&](int64_t r, const RowStats<acc_t>& st, double log_sum) {
-    lse[r] = math::log_sum_exp(st.ref, log_sum);
-    const int64_t y = rows.y(r);
-    if (y == rows.ignore_index) {
-      // torch selects rather than multiplies: an ignored row is exactly 0
-      // even when its logits hold a nan.
-      row_loss[r] = acc_t(0);
-      if (!row_smooth.empty()) {
-        row_smooth[r] = acc_t(0);
-      }
-      return;
+  acc_t* const loss_out = row_loss.data();
+  acc_t* const smooth_out = row_smooth.empty() ? nullptr : row_smooth.data();
+  const auto finish = [&](int64_t r0, int64_t n, const RowStats<acc_t>* st, const double* log_sum) {
+    // Locals, not the closure's references: stores to the outputs cannot
+    // make the compiler reload them (Note [Finishing rows in groups]).
+    const int64_t* const target = rows.target;
+    const int64_t tn = rows.tn, tk = rows.tk, ignore_index = rows.ignore_index;
+    const acc_t* const w = rows.w;
+    const acc_t eps = rows.eps;
+    const T* const xp = x;
+    double* const lse_out = lse;
+    acc_t* const loss = loss_out;
+    acc_t* const smooth = smooth_out;
+    int64_t y[kMaxFinishRows];
+    acc_t x_y[kMaxFinishRows];
+    TORCH_INTERNAL_ASSERT(n <= kMaxFinishRows);
+    for (int64_t j = 0; j < n; ++j) {
+      lse_out[r0 + j] = math::log_sum_exp(st[j].ref, log_sum[j]);
+      y[j] = target[row_offset(r0 + j, K, tn, tk)];
     }
-    const acc_t x_y = static_cast<acc_t>(x[row_offset(r, K, sn, sk) + y * sc]);
-    const acc_t w_y = rows.w ? rows.w[y] : acc_t(1);
-    if (row_smooth.empty()) {
-      row_loss[r] = math::index_row_loss(st, static_cast<acc_t>(log_sum), x_y, w_y, rows.eps, C, smoothing);
-    } else {
-      row_loss[r] = math::index_row_nll(st, static_cast<acc_t>(log_sum), x_y, w_y);
-      row_smooth[r] = math::index_row_smooth(st, static_cast<acc_t>(log_sum));
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t c = y[j] == ignore_index ? 0 : y[j];
+      x_y[j] = static_cast<acc_t>(xp[row_offset(r0 + j, K, sn, sk) + c * sc]);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t r = r0 + j;
+      if (y[j] == ignore_index) {
+        // torch selects rather than multiplies: an ignored row is exactly 0
+        // even when its logits hold a nan.
+        loss[r] = acc_t(0);
+        if (smooth) {
+          smooth[r] = acc_t(0);
+        }
+        continue;
+      }
+      const acc_t w_y = w ? w[y[j]] : acc_t(1);
+      const acc_t log_sum_j = static_cast<acc_t>(log_sum[j]);
+      if (!smooth) {
+        loss[r] = math::index_row_loss(st[j], log_sum_j, x_y[j], w_y, eps, C, smoothing);
+      } else {
+        loss[r] = math::index_row_nll(st[j], log_sum_j, x_y[j], w_y);
+        smooth[r] = math::index_row_smooth(st[j], log_sum_j);
+      }
     }
   };
   if (args.grad_input.defined()) {
@@ -1858,10 +1890,12 @@ void prob_forward_typed(const ProbForwardArgs& args) {
   std::vector<acc_t> row_loss(static_cast<size_t>(R));
   for_each_row_stats<T, kCoef>(
       make_layout<T>(input, &target), coef,
-      [&](int64_t r, const RowStats<acc_t>& st, double log_sum) {
-        lse[r] = math::log_sum_exp(st.ref, log_sum);
-        coef_sum[r] = st.coef_sum;
-        row_loss[r] = math::prob_row_loss(st, static_cast<acc_t>(log_sum));
+      [&](int64_t r0, int64_t n, const RowStats<acc_t>* st, const double* log_sum) {
+        for (int64_t j = 0; j < n; ++j) {
+          lse[r0 + j] = math::log_sum_exp(st[j].ref, log_sum[j]);
+          coef_sum[r0 + j] = st[j].coef_sum;
+          row_loss[r0 + j] = math::prob_row_loss(st[j], static_cast<acc_t>(log_sum[j]));
+        }
       });
   if (args.reduction == kReductionNone) {
     write_rows<T>(args.loss, row_loss.data(), R);
