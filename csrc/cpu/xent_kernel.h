@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -1060,6 +1061,17 @@ double deterministic_sum(const acc_t* values, int64_t n) {
   return total;
 }
 
+// Note [Uninitialized row buffers]
+// Per-row scratch (row weights, row losses) is written in full by parallel
+// loops before anything reads it. A std::vector would zero it first, on one
+// thread: for a million rows 8 MB of memset and the page faults of fresh
+// memory, serial work that showed at two threads. Left uninitialized, the
+// pages are first touched by the parallel writers.
+template <typename U>
+std::unique_ptr<U[]> row_buffer(int64_t n) {
+  return std::unique_ptr<U[]>(new U[static_cast<size_t>(n)]);
+}
+
 // Writes 'none' row losses.
 template <typename T>
 void write_rows(const at::Tensor& loss, const acc_type<T>* row_loss, int64_t R) {
@@ -1434,15 +1446,15 @@ struct GradWalker {
   void tile_factors(int64_t r0, int64_t n, const acc_t* shift, GradPlan<acc_t>* plans, acc_t* factor, acc_t* d) const {
     using V = Vectorized<acc_t>;
     static_assert(kMax % V::size() == 0, "whole vectors");
-    acc_t a[kMax] = {};
-    for (int64_t j = 0; j < kMax; ++j) {
-      factor[j] = d[j] = acc_t(0);
-    }
+    acc_t a[kMax];
     for (int64_t j = 0; j < n; ++j) {
       plans[j] = plan_of(r0 + j);
       a[j] = plans[j].k.a;
       d[j] = plans[j].k.d;
       factor[j] = static_cast<acc_t>(static_cast<double>(shift[j]) - plans[j].lse);
+    }
+    for (int64_t j = n; j < kMax; ++j) {  // only the tail: zeroing whole arrays showed in C = 10 profiles
+      a[j] = factor[j] = d[j] = acc_t(0);
     }
     for (int64_t j = 0; j < n; j += V::size()) {
       (V::loadu(a + j) * vexp(V::loadu(factor + j))).store(factor + j);
@@ -1761,24 +1773,24 @@ void index_forward_typed(const IndexForwardArgs& args) {
   const Layout<T> L = make_layout<T>(input, nullptr);
 
   // Σ w[y] over non-ignored rows: the weighted mean's denominator.
-  std::vector<acc_t> row_weight(static_cast<size_t>(R));
+  const std::unique_ptr<acc_t[]> row_weight = row_buffer<acc_t>(R);  // Note [Uninitialized row buffers]
   at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = rows.y(r);
       row_weight[r] = y == rows.ignore_index ? acc_t(0) : (rows.w ? rows.w[y] : acc_t(1));
     }
   });
-  const double total_weight = deterministic_sum(row_weight.data(), R);
+  const double total_weight = deterministic_sum(row_weight.get(), R);
   *args.total_weight.data_ptr<acc_t>() = static_cast<acc_t>(total_weight);
   const bool reduce = args.reduction != kReductionNone;
   const double denominator = args.reduction == kReductionMean ? total_weight : 1.0;
 
   // 'none', or no smoothing: the row loss. Reduced with smoothing: the nll
   // part, with the smoothing part in row_smooth (math::reduced_smoothed_loss).
-  std::vector<acc_t> row_loss(static_cast<size_t>(R));
-  std::vector<acc_t> row_smooth(static_cast<size_t>(reduce && smoothing ? R : 0));
-  acc_t* const loss_out = row_loss.data();
-  acc_t* const smooth_out = row_smooth.empty() ? nullptr : row_smooth.data();
+  const std::unique_ptr<acc_t[]> row_loss = row_buffer<acc_t>(R);
+  const std::unique_ptr<acc_t[]> row_smooth = reduce && smoothing ? row_buffer<acc_t>(R) : nullptr;
+  acc_t* const loss_out = row_loss.get();
+  acc_t* const smooth_out = row_smooth.get();
   const auto finish = [&](int64_t r0, int64_t n, const RowStats<acc_t>* st, const double* log_sum) {
     // Locals, not the closure's references: stores to the outputs cannot
     // make the compiler reload them (Note [Finishing rows in groups]).
@@ -1839,12 +1851,12 @@ void index_forward_typed(const IndexForwardArgs& args) {
   }
 
   if (!reduce) {
-    write_rows<T>(args.loss, row_loss.data(), R);
+    write_rows<T>(args.loss, row_loss.get(), R);
     return;
   }
-  const double nll_sum = deterministic_sum(row_loss.data(), R);
+  const double nll_sum = deterministic_sum(row_loss.get(), R);
   write_scalar<T>(args.loss, smoothing
-      ? math::reduced_smoothed_loss(nll_sum, deterministic_sum(row_smooth.data(), R), denominator, args.label_smoothing, C)
+      ? math::reduced_smoothed_loss(nll_sum, deterministic_sum(row_smooth.get(), R), denominator, args.label_smoothing, C)
       : nll_sum / denominator);
 }
 
@@ -1887,7 +1899,7 @@ void prob_forward_typed(const ProbForwardArgs& args) {
   acc_t* coef_sum = args.coef_sum.data_ptr<acc_t>();
   const CoefSource<T> coef = prob_source<T>(args.weight, args.label_smoothing, C);
 
-  std::vector<acc_t> row_loss(static_cast<size_t>(R));
+  const std::unique_ptr<acc_t[]> row_loss = row_buffer<acc_t>(R);  // Note [Uninitialized row buffers]
   for_each_row_stats<T, kCoef>(
       make_layout<T>(input, &target), coef,
       [&](int64_t r0, int64_t n, const RowStats<acc_t>* st, const double* log_sum) {
@@ -1898,12 +1910,12 @@ void prob_forward_typed(const ProbForwardArgs& args) {
         }
       });
   if (args.reduction == kReductionNone) {
-    write_rows<T>(args.loss, row_loss.data(), R);
+    write_rows<T>(args.loss, row_loss.get(), R);
     return;
   }
   // torch's mean divides by the number of rows N * d1 * ... * dk, not by weights.
   const double denominator = args.reduction == kReductionMean ? static_cast<double>(R) : 1.0;
-  write_scalar<T>(args.loss, deterministic_sum(row_loss.data(), R) / denominator);
+  write_scalar<T>(args.loss, deterministic_sum(row_loss.get(), R) / denominator);
 }
 
 template <typename T, Coef kCoef>
