@@ -693,9 +693,10 @@ constexpr int64_t kTileRows = 64;
 // Note [Finishing rows in groups]
 // The column walks hand their finish a vector's worth of rows at once (the
 // rows walk one row). Finishing index-target rows one call at a time (target
-// lookup, x[y], the loss) was a quarter of the C = 10 forward: the closure's
-// pointers were reloaded after every store, and the row offsets recomputed
-// with their layout branches. A group runs as short loops over local copies.
+// lookup, x[y], the loss) was up to a quarter of the C = 10 forward, and the
+// compiler reloaded the closure's pointers after every store. A group runs
+// as short loops over local copies (5 % off that forward; the rest is the
+// scalar work itself, see benchmarks/NOTES.md).
 constexpr int64_t kMaxFinishRows = kTileRows;
 static_assert(kSmallClasses * kTileRows <= kChunk, "a gathered tile must fit the scratch buffers");
 
@@ -1810,8 +1811,8 @@ void index_forward_typed(const IndexForwardArgs& args) {
       y[j] = target[row_offset(r0 + j, K, tn, tk)];
     }
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t c = y[j] == ignore_index ? 0 : y[j];
-      x_y[j] = static_cast<acc_t>(xp[row_offset(r0 + j, K, sn, sk) + c * sc]);
+      // An ignored row reads nothing: with C = 0 there is no logit to read.
+      x_y[j] = y[j] == ignore_index ? acc_t(0) : static_cast<acc_t>(xp[row_offset(r0 + j, K, sn, sk) + y[j] * sc]);
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t r = r0 + j;
