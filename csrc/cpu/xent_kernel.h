@@ -726,6 +726,34 @@ bool transposes_by_block(int64_t C, int64_t step) {
   return std::is_same_v<T, float> && std::is_same_v<acc_t, float> && C >= kTransposeBlock && step >= 0;
 }
 
+// The whole blocks of 8 rows among rows [0, n) of a tile, moved by 8 x 8
+// transposes (Note [Tile transposes]) between rows `step` apart (class c of
+// row j at rows[j * step + c]) and a column-major tile (tile[c * kTileRows +
+// j]): into the tile when kToTile, out of it otherwise. Returns the number
+// of rows moved.
+template <bool kToTile>
+int64_t transpose_whole_blocks(
+    std::conditional_t<kToTile, const float*, float*> rows,
+    std::conditional_t<kToTile, float*, const float*> tile,
+    int64_t step,
+    int64_t C,
+    int64_t n) {
+  int64_t j = 0;
+  for (; j + kTransposeBlock <= n; j += kTransposeBlock) {
+    for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
+      const int64_t c = std::min(c0, C - kTransposeBlock);  // the last block may overlap
+      if constexpr (kToTile) {
+        at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(
+            rows + j * step + c, step, tile + c * kTileRows + j, kTileRows);
+      } else {
+        at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(
+            tile + c * kTileRows + j, kTileRows, rows + j * step + c, step);
+      }
+    }
+  }
+  return j;
+}
+
 // Copies rows [r0, r0 + n) of a contiguous-class layout into column-major
 // scratch: dst[c * kTileRows + j] = row (r0 + j), class c.
 template <typename T, typename acc_t>
@@ -735,14 +763,7 @@ void gather_tile(const T* base, RowStrides s, const Layout<T>& L, int64_t r0, in
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
     if (transposes_by_block<T, acc_t>(C, step)) {
-      const T* src = base + L.at(r0, s);
-      for (; j + kTransposeBlock <= n; j += kTransposeBlock) {
-        for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
-          const int64_t c = std::min(c0, C - kTransposeBlock);  // the last block may overlap
-          at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(
-              src + j * step + c, step, dst + c * kTileRows + j, kTileRows);
-        }
-      }
+      j = transpose_whole_blocks<true>(base + L.at(r0, s), dst, step, C, n);
     }
   }
   for (; j < n; ++j) {
@@ -764,14 +785,7 @@ void scatter_tile(const acc_t* src, T* base, RowStrides s, int64_t gc, const Lay
     // A step below C would make rows overlap: a gradient never does, but the
     // block path would then depend on the order of its stores.
     if (gc == 1 && step >= C && transposes_by_block<T, acc_t>(C, step)) {
-      T* dst = base + L.at(r0, s);
-      for (; j + kTransposeBlock <= n; j += kTransposeBlock) {
-        for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
-          const int64_t c = std::min(c0, C - kTransposeBlock);  // the last block may overlap
-          at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(
-              src + c * kTileRows + j, kTileRows, dst + j * step + c, step);
-        }
-      }
+      j = transpose_whole_blocks<false>(base + L.at(r0, s), src, step, C, n);
     }
   }
   for (; j < n; ++j) {
