@@ -459,6 +459,19 @@ def test_empty_batch_or_spatial(shape, reduction, kind, dtype, device, fresh_see
                                     f"weighted={weight is not None} device={device}")
 
 
+# C = 0 with every row ignored is valid: torch gives 0 per row ('none', 'sum') and 0/0 = nan
+# ('mean'). No logit exists, so no kernel may read one (the finish skips ignored rows).
+# Left out: label smoothing, where torch's 'none' rows are 0 * (eps / 0) = nan and ours 0,
+# and 3-D inputs, where torch itself raises a size mismatch for C = 0.
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(3, 0), (1, 0, 2, 3)], ids=str)
+def test_zero_classes_all_ignored(shape, reduction, device, fresh_seed):
+    x = make_logits(shape, device=device)
+    t = torch.full((shape[0],) + shape[2:], -100, dtype=torch.int64, device=device)
+    check_against_torch(ours, x, t, None, reduction=reduction, wrt=("input",),
+                        ctx=f"C=0 all ignored shape={shape} reduction={reduction} device={device}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("shape", [(1,), (5, 1), (3, 1, 4), (2, 1, 2, 3)], ids=str)
