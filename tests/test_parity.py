@@ -757,8 +757,8 @@ def test_many_short_rows(reduction, dtype, kind, device, rng, fresh_seed):
 # the last block of classes overlapping the one before when C is not a multiple of 8
 # (Note [Tile transposes] in csrc/cpu/xent_kernel.h): C around the block size and the
 # walk's limit, row counts that leave partial blocks and partial tiles, rows at a stride
-# (sliced_batch), channels-last (rows evenly spaced across n) and an expanded batch
-# (rows 0 apart within each n).
+# (sliced_batch) and channels-last (rows evenly spaced across n). The expanded 4-D batch
+# (class stride H * W) takes the class-strided walk instead: a control, not a transpose.
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 @pytest.mark.parametrize("C", [7, 8, 9, 10, 16, 17, 31, 32])
