@@ -119,9 +119,13 @@ constexpr int kVecOf = 16 / sizeof(T);
 // NVCC_APPEND_FLAGS="-DXENT_CUDA_UNROLL_2B=4" (nvcc appends it; remove the
 // object first so the build recompiles). scripts/gpu_tune.sh does that for a
 // list of variants. The first GPU run (H200) read at half of copy bandwidth
-// with the defaults below (benchmarks/NOTES.md).
+// with the defaults below (benchmarks/NOTES.md). Timed on an H200
+// (2026-12-04, benchmarks/results-gpu-h200.md): 4 packs per lane for 2-byte
+// types (was 2) made the bf16 forward 13 % faster (52 -> 60 % of copy), 8 for
+// 4-byte types gained nothing; 1024-thread blocks, one row per SM, and fewer
+// launched blocks were all slower.
 #ifndef XENT_CUDA_UNROLL_2B
-#define XENT_CUDA_UNROLL_2B 2  // 16-byte packs in flight per lane, 2-byte types
+#define XENT_CUDA_UNROLL_2B 4  // 16-byte packs in flight per lane, 2-byte types
 #endif
 #ifndef XENT_CUDA_UNROLL_4B
 #define XENT_CUDA_UNROLL_4B 4  // ... 4-byte types (8 for double is fixed)
@@ -152,7 +156,9 @@ constexpr int kReduceThreads = 256;
 // resident warps times loads per lane. Capping registers at 64 per thread
 // (1024 resident threads per SM, 2 blocks of 512 or 4 of 256) keeps enough
 // warps to cover DRAM latency. The block walks (the vocabulary-sized rows)
-// fit without spilling; warp and thread walks spill a few per-row values,
+// fit without spilling, except, with 4 packs per lane for 2-byte types, the
+// bf16/fp16 forwards with label smoothing or probability targets (64-100
+// bytes, not yet timed); warp and thread walks spill a few per-row values,
 // outside the inner loops (-Xptxas -v). float64 kernels get 128 registers.
 #define XENT_ROW_KERNEL_BOUNDS(walk, T)                                  \
   __launch_bounds__((walk) == Walk::kBlock ? kBlockThreads : 256,         \
