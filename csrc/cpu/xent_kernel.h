@@ -157,7 +157,53 @@ acc_t lane_sum(const Vectorized<acc_t>& v) {
 // true result would be subnormal: an absolute error under 1.2e-38), so -inf
 // logits get exactly zero probability and gradient, as in torch. nan stays
 // nan (clamp propagates it, and x < lowest is false for it). fp64 keeps
-// Sleef's exp: accuracy is the point.
+// Sleef's exp: accuracy is the point. The AVX512 build uses a shorter exp
+// with a table (Note [Fast exp on AVX512]).
+#if defined(CPU_CAPABILITY_AVX512)
+// Note [Fast exp on AVX512]
+// AVX512 has a 16-entry register table lookup (vpermps) and a scale by a
+// power of two that handles the exponent's range itself (vscalefps), so it
+// takes a shorter exp than Note [Fast exp]'s: x = (16k + j) ln2/16 + r with
+// n = 16k + j the nearest integer to x 16/ln2 (the same magic-number rounding,
+// whose low 4 bits of t are j: vpermps reads only those), |r| <= ln2/32,
+// ln2/16 in two parts (12 significant bits in the first, so n * hi is exact
+// for |n| < 4096); then exp(x) = 2^k (T_j + T_j p + L_j), where T_j + L_j is
+// 2^(j/16) in two floats (the table's rounding, up to 6e-8, would otherwise be
+// the largest error) and p = r + r^2/2 + r^3/6 (Taylor's remainder r^4/24 <=
+// 9.2e-9 on that interval). 2^k comes from vscalefps(y, n/16), which floors
+// n/16 itself and rounds to subnormals and to zero as the true result would.
+// The input is clamped at -120 (with nan passed through: max(lowest, x) keeps
+// the second operand's nan), where the result is exactly 0, so -inf gives 0
+// with no blend. Measured max relative error over [-87.3, 0] against float64:
+// 6.9e-8 (Note [Fast exp]'s: 8.2e-8 on the same points); below -87.3 it is
+// accurate to subnormal precision where the other gives 0. An L1-resident
+// sum of exp(x - m) runs at 0.22-0.25 ns per element against 0.32 on the Zen 4
+// this was tuned on: 12 fma/mul of 16 lanes against 17 instructions with 10.
+// The domain is Note [Fast exp]'s (x <= ~0; above 88.7 gives inf).
+inline Vectorized<float> fast_exp(const Vectorized<float>& x) {
+  const __m512 table_hi = _mm512_setr_ps(
+      1.000000000e+00f, 1.044273734e+00f, 1.090507746e+00f, 1.138788581e+00f, 1.189207077e+00f, 1.241857767e+00f,
+      1.296839595e+00f, 1.354255557e+00f, 1.414213538e+00f, 1.476826191e+00f, 1.542210817e+00f, 1.610490322e+00f,
+      1.681792855e+00f, 1.756252170e+00f, 1.834008098e+00f, 1.915206552e+00f);
+  const __m512 table_lo = _mm512_setr_ps(
+      0.000000000e+00f, 4.833470157e-08f, -1.307753994e-08f, 5.386222313e-08f, 3.797635273e-08f, 4.496838102e-08f,
+      -4.018999533e-08f, -1.012334927e-08f, 2.420323497e-08f, -4.500898854e-08f, 8.070904833e-09f, 9.836217174e-09f,
+      -2.475532668e-08f, -9.235770371e-09f, -1.123927795e-08f, 9.845328108e-09f);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-120.0f), x);
+  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(23.08312065f), magic);  // 16 / ln2
+  const __m512 n = _mm512_sub_ps(t, magic);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-4.3319702148e-2f), xc);  // ln2/16, first part
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.9966365e-06f), r);            // ... second part
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.16666667f), r, _mm512_set1_ps(0.5f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+  const __m512 p = _mm512_mul_ps(q, r);
+  const __m512i j = _mm512_castps_si512(t);
+  const __m512 hi = _mm512_permutexvar_ps(j, table_hi);
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(hi, p, _mm512_permutexvar_ps(j, table_lo)), hi);
+  return _mm512_scalef_ps(y, _mm512_mul_ps(n, _mm512_set1_ps(0.0625f)));
+}
+#else
 inline Vectorized<float> fast_exp(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   const V lowest(-87.33654475f);  // ln(FLT_MIN)
@@ -178,6 +224,7 @@ inline Vectorized<float> fast_exp(const Vectorized<float>& x) {
   const V two_to_n = at::vec::cast<float>(at::vec::cast<int32_t>(t) << Vectorized<int32_t>(23));
   return V::blendv(p * two_to_n, V(0.0f), x < lowest);
 }
+#endif
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) {
   return fast_exp(x);
