@@ -333,10 +333,17 @@ struct CoefLoader {
 // exp pass overlaps the next chunk's DRAM read with this chunk's arithmetic
 // (rows are usually adjacent, so "one chunk ahead" is usually what comes
 // next). A prefetch never faults, so running past the tensor is harmless.
+// Every 64-byte line of a step gets its own prefetch: one per step covered
+// only every other line of fp32 (a step is 128 bytes), and prefetching both
+// took 4-5 % off the 4096 x 32000 fp32 forward on Zen 4 (bf16's step is one
+// line: unchanged).
 template <typename T>
 inline void prefetch_next_chunk(const T* p) {
 #if defined(__GNUC__)
-  __builtin_prefetch(p + kChunk, 0, 3);
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t k = 0; k < static_cast<int64_t>(VecIO<T>::kStep); k += kLine) {
+    __builtin_prefetch(p + kChunk + k, 0, 3);
+  }
 #endif
 }
 
