@@ -758,13 +758,44 @@ static_assert(kSmallClasses * kTileRows <= kChunk, "a gathered tile must fit the
 // A gathered-columns tile is transposed into scratch and its gradient back
 // out. Element by element that was a fifth of a C = 10 forward+backward (a
 // load and a store per logit, twice), so fp32 tiles of evenly spaced rows
-// with C >= 8 move in 8 x 8 blocks (at::vec::transpose_mxn: eight vector
-// loads, shuffles, eight vector stores). When C is not a multiple of 8 the
+// with C >= 8 move in 8 x 8 blocks (transpose_8x8: eight vector loads, 24
+// shuffles, eight vector stores). When C is not a multiple of 8 the
 // last block of classes starts at C - 8 and overlaps the one before it: it
 // reads logits it already read and writes the same values again, so nothing
 // past a row is touched and no tail code is needed. Rows past the last whole
 // block of 8, other dtypes and unevenly spaced rows go element by element.
+// The AVX512 build transposes with 256-bit instructions too: ATen's
+// transpose_mxn<float, 8, 8> is specialized for AVX2 only, and under AVX512 it
+// runs its general 16 x 16 kernel with masks, which made the C = 10 forward
+// and fwd+bwd twice as slow at AVX512 as at AVX2 on the same Zen 4.
 constexpr int64_t kTransposeBlock = 8;
+
+// dst[c * ld_dst + j] = src[j * ld_src + c] for j, c < 8.
+inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm256_loadu_ps(src + i * ld_src);
+  }
+  // pairs of rows interleaved, then quadruples, then the two 128-bit halves
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+#else
+  at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(src, ld_src, dst, ld_dst);
+#endif
+}
 
 // The offset from row r to row r + 1 when it is the same for every r, else -1.
 inline int64_t even_row_step(int64_t K, RowStrides s) {
@@ -797,11 +828,9 @@ int64_t transpose_whole_blocks(
     for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
       const int64_t c = std::min(c0, C - kTransposeBlock);  // the last block may overlap
       if constexpr (kToTile) {
-        at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(
-            rows + j * step + c, step, tile + c * kTileRows + j, kTileRows);
+        transpose_8x8(rows + j * step + c, step, tile + c * kTileRows + j, kTileRows);
       } else {
-        at::vec::transpose_mxn<float, kTransposeBlock, kTransposeBlock>(
-            tile + c * kTileRows + j, kTileRows, rows + j * step + c, step);
+        transpose_8x8(tile + c * kTileRows + j, kTileRows, rows + j * step + c, step);
       }
     }
   }
