@@ -34,7 +34,7 @@ echo
 echo "=== gpu_session: gpu_check.sh rc=$CHECK_RC; ${LEFT}s left for gpu_tune.sh"
 TUNE_RC=skipped
 if compgen -G "xent_ext/_C*.so" >/dev/null && ((LEFT >= 90)); then
-  OUT=$WORK/tune GPU_TUNE_SECONDS=$LEFT \
+  OUT=$WORK/tune GPU_TUNE_SECONDS=$LEFT GPU_TUNE_REUSE_BUILD=1 \
     GPU_TUNE_SHAPES=${GPU_TUNE_SHAPES:-8192x128256:bf16,8192x50257:fp32,4096x32000:bf16} \
     GPU_TUNE_VARIANTS=${GPU_TUNE_VARIANTS:-"base=;u2b8=-DXENT_CUDA_UNROLL_2B=8;t1024u4=-DXENT_CUDA_BLOCK_THREADS=1024 -DXENT_CUDA_BLOCK_MIN_BLOCKS=1 -DXENT_CUDA_BLOCK_GRID_PER_SM=1 -DXENT_CUDA_UNROLL_4B=8"} \
     bash scripts/gpu_tune.sh

@@ -49,10 +49,14 @@ for v in "${LIST[@]}"; do
     continue
   fi
   echo "=== $name: NVCC_APPEND_FLAGS='$flags' ($(($(date +%s) - START))s since start)" | tee -a "$LOG"
-  # A variant without flags, run first on a fresh build (gpu_check.sh's), is
-  # that build: no recompile.
-  if [[ -z $flags && $v == "${LIST[0]}" ]] && compgen -G "xent_ext/_C*.so" >/dev/null; then
-    echo "  the existing build (no flags): not rebuilt" | tee -a "$LOG"
+  rm -f "/tmp/tune_build_$name.log" "/tmp/tune_$name.json"
+  # GPU_TUNE_REUSE_BUILD=1 (gpu_session.sh, right after gpu_check.sh's fresh
+  # default build): a first variant without flags is that build, not rebuilt.
+  # Otherwise every variant is rebuilt: a warm machine's extension may be an
+  # earlier call's last variant.
+  if [[ ${GPU_TUNE_REUSE_BUILD:-0} == 1 && -z $flags && $v == "${LIST[0]}" ]] &&
+    compgen -G "xent_ext/_C*.so" >/dev/null; then
+    echo "  gpu_check.sh's build (no flags): not rebuilt" | tee -a "$LOG"
   else
     rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/xent_kernel.o
   fi
@@ -98,4 +102,7 @@ for name, run in runs.items():
         print(f"{name:<11} {shape:<14} {row['dtype']:<5} {row['mode']:<8} {x['median_ms'] * 1e3:>9.0f} "
               f"{x.get('pct_of_copy') or 0:>6.1f} {ratio('eager'):>8} {ratio('liger'):>8}")
 EOF
+# Leave no variant behind: ninja does not see NVCC_APPEND_FLAGS, so a later
+# build on this (warm) machine would otherwise link the last variant's object.
+rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/xent_kernel.o
 echo "total: $(($(date +%s) - START))s"

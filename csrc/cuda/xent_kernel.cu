@@ -140,8 +140,8 @@ constexpr int kVecOf = 16 / sizeof(T);
 #define XENT_CUDA_BLOCK_GRID_PER_SM 4  // block walk: blocks launched per SM (grid-stride over rows)
 #endif
 
-// 16-byte packs in flight per lane: 16 logits per step for 2-byte and 4-byte
-// types, 8 for double (Note [Registers and occupancy]).
+// 16-byte packs in flight per lane: 32 logits per step for 2-byte types, 16
+// for 4-byte ones, 8 for double (Note [Registers and occupancy]).
 template <typename T>
 constexpr int kUnrollVectorOf = sizeof(T) == 2 ? XENT_CUDA_UNROLL_2B : (sizeof(T) == 4 ? XENT_CUDA_UNROLL_4B : 4);
 constexpr int kUnrollScalar = 8;  // scalar loads in flight per lane
