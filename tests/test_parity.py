@@ -633,6 +633,21 @@ def test_nan_in_every_walk(walk, dtype, reduction, ls, device, fresh_seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_row_max_sees_every_position(dtype, device, fresh_seed):
+    # Note [Widening in any order]: the rows walk's max pass may read a step's logits in any
+    # lane order, but must see all of them. One logit 100 above the rest of its row, at
+    # position r of row r (both parities, every lane of a step, the tail past the last whole
+    # step): a max that misses it shifts the exps by 100 too little, and exp overflows.
+    C = 130
+    x = make_logits((C, C), dtype, device=device)
+    idx = torch.arange(C, device=device)
+    x[idx, idx] = 100.0
+    t = make_index_target(x.shape, device=device)
+    check_against_torch(ours, x, t, None, reduction="none",
+                        ctx=fmt_ctx(fresh_seed, dtype=dtype_name(dtype), device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("magnitude", [1e4, 1e30], ids=["1e4", "1e30"])
 def test_big_logits(magnitude, kind, dtype, device, rng, fresh_seed):

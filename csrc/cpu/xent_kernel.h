@@ -74,6 +74,9 @@ struct VecIO {
     a = V::loadu(p);
     b = V::loadu(p + V::size());
   }
+  static void load_any_order(const T* p, V& a, V& b) {
+    load(p, a, b);
+  }
   // n < kStep elements; lanes past n are zero.
   static void load(const T* p, int64_t n, V& a, V& b) {
     const int64_t na = std::min<int64_t>(n, V::size());
@@ -100,6 +103,33 @@ struct VecIO<T, std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>> {
   static constexpr int64_t kStep = VT::size();
   static void load(const T* p, V& a, V& b) {
     std::tie(a, b) = at::vec::convert_to_float<T>(VT::loadu(p));
+  }
+  // Note [Widening in any order]
+  // The kStep values of p widened to float, in an order of lanes that is not
+  // p's: for a pass that only takes their maximum. A bf16 is the top half of
+  // its float, so the odd elements are the loaded bits with the low halves
+  // cleared and the even ones the bits shifted up by 16: one in-lane
+  // instruction per vector, where convert_to_float's ordered widening takes
+  // an extract, two cross-lane zero-extensions and two shifts. The sums keep
+  // the ordered widening: their order fixes their rounding (Note [Recomputed
+  // equals fused]). fp16 has no such shortcut.
+  static void load_any_order(const T* p, V& a, V& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m512i bits = _mm512_loadu_si512(p);
+      a = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+      b = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      a = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+      b = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+      return;
+    }
+#endif
+    load(p, a, b);
   }
   static void load(const T* p, int64_t n, V& a, V& b) {
     std::tie(a, b) = at::vec::convert_to_float<T>(VT::loadu(p, n));
@@ -391,7 +421,7 @@ RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t
   V m0 = neg_inf, m1 = neg_inf;
   V xa, xb;
   for (int64_t i = 0; i < n_full; i += kStep) {
-    IO::load(x + i, xa, xb);
+    IO::load_any_order(x + i, xa, xb);  // Note [Widening in any order]
     m0 = max_ignoring_nan(m0, xa);  // Note [Max ignoring nan]
     m1 = max_ignoring_nan(m1, xb);
   }
