@@ -29,9 +29,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 
 # Note [Per-ISA kernels]
-# The CPU kernel (csrc/cpu/xent_kernel.h) is compiled once per ISA, each
+# The CPU kernel (csrc/cpu/kernel/entry.h) is compiled once per ISA, each
 # translation unit with its own -m flags and CPU_CAPABILITY, and chosen at run
-# time (csrc/cpu/xent_cpu.cpp). Never -march=native: the wheel must run on any
+# time (csrc/cpu/kernel_dispatch.cpp). Never -march=native: the wheel must run on any
 # x86-64 machine. The flags mirror the ones ATen compiles its own kernels with.
 ISA_FLAGS = {
     "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
@@ -70,7 +70,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 # 42 MB and the compile slower, and wheels ship without it.
 # Note [No FMA contraction on the CPU]
 # -ffp-contract=off: as on the GPU (Note [No FMA contraction on the GPU],
-# csrc/cuda/xent_kernel.cu), the same gradient comes from two places, the fused
+# csrc/cuda/kernels.cu), the same gradient comes from two places, the fused
 # forward and the recomputing backward, inlined into different callers. GCC's
 # default (-ffp-contract=fast) may fuse a*b - c*d into an FMA in one inlined
 # copy and not in the other, vector intrinsics included (they are plain vector
@@ -112,7 +112,7 @@ def _cuda_decision() -> tuple[bool, str]:
 WITH_CUDA, CUDA_REASON = _cuda_decision()
 # --expt-relaxed-constexpr: the shared math (csrc/common/xent_math.h) calls
 # std::numeric_limits in device code. No --use_fast_math: the loss must be exact.
-# --fmad=false: Note [No FMA contraction on the GPU] in csrc/cuda/xent_kernel.cu.
+# --fmad=false: Note [No FMA contraction on the GPU] in csrc/cuda/kernels.cu.
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--fmad=false", "-lineinfo"]
 
 
@@ -159,7 +159,7 @@ class XentBuildExtension(BuildExtension):
         cxx_args = ext.extra_compile_args
         if isinstance(cxx_args, dict):
             cxx_args = cxx_args.get("cxx", [])
-        sources = [os.path.join(CSRC, "cpu", f"xent_kernel_{isa}.cpp") for isa in ISAS]
+        sources = [os.path.join(CSRC, "cpu", f"kernel_{isa}.cpp") for isa in ISAS]
 
         def compile_one(isa_and_source: tuple[str, str]) -> list[str]:
             isa, source = isa_and_source
@@ -183,8 +183,9 @@ def _extension():
     include_dirs = [os.path.join(ROOT, CSRC)]
     sources = [
         os.path.join(CSRC, "python_module.cpp"),
-        os.path.join(CSRC, "xent_ext.cpp"),
-        os.path.join(CSRC, "cpu", "xent_cpu.cpp"),
+        os.path.join(CSRC, "ops.cpp"),
+        os.path.join(CSRC, "cpu", "ops_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "kernel_dispatch.cpp"),
     ]
     print(
         f"xent_ext build: {VERSION} against torch {torch.__version__} (requires {TORCH_REQUIREMENT}); "
@@ -200,7 +201,7 @@ def _extension():
             extra_compile_args={"cxx": [*CXX_FLAGS, *DEFINES]},
             extra_link_args=OPENMP_FLAGS,
         )
-    sources += [os.path.join(CSRC, "cuda", "xent_cuda.cpp"), os.path.join(CSRC, "cuda", "xent_kernel.cu")]
+    sources += [os.path.join(CSRC, "cuda", "ops_cuda.cpp"), os.path.join(CSRC, "cuda", "kernels.cu")]
     return CUDAExtension(
         "xent_ext._C",
         sources,

@@ -1,5 +1,5 @@
-// Argument checks and output allocation shared by the CPU (xent_ext.cpp) and
-// CUDA (cuda/xent_cuda.cpp) op wrappers: one definition of what a valid call
+// Argument checks and output allocation shared by the CPU (cpu/ops_cpu.cpp) and
+// CUDA (cuda/ops_cuda.cpp) op wrappers: one definition of what a valid call
 // of each op is, so both devices reject the same inputs with the same words.
 #pragma once
 
@@ -136,9 +136,9 @@ inline void check_prob_backward_args(const Tensor& grad_loss, const Tensor& inpu
 
 // Note [Target check on the GPU]
 // Whether the CUDA forward checks class indices with one host sync after its
-// kernels (Note [Bad targets on the GPU], cuda/xent_kernel.cu). On by default;
+// kernels (Note [Bad targets on the GPU], cuda/kernels.cu). On by default;
 // XENT_EXT_CUDA_TARGET_CHECK=0 at import, or xent_ext.set_cuda_target_check,
-// turns it off. Defined in xent_ext.cpp.
+// turns it off. Defined in ops.cpp.
 std::atomic<bool>& cuda_target_check();
 
 }  // namespace ops

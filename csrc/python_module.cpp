@@ -1,10 +1,10 @@
 // The Python module xent_ext._C: importing it loads the library, whose static
-// initializers register the torch.ops.xent_ext operators (csrc/xent_ext.cpp,
-// csrc/cuda/xent_cuda.cpp); the functions here report how it was built.
-#include "cpu/xent_cpu.h"
+// initializers register the torch.ops.xent_ext operators (csrc/ops.cpp, csrc/cpu/ops_cpu.cpp,
+// csrc/cuda/ops_cuda.cpp); the functions here report how it was built.
+#include "cpu/kernel_api.h"
 #include "ops_common.h"
 #ifdef XENT_WITH_CUDA
-#include "cuda/xent_cuda.h"
+#include "cuda/kernel_api.h"
 #endif
 
 #include <ATen/Parallel.h>

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: time the CUDA row kernels' launch-shape variants
-# (Note [Tuning knobs] in csrc/cuda/xent_kernel.cu) side by side.
+# (Note [Tuning knobs] in csrc/cuda/kernels.cu) side by side.
 #
 #   bash scripts/gpu_tune.sh            # repository root; $OUT: where results go
 #
@@ -14,7 +14,7 @@
 #
 # Files in $OUT: tune.log (everything), tune.json (every run's benchmark JSON,
 # by variant), tune_summary.txt (the table). Record the outcome in
-# benchmarks/NOTES.md, and make the winner the default in xent_kernel.cu.
+# benchmarks/NOTES.md, and make the winner the default in kernels.cu.
 #
 # Knobs: GPU_TUNE_SECONDS (overall deadline, default 540), GPU_TUNE_SHAPES
 # (default below), GPU_TUNE_VARIANTS (';'-separated "name=flags" list).
@@ -58,7 +58,7 @@ for v in "${LIST[@]}"; do
     compgen -G "xent_ext/_C*.so" >/dev/null; then
     echo "  gpu_check.sh's build (no flags): not rebuilt" | tee -a "$LOG"
   else
-    rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/xent_kernel.o
+    rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/kernels.o
   fi
   if compgen -G "xent_ext/_C*.so" >/dev/null; then
     :
@@ -104,5 +104,5 @@ for name, run in runs.items():
 EOF
 # Leave no variant behind: ninja does not see NVCC_APPEND_FLAGS, so a later
 # build on this (warm) machine would otherwise link the last variant's object.
-rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/xent_kernel.o
+rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/kernels.o
 echo "total: $(($(date +%s) - START))s"

@@ -24,6 +24,21 @@ enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum
 
 namespace math {
 
+// Note [Accumulation dtype]
+// fp32 for fp32/bf16/fp16 logits, fp64 for fp64, on both devices. bf16/fp16
+// are widened in registers as they are loaded and narrowed as they are stored:
+// no fp32 copy of the logits or of the gradient is ever materialized.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_type = typename AccType<T>::type;
+
 // Note [Row statistics]
 // For a row x_0..x_{C-1} and per-class coefficients coef_c we keep
 //   ref      a shift, the largest x seen so far (or -inf while every x is -inf)
@@ -105,7 +120,7 @@ XENT_HD void merge(RowStats<acc_t>& a, const RowStats<acc_t>& b) {
 // with a finite maximum, so log_sum is small and exact enough either way.
 // Taking it once matters where rows are short: with C = 10 the two scalar
 // logs were a third of the CPU forward, so the CPU's column walks take it for
-// a group of rows with one vector log (xent_kernel.h, row_logs).
+// a group of rows with one vector log (csrc/cpu/kernel, row_logs).
 //
 // Note [Log in the accumulation type]
 // Those column walks take the log in acc_t: for fp32 that is eight rows per

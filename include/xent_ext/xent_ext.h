@@ -22,7 +22,7 @@
 // Loading it at run time also works: dlopen("libxent_ext.so", RTLD_NOW | RTLD_GLOBAL)
 // before the first call.
 //
-// The operators (schemas in csrc/xent_ext.cpp, Note [Op schemas])
+// The operators (schemas in csrc/ops.cpp, Note [Op schemas])
 // ---------------------------------------------------------------
 // Canonical inputs: logits (N, C, K) with any strides, float64/float32/
 // bfloat16/float16; class-index targets (N, K) int64 (or uint8); probability

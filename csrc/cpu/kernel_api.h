@@ -1,5 +1,5 @@
-// Interface between the op wrappers (csrc/xent_ext.cpp) and the CPU kernels,
-// which are compiled once per ISA (xent_kernel_{default,avx2,avx512}.cpp) and
+// Interface between the op wrappers (csrc/cpu/ops_cpu.cpp) and the CPU kernels,
+// which are compiled once per ISA (kernel_{default,avx2,avx512}.cpp) and
 // picked at run time from at::native::get_cpu_capability().
 //
 // The wrappers validate and allocate; kernels only read and write the tensors
@@ -95,7 +95,7 @@ struct KernelTable {
 };
 
 // One per compiled ISA, each defined in its own translation unit
-// (xent_kernel_<isa>.cpp); the build defines XENT_HAVE_<ISA> for those it
+// (kernel_<isa>.cpp); the build defines XENT_HAVE_<ISA> for those it
 // compiled.
 const KernelTable& kernels_DEFAULT();
 const KernelTable& kernels_AVX2();

@@ -1,3 +1,3 @@
 // The CPU kernels compiled for AVX2 (flags set by setup.py / CMakeLists.txt:
 // -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 plus the ISA's -m flags).
-#include "cpu/xent_kernel.h"
+#include "cpu/kernel/entry.h"

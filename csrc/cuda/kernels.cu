@@ -47,7 +47,7 @@
 // wrapper may check it with one host sync and raise torch's IndexError), and
 // the row computes NaN: its loss, lse and gradient are NaN, and so is the
 // weighted-mean denominator. Nothing reads memory through a bad index.
-#include "cuda/xent_cuda.h"
+#include "cuda/kernel_api.h"
 
 #include "common/xent_math.h"
 
@@ -65,16 +65,6 @@ namespace {
 
 using math::RowStats;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_of = typename AccOf<T>::type;
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -316,7 +306,7 @@ __device__ __forceinline__ void walk_row(const RowPtrs<T>& io, int64_t C, bool v
 // for a chunk of -inf that adds no probability mass).
 template <typename T, CoefMode kMode>
 struct StatsStep {
-  using A = acc_of<T>;
+  using A = math::acc_type<T>;
   const RowPtrs<T>& io;
   const Coefs<A, kMode>& coefs;
   RowStats<A> st;
@@ -378,7 +368,7 @@ struct StatsStep {
 // them above the stores (it can't prove the gradient doesn't alias the logits).
 template <typename T, CoefMode kMode>
 struct GradStep {
-  using A = acc_of<T>;
+  using A = math::acc_type<T>;
   const RowPtrs<T>& io;
   const Coefs<A, kMode>& coefs;
   math::GradCoefs<A> k;
@@ -444,7 +434,7 @@ struct GradStep {
 // GradCoefs): write zeros without reading the logits, as the CPU kernel does.
 template <typename T>
 struct ZeroStep {
-  using A = acc_of<T>;
+  using A = math::acc_type<T>;
   const RowPtrs<T>& io;
 
   template <int kW, int kU>
@@ -586,7 +576,7 @@ __device__ __forceinline__ math::GradCoefs<A> index_row_coefs(const IndexTarget<
 template <typename T, Walk kWalk, CoefMode kMode>
 __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     index_forward_kernel(IndexForwardLaunch a) {
-  using A = acc_of<T>;
+  using A = math::acc_type<T>;
   __shared__ RowStats<A> smem[33];
   const T* x = static_cast<const T*>(a.x.data);
   T* grad = static_cast<T*>(a.grad.data);
@@ -664,7 +654,7 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
 template <typename T, Walk kWalk, CoefMode kMode>
 __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     index_backward_kernel(IndexBackwardLaunch a) {
-  using A = acc_of<T>;
+  using A = math::acc_type<T>;
   const T* x = static_cast<const T*>(a.x.data);
   T* grad = static_cast<T*>(a.grad.data);
   const T* grad_loss = static_cast<const T*>(a.grad_loss);
@@ -713,7 +703,7 @@ __device__ __forceinline__ Coefs<A, CoefMode::kProb> prob_coefs(const A* w, doub
 template <typename T, Walk kWalk, CoefMode kMode>
 __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     prob_forward_kernel(ProbForwardLaunch a) {
-  using A = acc_of<T>;
+  using A = math::acc_type<T>;
   __shared__ RowStats<A> smem[33];
   const T* x = static_cast<const T*>(a.x.data);
   const T* q = static_cast<const T*>(a.target.data);
@@ -749,7 +739,7 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
 template <typename T, Walk kWalk, CoefMode kMode>
 __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     prob_backward_kernel(ProbBackwardLaunch a) {
-  using A = acc_of<T>;
+  using A = math::acc_type<T>;
   const T* x = static_cast<const T*>(a.x.data);
   const T* q = static_cast<const T*>(a.target.data);
   T* gi = static_cast<T*>(a.grad_input.data);
@@ -1051,7 +1041,7 @@ cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
 cudaError_t launch_index_forward(const IndexForwardLaunch& a, cudaStream_t stream) {
   return dispatch_dtype(a.x.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    using A = acc_of<T>;
+    using A = math::acc_type<T>;
     const int64_t R = a.x.N * a.x.K;
     const int64_t tiles = reduce_tiles(R);
     cudaError_t err;
@@ -1098,7 +1088,7 @@ cudaError_t launch_index_forward(const IndexForwardLaunch& a, cudaStream_t strea
 cudaError_t launch_index_backward(const IndexBackwardLaunch& a, cudaStream_t stream) {
   return dispatch_dtype(a.x.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    using A = acc_of<T>;
+    using A = math::acc_type<T>;
     const int64_t R = a.x.N * a.x.K;
     cudaError_t err;
     weight_sum_kernel<A><<<1, kReduceThreads, 0, stream>>>(static_cast<const A*>(a.weight), a.x.C, a.scalars);
@@ -1114,7 +1104,7 @@ cudaError_t launch_index_backward(const IndexBackwardLaunch& a, cudaStream_t str
 cudaError_t launch_prob_forward(const ProbForwardLaunch& a, cudaStream_t stream) {
   return dispatch_dtype(a.x.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    using A = acc_of<T>;
+    using A = math::acc_type<T>;
     const int64_t R = a.x.N * a.x.K;
     cudaError_t err;
     if (R > 0) {

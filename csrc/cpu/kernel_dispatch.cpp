@@ -1,5 +1,5 @@
 // Run-time choice of the CPU kernels' ISA.
-#include "cpu/xent_cpu.h"
+#include "cpu/kernel_api.h"
 
 #include <ATen/Version.h>
 

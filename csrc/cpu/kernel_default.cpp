@@ -1,3 +1,3 @@
 // The CPU kernels compiled for DEFAULT (flags set by setup.py / CMakeLists.txt:
 // -DCPU_CAPABILITY=DEFAULT -DCPU_CAPABILITY_DEFAULT plus the ISA's -m flags).
-#include "cpu/xent_kernel.h"
+#include "cpu/kernel/entry.h"

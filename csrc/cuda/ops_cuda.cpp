@@ -1,8 +1,8 @@
 // CUDA op wrappers: validate (ops_common.h, the same checks as the CPU ops),
 // allocate outputs and scratch with torch's caching allocator, launch the
-// kernels (xent_kernel.cu) on the current stream of the input's device, and
+// kernels (kernels.cu) on the current stream of the input's device, and
 // register them for the CUDA dispatch key.
-#include "cuda/xent_cuda.h"
+#include "cuda/kernel_api.h"
 #include "ops_common.h"
 
 #include <ATen/core/Tensor.h>

@@ -1,18 +1,18 @@
 // The CPU cross-entropy kernels: one algorithm, written once on raw pointers
 // with at::vec::Vectorized and at::parallel_for.
 //
-// This header is included only by csrc/cpu/xent_kernel_{default,avx2,avx512}.cpp,
+// This header is included only by csrc/cpu/kernel_{default,avx2,avx512}.cpp,
 // each compiled with its own ISA flags and -DCPU_CAPABILITY=<ISA>, so the
-// vector code below becomes three copies picked at run time (xent_cpu.cpp).
+// vector code below becomes three copies picked at run time (kernel_dispatch.cpp).
 // Everything here has internal linkage except the one kernels_<ISA>() table.
 #pragma once
 
 #ifndef CPU_CAPABILITY
-#error "xent_kernel.h must be compiled with -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512>"
+#error "cpu/kernel/entry.h must be compiled with -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512>"
 #endif
 
 #include "common/xent_math.h"
-#include "cpu/xent_cpu.h"
+#include "cpu/kernel_api.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,20 +36,7 @@ namespace {
 using at::vec::Vectorized;
 using math::RowStats;
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-// Note [Accumulation dtype]
-// fp32 for fp32/bf16/fp16 logits, fp64 for fp64. bf16/fp16 are widened in
-// registers as they are loaded and narrowed as they are stored: no fp32 copy
-// of the logits or of the gradient is ever materialized.
-template <typename T>
-using acc_type = typename AccType<T>::type;
+using math::acc_type;  // Note [Accumulation dtype] (common/xent_math.h)
 
 // Note [Chunks]
 // A row is processed in chunks of kChunk classes: a max pass then an exp-sum

@@ -1,5 +1,5 @@
-// The interface between the CUDA op wrappers (xent_cuda.cpp: torch tensors,
-// checks, allocation) and the kernels (xent_kernel.cu: raw pointers only).
+// The interface between the CUDA op wrappers (ops_cuda.cpp: torch tensors,
+// checks, allocation) and the kernels (kernels.cu: raw pointers only).
 //
 // Note [Lean CUDA translation unit]
 // The .cu file includes no torch header: nvcc compiles it in seconds instead
@@ -18,7 +18,7 @@ namespace cuda {
 enum class Dtype : int { kDouble, kFloat, kBFloat16, kHalf };
 
 // Rows summed by one block of the first reduction stage (Note [Deterministic
-// reduction on the GPU], xent_kernel.cu). Fixed, so results never depend on
+// reduction on the GPU], kernels.cu). Fixed, so results never depend on
 // the grid size or the GPU.
 constexpr int64_t kReduceTile = 4096;
 
@@ -115,7 +115,7 @@ cudaError_t launch_index_backward(const IndexBackwardLaunch& a, cudaStream_t str
 cudaError_t launch_prob_forward(const ProbForwardLaunch& a, cudaStream_t stream);
 cudaError_t launch_prob_backward(const ProbBackwardLaunch& a, cudaStream_t stream);
 
-// How xent_kernel.cu was compiled: nvcc's __CUDA_ARCH_LIST__ (e.g. "800,900")
+// How kernels.cu was compiled: nvcc's __CUDA_ARCH_LIST__ (e.g. "800,900")
 // and the CUDA runtime version it was built against (CUDART_VERSION, e.g. 13000).
 const char* compiled_archs();
 int runtime_version_built();
