@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import xent_ext
-from conftest import (
+from helpers import (
     ENV_K,
     REDUCTIONS,
     RTOL,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import xent_ext
-from conftest import (
+from helpers import (
     REDUCTIONS,
     assert_cuda_usable,
     check_against_torch,

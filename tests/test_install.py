@@ -1,6 +1,6 @@
 """The build knows what it was built for, and says so when it meets another torch.
 
-Issue 5: importing a build made for another torch minor, CUDA major or C++ ABI
+Importing a build made for another torch minor, CUDA major or C++ ABI
 must raise an ImportError that names what was expected, what was found and
 what to install, never a bare ``undefined symbol``.
 """

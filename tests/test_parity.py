@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import xent_ext
-from conftest import (
+from helpers import (
     DTYPES,
     LOW_PRECISION,
     REDUCTIONS,
@@ -536,7 +536,7 @@ def test_zero_target_weights(which, reduction, ls, device, rng, fresh_seed):
 
 
 # ----------------------------------------------------------------------------------
-# non-finite and huge logits (torch_semantics.md section 7)
+# non-finite and huge logits (docs/semantics.md, section 7)
 # ----------------------------------------------------------------------------------
 
 INF = float("inf")
@@ -668,7 +668,7 @@ def test_big_logits(magnitude, kind, dtype, device, rng, fresh_seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_name)
 def test_exact_extreme_rows(dtype, device):
-    # the examples of torch_semantics.md section 7, compared with torch (not with literals)
+    # the examples of docs/semantics.md section 7, compared with torch (not with literals)
     x = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]], dtype=dtype, device=device)
     y = torch.tensor([1, 1], device=device)
     for red in REDUCTIONS:
