@@ -72,13 +72,15 @@ class Row:
         return a / b if a and b else None
 
     def clear(self, name: str) -> bool:
-        """Whether the samples separate the two: every sample of one faster than every sample of the other.
+        """Whether the samples tell the two apart: the middle halves of their samples do not overlap.
 
-        When their ranges overlap the ratio is within the run's noise and is
-        printed with a '~'.
+        Otherwise the ratio is within the run's noise and is printed with a '~'.
         """
         a, b = self.impls[name].samples_ms, self.impls["xent"].samples_ms
-        return bool(a and b) and (min(a) > max(b) or max(a) < min(b))
+        if not a or not b:
+            return False
+        (a_lo, a_hi), (b_lo, b_hi) = middle_half(a), middle_half(b)
+        return a_lo > b_hi or a_hi < b_lo
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +93,14 @@ class Row:
                           "samples_ms": t.samples_ms, "inner": t.inner, "loss": t.loss}
                       for n, t in self.impls.items()},
         }
+
+
+def middle_half(samples: list[float]) -> tuple[float, float]:
+    """First and third quartiles (the one sample, twice, if there is one)."""
+    if len(samples) == 1:
+        return samples[0], samples[0]
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, q3
 
 
 def parse_shape(spec: str) -> tuple[tuple[int, ...], str]:
@@ -134,12 +144,13 @@ def time_row(shape: tuple[int, ...], dtype: str, mode: str, fns: dict[str, Calla
 
         try:
             impls[name].loss = float(step())  # compiles 'compile'; float() waits for the device
-            calls, start = 0, time.perf_counter()
-            while calls < 3 or time.perf_counter() - start < MIN_SAMPLE_S:  # calls per sample, from several
+            per_call: list[float] = []  # up to 3 calls; the fastest plans the calls per sample
+            while not per_call or (len(per_call) < 3 and sum(per_call) < MIN_SAMPLE_S):
+                start = time.perf_counter()
                 step()
                 sync()
-                calls += 1
-            impls[name].inner = max(1, math.ceil(MIN_SAMPLE_S * calls / (time.perf_counter() - start)))
+                per_call.append(time.perf_counter() - start)
+            impls[name].inner = max(1, math.ceil(MIN_SAMPLE_S / max(min(per_call), 1e-9)))
             steps[name] = step
         except Exception as exc:  # report it in the table and go on
             impls[name].status, impls[name].reason = "failed", first_line(exc)
@@ -162,7 +173,9 @@ def time_row(shape: tuple[int, ...], dtype: str, mode: str, fns: dict[str, Calla
 
 
 def cell_ms(t: Timing) -> str:
-    return f"{t.median_ms:.3g}" if t.median_ms is not None else t.status
+    if t.median_ms is None:
+        return t.status
+    return f"{t.median_ms:.0f}" if t.median_ms >= 100 else f"{t.median_ms:.3g}"
 
 
 def cell_ratio(row: Row, name: str) -> str:

@@ -83,6 +83,16 @@ def select_cases(shapes: Sequence[str], dtypes: Sequence[str] | None) -> list[Ca
     return cases
 
 
+def selection(args: Any, quick_shapes: Sequence[str], default_shapes: Sequence[str]) -> tuple[list[Case], list[str], bool]:
+    """The cases, modes and whether to compile, from the command line and a device's shape sets."""
+    cases = select_cases(
+        args.shapes.split(",") if args.shapes else quick_shapes if args.quick else default_shapes,
+        args.dtype.split(",") if args.dtype else None,
+    )
+    use_compile = args.compile if args.compile is not None else not args.quick
+    return cases, MODE_CHOICES[args.mode], use_compile
+
+
 def first_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
     return text[:200]

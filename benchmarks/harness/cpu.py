@@ -16,7 +16,6 @@ import xent_ext
 
 from .common import (
     DTYPES,
-    MODE_CHOICES,
     Case,
     ImplResult,
     RotatingInputs,
@@ -27,7 +26,7 @@ from .common import (
     make_step,
     parse_int_list,
     row_notes,
-    select_cases,
+    selection,
     warm_up,
 )
 from .report import (
@@ -396,10 +395,7 @@ def print_bandwidth(bw: Bandwidth) -> None:
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     """The CPU harness: every shape at every thread count and mode, one process, one run."""
-    cases = select_cases(
-        args.shapes.split(",") if args.shapes else QUICK_SHAPES if args.quick else DEFAULT_SHAPES,
-        args.dtype.split(",") if args.dtype else None,
-    )
+    cases, modes, use_compile = selection(args, QUICK_SHAPES, DEFAULT_SHAPES)
     all_threads = torch.get_num_threads()
     if args.threads:
         threads = parse_int_list(args.threads)
@@ -407,8 +403,6 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         threads = [all_threads]
     else:
         threads = sorted({1, all_threads})
-    modes = MODE_CHOICES[args.mode]
-    use_compile = args.compile if args.compile is not None else not args.quick
     cfg = TimingConfig(
         min_time_s=args.min_time,
         max_time_s=args.max_time if args.max_time is not None else 4.0 if args.quick else 10.0,

@@ -36,7 +36,6 @@ import torch
 
 from .common import (
     DTYPES,
-    MODE_CHOICES,
     Case,
     ImplResult,
     RotatingInputs,
@@ -45,7 +44,7 @@ from .common import (
     baseline_fns,
     first_line,
     row_notes,
-    select_cases,
+    selection,
     warm_up,
 )
 from .gpu_report import detail_lines, detail_table, gpu_machine_info, print_gpu_header, print_summary
@@ -273,12 +272,7 @@ def _free_cuda(device: torch.device) -> None:
 def run(args: argparse.Namespace, argv: Sequence[str] | None, device: torch.device) -> None:
     """``--device cuda``: every implementation side by side, one process, one run."""
     t0 = time.perf_counter()
-    cases = select_cases(
-        args.shapes.split(",") if args.shapes else QUICK_SHAPES if args.quick else DEFAULT_SHAPES,
-        args.dtype.split(",") if args.dtype else None,
-    )
-    modes = MODE_CHOICES[args.mode]
-    use_compile = args.compile if args.compile is not None else not args.quick
+    cases, modes, use_compile = selection(args, QUICK_SHAPES, DEFAULT_SHAPES)
     cfg = TimingConfig(
         min_time_s=args.min_time,
         max_time_s=args.max_time if args.max_time is not None else 1.0 if args.quick else 2.0,
