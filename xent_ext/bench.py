@@ -13,6 +13,7 @@ time and the ratios torch time / xent_ext time (higher: xent_ext faster).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -281,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine(device)
-    n = info["threads"]
-    where = info.get("gpu") or f"{info['cpu']}, {n} thread{'s' if n != 1 else ''}"
+    threads = info["threads"]
+    where = info.get("gpu") or f"{info['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
     print(f"xent_ext {info['xent_ext']} (CPU kernels: {info['xent_ext_cpu_isa']}) vs torch {info['torch']}"
           f"{' (CUDA ' + str(info['cuda']) + ')' if device.type == 'cuda' else ''} on {where}")
     print(f"median of {args.samples} samples per implementation; ratios: torch time / xent_ext time "
@@ -311,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                 notes.append(f"{label} {mode} not run: {first_line(exc)}")
                 continue
             if compile_off is not None:
-                row.impls["compile"] = compile_off
+                row.impls["compile"] = dataclasses.replace(compile_off)
             rows.append(row)
             print(row_line(row), flush=True)
             for name, t in row.impls.items():
