@@ -4,7 +4,7 @@
 # temporary folder holding a copy of tests/ (so `import xent_ext` can only
 # find the installed package). Called by .ci/run and the workflows.
 #
-#   scripts/test_wheel.sh PYTHON WHEEL TORCH_SPEC VENV [PYTEST_ARGS...]
+#   scripts/ci/test_wheel.sh PYTHON WHEEL TORCH_SPEC VENV [PYTEST_ARGS...]
 #
 # PYTHON makes the venv; TORCH_SPEC is a pip requirement ("torch==2.14.1");
 # PIP_INDEX_URL / PIP_EXTRA_INDEX_URL pick CPU or CUDA builds of torch.
@@ -14,7 +14,7 @@ WHEEL=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
 TORCH_SPEC=${3:?}
 VENV=${4:?}
 shift 4
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
