@@ -2,9 +2,12 @@
 # Test an installed wheel, not the source tree: a fresh virtual environment
 # gets torch and the wheel, and the README's test command runs from a
 # temporary folder holding a copy of tests/ (so `import xent_ext` can only
-# find the installed package). Called by .ci/run and the workflows.
+# find the installed package), plus the benchmark harness beside it
+# (benchmarks/run.py and benchmarks/harness/, a plain folder the wheel does
+# not install, which the harness's tests find as tests/../benchmarks).
+# Called by .ci/run and the workflows.
 #
-#   scripts/test_wheel.sh PYTHON WHEEL TORCH_SPEC VENV [PYTEST_ARGS...]
+#   scripts/ci/test_wheel.sh PYTHON WHEEL TORCH_SPEC VENV [PYTEST_ARGS...]
 #
 # PYTHON makes the venv; TORCH_SPEC is a pip requirement ("torch==2.14.1");
 # PIP_INDEX_URL / PIP_EXTRA_INDEX_URL pick CPU or CUDA builds of torch.
@@ -14,7 +17,7 @@ WHEEL=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
 TORCH_SPEC=${3:?}
 VENV=${4:?}
 shift 4
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
@@ -25,6 +28,10 @@ rm -rf "$VENV"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cp -r "$ROOT/tests" "$WORK/tests"
+mkdir "$WORK/benchmarks"
+for f in run.py harness; do
+  [ ! -e "$ROOT/benchmarks/$f" ] || cp -r "$ROOT/benchmarks/$f" "$WORK/benchmarks/"
+done
 cd "$WORK"
 "$VENV/bin/python" - "$ROOT" <<'PY'
 import pathlib, sys, xent_ext

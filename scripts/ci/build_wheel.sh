@@ -3,7 +3,7 @@
 # environment (no build isolation: the extension must be compiled against the
 # torch it will run with). Called by .ci/run and .github/workflows/wheels.yml.
 #
-#   scripts/build_wheel.sh PYTHON OUTDIR
+#   scripts/ci/build_wheel.sh PYTHON OUTDIR
 #
 # Honours the build switches (README): MAX_JOBS, CUDA_HOME,
 # TORCH_CUDA_ARCH_LIST, XENT_EXT_CPU_ONLY, XENT_EXT_ISAS. Prints the wheel's path
@@ -11,7 +11,7 @@
 set -euo pipefail
 PY=${1:?usage: build_wheel.sh PYTHON OUTDIR}
 OUTDIR=${2:?usage: build_wheel.sh PYTHON OUTDIR}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$OUTDIR"
 # A stale build/ from another torch would be reused by setuptools.
 rm -rf "$ROOT/build" "$ROOT"/*.egg-info

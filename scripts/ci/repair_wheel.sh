@@ -5,7 +5,7 @@
 # OpenMP's (libgomp: torch loads its own copy; two copies in one process
 # fight over threads). Called by the wheel workflow (and usable by hand).
 #
-#   scripts/repair_wheel.sh PYTHON WHEEL OUTDIR     # prints the repaired wheel's path
+#   scripts/ci/repair_wheel.sh PYTHON WHEEL OUTDIR     # prints the repaired wheel's path
 set -euo pipefail
 PY=${1:?usage: repair_wheel.sh PYTHON WHEEL OUTDIR}
 WHEEL=${2:?}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the CUDA toolkit's compiler (nvcc) on an Ubuntu CI runner, for
 # compiling (not running) the CUDA kernels against torch's CUDA build.
-#   scripts/ci_install_cuda.sh 13.0
+#   scripts/ci/ci_install_cuda.sh 13.0
 set -euo pipefail
 VERSION=${1:?usage: ci_install_cuda.sh MAJOR.MINOR}
 if [ -x /usr/local/cuda/bin/nvcc ]; then /usr/local/cuda/bin/nvcc --version; exit 0; fi

@@ -1,39 +1,46 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: time the CUDA row kernels' launch-shape variants
-# (Note [Tuning knobs] in csrc/cuda/kernels.cu) side by side.
+# On a machine with an NVIDIA GPU: time the CUDA row kernels' launch-shape
+# variants (Note [Tuning knobs] in csrc/cuda/kernels.cu) side by side
+# (scripts/gpu/README.md).
 #
-#   bash scripts/gpu_tune.sh            # repository root; $OUT: where results go
+#   bash scripts/gpu/tune.sh [RESULTS_DIR]   # default $GPU_RESULTS/tune, GPU_RESULTS=gpu-results
 #
-# For each variant (a set of -D flags, passed to nvcc through NVCC_APPEND_FLAGS),
-# it recompiles the CUDA kernels only (the rest of the build is reused: about
-# 40 s a variant for one arch), prints ptxas's registers and spills of the
-# block-walk kernels, and runs the GPU benchmark on the shapes that matter
-# (no torch.compile; eager and Liger Kernel, when carried, are timed in every
-# run, so each variant's ratios come from one process). It ends with one table:
-# variant, shape, mode, xent µs, % of copy bandwidth, eager/xent, liger/xent.
+# For each variant (a set of -D flags, passed to nvcc through NVCC_APPEND_FLAGS)
+# it recompiles the CUDA kernels only (the rest of the build is reused), prints
+# ptxas's registers and spills of the block-walk kernels, and runs the GPU
+# benchmark on the shapes that matter (no torch.compile; eager and the
+# installed peers, such as Liger Kernel, are timed in every run, so each
+# variant's ratios come from one process). It ends with one table: variant,
+# shape, mode, xent µs, % of copy bandwidth, eager/xent, liger/xent.
 #
-# Files in $OUT: tune.log (everything), tune.json (every run's benchmark JSON,
-# by variant), tune_summary.txt (the table). Record the outcome in
-# benchmarks/NOTES.md, and make the winner the default in kernels.cu.
+# Files in RESULTS_DIR (a rerun replaces them): tune.log (everything),
+# tune.json (every run's benchmark JSON, by variant), tune_summary.txt (the
+# table). Record the outcome in benchmarks/NOTES.md, and make the winner the
+# default in kernels.cu.
 #
 # Knobs: GPU_TUNE_SECONDS (overall deadline, default 540), GPU_TUNE_SHAPES
-# (default below), GPU_TUNE_VARIANTS (';'-separated "name=flags" list).
+# (default below), GPU_TUNE_VARIANTS (';'-separated "name=flags" list),
+# GPU_TUNE_REUSE_BUILD (1: a first variant without flags uses the extension
+# already built in place; session.sh sets it right after check.sh's build),
+# PYTHON (python3), CUDA_HOME, MAX_JOBS.
 
 set -u -o pipefail
-cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-/tmp/gpu_tune_out}
-mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/../.." && pwd) || exit 2
+RESULTS=${1:-${GPU_RESULTS:-$ROOT/gpu-results}/tune}
+mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd) || exit 2
+cd "$ROOT" || exit 2
+rm -f "$RESULTS"/{tune.log,tune.json,tune_summary.txt}
 PY=${PYTHON:-python3}
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_TUNE_SECONDS:-540}))
 SHAPES=${GPU_TUNE_SHAPES:-8192x128256:bf16,4096x32000:bf16,8192x50257:fp32,65536x1000:fp32}
 VARIANTS=${GPU_TUNE_VARIANTS:-"base=;u2b8=-DXENT_CUDA_UNROLL_2B=8;u4b8=-DXENT_CUDA_UNROLL_4B=8;grid1=-DXENT_CUDA_BLOCK_GRID_PER_SM=1;t1024u4=-DXENT_CUDA_BLOCK_THREADS=1024 -DXENT_CUDA_BLOCK_MIN_BLOCKS=1 -DXENT_CUDA_BLOCK_GRID_PER_SM=1 -DXENT_CUDA_UNROLL_4B=8"}
 export PYTHONUNBUFFERED=1
-LOG=$OUT/tune.log
-[[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null &&
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-# The system compiler: see scripts/gpu_check.sh (the image's CXX links libstdc++ into the extension).
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # benchmarks/run.py imports the in-place build
+LOG=$RESULTS/tune.log
+WORK=$(mktemp -d)  # each variant's build log and benchmark JSON
+trap 'rm -rf "$WORK"' EXIT
+# The system compiler: see check.sh (a CXX that links libstdc++ into the extension).
 [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 ARCH=$($PY -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}')" 2>/dev/null || echo 9.0)
@@ -49,40 +56,37 @@ for v in "${LIST[@]}"; do
     continue
   fi
   echo "=== $name: NVCC_APPEND_FLAGS='$flags' ($(($(date +%s) - START))s since start)" | tee -a "$LOG"
-  rm -f "/tmp/tune_build_$name.log" "/tmp/tune_$name.json"
-  # GPU_TUNE_REUSE_BUILD=1 (gpu_session.sh, right after gpu_check.sh's fresh
-  # default build): a first variant without flags is that build, not rebuilt.
-  # Otherwise every variant is rebuilt: a warm machine's extension may be an
-  # earlier call's last variant.
+  # Every variant is rebuilt (an earlier run's extension may be another
+  # variant), except a first one without flags under GPU_TUNE_REUSE_BUILD=1.
   if [[ ${GPU_TUNE_REUSE_BUILD:-0} == 1 && -z $flags && $v == "${LIST[0]}" ]] &&
     compgen -G "xent_ext/_C*.so" >/dev/null; then
-    echo "  gpu_check.sh's build (no flags): not rebuilt" | tee -a "$LOG"
+    echo "  the extension already built in place (no flags): not rebuilt" | tee -a "$LOG"
   else
     rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/kernels.o
   fi
   if compgen -G "xent_ext/_C*.so" >/dev/null; then
     :
-  elif ! NVCC_APPEND_FLAGS="$flags -Xptxas -v" TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 \
-    timeout $((left - 60)) $PY setup.py build_ext --inplace >/tmp/tune_build_$name.log 2>&1; then
+  elif ! NVCC_APPEND_FLAGS="$flags -Xptxas -v" TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    timeout $((left - 60)) $PY setup.py build_ext --inplace >"$WORK/build_$name.log" 2>&1; then
     echo "build failed:" | tee -a "$LOG"
-    grep -E "error" /tmp/tune_build_$name.log | head -10 | tee -a "$LOG"
+    grep -E "error" "$WORK/build_$name.log" | head -10 | tee -a "$LOG"
     continue
   fi
   # Registers and spills of the block-walk kernels (mangled names contain "WalkE2E": kBlock = 2).
-  grep -A3 -E "Compiling entry function '.*(index|prob)_(forward|backward)_kernel.*WalkE2E" /tmp/tune_build_$name.log |
+  grep -A3 -E "Compiling entry function '.*(index|prob)_(forward|backward)_kernel.*WalkE2E" "$WORK/build_$name.log" 2>/dev/null |
     grep -E "registers|spill" | sort | uniq -c | head -6 | sed 's/^/  ptxas: /' | tee -a "$LOG"
   left=$((DEADLINE - $(date +%s)))
-  timeout $((left > 30 ? left - 15 : 15)) $PY -m xent_ext.bench --device cuda --shapes "$SHAPES" --no-compile \
-    --max-time 0.5 --json "/tmp/tune_$name.json" --budget $((left > 60 ? left - 45 : 10)) >>"$LOG" 2>&1
+  timeout $((left > 30 ? left - 15 : 15)) $PY benchmarks/run.py --device cuda --shapes "$SHAPES" --no-compile \
+    --max-time 0.5 --json "$WORK/$name.json" --budget $((left > 60 ? left - 45 : 10)) >>"$LOG" 2>&1
   echo "  bench rc=$?" | tee -a "$LOG"
 done
 
-$PY - "$OUT" "${LIST[@]}" <<'EOF' 2>&1 | tee "$OUT/tune_summary.txt"
+$PY - "$WORK" "$RESULTS" "${LIST[@]}" <<'EOF' 2>&1 | tee "$RESULTS/tune_summary.txt"
 import json, os, sys
-out, variants = sys.argv[1], [v.split("=", 1)[0] for v in sys.argv[2:]]
+work, out, variants = sys.argv[1], sys.argv[2], [v.split("=", 1)[0] for v in sys.argv[3:]]
 runs = {}
 for name in variants:
-    path = f"/tmp/tune_{name}.json"
+    path = os.path.join(work, f"{name}.json")
     if os.path.exists(path):
         with open(path) as f:
             runs[name] = json.load(f)
@@ -103,6 +107,6 @@ for name, run in runs.items():
               f"{x.get('pct_of_copy') or 0:>6.1f} {ratio('eager'):>8} {ratio('liger'):>8}")
 EOF
 # Leave no variant behind: ninja does not see NVCC_APPEND_FLAGS, so a later
-# build on this (warm) machine would otherwise link the last variant's object.
+# build here would otherwise link the last variant's object.
 rm -f xent_ext/_C*.so build/temp.*/csrc/cuda/kernels.o
 echo "total: $(($(date +%s) - START))s"

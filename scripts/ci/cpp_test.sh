@@ -3,7 +3,7 @@
 # install it, then build the C++ test (tests/cpp) as a consumer of the
 # installed package (find_package(xent_ext)) and run it with ctest.
 #
-#   bash scripts/cpp_test.sh [PYTHON] [BUILD_DIR]
+#   bash scripts/ci/cpp_test.sh [PYTHON] [BUILD_DIR]
 #
 # PYTHON (default python3) is the interpreter whose torch is used: its
 # torch.utils.cmake_prefix_path is where find_package(Torch) looks. BUILD_DIR
@@ -20,7 +20,7 @@
 # XENT_EXT_ISAS (as for setup.py, e.g. "default,avx2"), XENT_EXT_CMAKE_ARGS
 # (more arguments for configuring the library, e.g. -DXENT_EXT_WITH_CUDA=ON).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${1:-python3}
 BUILD=${2:-$ROOT/build-cpp}

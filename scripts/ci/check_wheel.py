@@ -1,6 +1,6 @@
 """Check a built xent_ext wheel: exactly the package, its compiled module, license and metadata.
 
-    python scripts/check_wheel.py WHEEL [--torch-version 2.14.1] [--cuda 13.0 | --cpu]
+    python scripts/ci/check_wheel.py WHEEL [--torch-version 2.14.1] [--cuda 13.0 | --cpu]
 
 Fails (exit 1, with the reasons) when the wheel holds anything else (sources,
 tests, build files), lacks a file the package needs, or its metadata does not
