@@ -165,5 +165,6 @@ cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
       XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kNone, WALK, R, STREAM, ARGS);        \
     }                                                                             \
   } while (0)
+
 }  // namespace cuda
 }  // namespace xent_ext

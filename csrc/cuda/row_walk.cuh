@@ -68,6 +68,18 @@ __device__ __forceinline__ void walk_row(const RowPtrs<T>& io, int64_t C, bool v
   visit<1, 1>(done, C - done, lane, team, fn);
 }
 
+// All of a step's logit packs, issued together so they are in flight at once.
+template <int kW, int kU, typename T, typename A>
+__device__ __forceinline__ void load_logits(const RowPtrs<T>& io, const int64_t (&idx)[kU], const bool (&valid)[kU],
+                                            A (&x)[kU][kW]) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    if (valid[u]) {
+      load_pack<kW>(io.x, idx[u], io.sx, x[u]);
+    }
+  }
+}
+
 // Folds a lane's share of a row into RowStats: per step, the chunk's max, then
 // one exp per logit relative to it, then one merge (Note [Row statistics],
 // Note [Rows of -inf]). All of a step's loads are issued before any math, so
@@ -92,12 +104,7 @@ struct StatsStep {
       return;
     }
     A x[kU][kW];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      if (valid[u]) {
-        load_pack<kW>(io.x, idx[u], io.sx, x[u]);
-      }
-    }
+    load_logits<kW, kU>(io, idx, valid, x);
     A m = math::neg_inf<A>();
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
@@ -157,12 +164,7 @@ struct GradStep {
       return;
     }
     A x[kU][kW];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      if (valid[u]) {
-        load_pack<kW>(io.x, idx[u], io.sx, x[u]);
-      }
-    }
+    load_logits<kW, kU>(io, idx, valid, x);
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       if (!valid[u]) {
