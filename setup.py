@@ -7,10 +7,13 @@ installed: the extension is compiled against it). Environment variables:
   build (fast local work). With a CPU build of torch there is nothing else.
 - ``CUDA_HOME``, ``TORCH_CUDA_ARCH_LIST``: where nvcc lives and which GPU
   architectures to compile for. Without a visible GPU and without
-  ``TORCH_CUDA_ARCH_LIST``, the build uses ``7.5;8.0;9.0+PTX``.
+  ``TORCH_CUDA_ARCH_LIST``, the build uses ``CUDA_ARCHS`` of
+  ``csrc/build_flags.txt`` (7.5, 8.0 and 9.0+PTX).
 - ``MAX_JOBS``: parallel compile jobs.
 - ``XENT_EXT_ISAS``: comma-separated CPU ISAs to compile (default
   ``default,avx2,avx512`` on x86-64, ``default`` elsewhere).
+
+The compiler flags are in ``csrc/build_flags.txt``, shared with CMakeLists.txt.
 """
 
 from __future__ import annotations
@@ -26,27 +29,28 @@ from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"
 
-# Note [Per-ISA kernels]
-# The CPU kernel (csrc/cpu/kernel/entry.h) is compiled once per ISA, each
-# translation unit with its own -m flags and CPU_CAPABILITY, and chosen at run
-# time (csrc/cpu/kernel_dispatch.cpp). Never -march=native: the wheel must run on any
-# x86-64 machine. The flags mirror the ones ATen compiles its own kernels with.
-ISA_FLAGS = {
-    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
-    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
-    "avx512": [
-        "-DCPU_CAPABILITY=AVX512",
-        "-DCPU_CAPABILITY_AVX512",
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mfma",
-        "-mf16c",
-    ],
-}
+# The compiler flags, defined once for setup.py and CMakeLists.txt, with the
+# Notes that explain them (Note [Per-ISA kernels], Note [No FMA contraction
+# on the CPU], Note [No FMA contraction on the GPU]).
+BUILD_FLAGS_FILE = os.path.join(CSRC, "build_flags.txt")
+
+
+def _read_build_flags(path: str) -> dict[str, list[str]]:
+    """`KEY = words ...` lines of the flags file, as {KEY: [words]}."""
+    flags = {}
+    with open(os.path.join(ROOT, path)) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                flags[key.strip()] = value.split()
+    return flags
+
+
+BUILD_FLAGS = _read_build_flags(BUILD_FLAGS_FILE)
+ISA_FLAGS = {key[len("ISA_FLAGS_"):]: value for key, value in BUILD_FLAGS.items() if key.startswith("ISA_FLAGS_")}
 
 
 def _isas() -> list[str]:
@@ -54,7 +58,7 @@ def _isas() -> list[str]:
     if requested:
         isas = [s.strip().lower() for s in requested.split(",") if s.strip()]
     elif platform.machine().lower() in ("x86_64", "amd64"):
-        isas = ["default", "avx2", "avx512"]
+        isas = list(ISA_FLAGS)
     else:
         isas = ["default"]
     unknown = sorted(set(isas) - set(ISA_FLAGS))
@@ -64,22 +68,11 @@ def _isas() -> list[str]:
 
 
 ISAS = _isas()
-OPENMP_FLAGS = ["-fopenmp"]
+OPENMP_FLAGS = BUILD_FLAGS["OPENMP_FLAGS"]
 # No -std flag: BuildExtension adds the standard the installed torch needs (C++20 for torch >= 2.14).
 # -g0 overrides the -g in Python's default CFLAGS: debug info made the module
-# 42 MB and the compile slower, and wheels ship without it.
-# Note [No FMA contraction on the CPU]
-# -ffp-contract=off: as on the GPU (Note [No FMA contraction on the GPU],
-# csrc/cuda/kernels.cu), the same gradient comes from two places, the fused
-# forward and the recomputing backward, inlined into different callers. GCC's
-# default (-ffp-contract=fast) may fuse a*b - c*d into an FMA in one inlined
-# copy and not in the other, vector intrinsics included (they are plain vector
-# arithmetic to GCC): a rebuild that only changed unrelated code left a
-# (4, 2100) fp32 weighted, smoothed gradient 1 ulp apart between the two in its
-# last chunk's tail. Without contraction every product and sum rounds as
-# written; the FMAs that matter (exp, the coefficient sums) are explicit
-# at::vec::fmadd calls, which this flag does not touch.
-CXX_FLAGS = ["-O3", "-g0", "-fvisibility=hidden", "-ffp-contract=off", *OPENMP_FLAGS]
+# much larger and the compile slower, and wheels ship without it.
+CXX_FLAGS = [*BUILD_FLAGS["CXX_FLAGS"], "-g0", *OPENMP_FLAGS]
 DEFINES = [f"-DXENT_HAVE_{isa.upper()}" for isa in ISAS if isa != "default"]
 
 
@@ -87,9 +80,7 @@ DEFINES = [f"-DXENT_HAVE_{isa.upper()}" for isa in ISAS if isa != "default"]
 # CUDA sources are compiled whenever torch is a CUDA build (torch.version.cuda),
 # GPU or not, so a .cu file that doesn't compile fails CI on a machine without
 # a GPU. Only XENT_EXT_CPU_ONLY turns that off.
-# Turing (T4), Ampere/Ada (sm_80 code runs on 8.6 and 8.9), Hopper, and PTX
-# that newer GPUs compile at load time.
-DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+DEFAULT_CUDA_ARCHS = ";".join(BUILD_FLAGS["CUDA_ARCHS"])
 TRUTHY = ("1", "true", "yes", "on")
 
 
@@ -110,10 +101,7 @@ def _cuda_decision() -> tuple[bool, str]:
 
 
 WITH_CUDA, CUDA_REASON = _cuda_decision()
-# --expt-relaxed-constexpr: the shared math (csrc/common/xent_math.h) calls
-# std::numeric_limits in device code. No --use_fast_math: the loss must be exact.
-# --fmad=false: Note [No FMA contraction on the GPU] in csrc/cuda/kernels.cu.
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--fmad=false", "-lineinfo"]
+NVCC_FLAGS = BUILD_FLAGS["NVCC_FLAGS"]
 
 
 # Note [Build identity]

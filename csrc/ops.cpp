@@ -1,19 +1,24 @@
 // xent_ext's operators: their schemas (TORCH_LIBRARY), the one definition of
-// each op's arguments and results for every device. The implementations are
-// registered per device: csrc/cpu/ops_cpu.cpp, csrc/cuda/ops_cuda.cpp.
+// each op's arguments and results for every device, and their Meta kernels
+// (output shapes only). The implementations are registered per device:
+// csrc/cpu/ops_cpu.cpp, csrc/cuda/ops_cuda.cpp.
 //
 // Call flow: xent_ext.cross_entropy (Python: torch-identical argument checks,
 // view as (N, C, K)) -> torch.ops.xent_ext.cross_entropy_*_forward ->
-// dispatcher -> the CPU or CUDA implementation. Autograd and fake (meta)
-// kernels are registered from Python (xent_ext/_ops.py).
+// dispatcher -> the CPU or CUDA implementation. Autograd is registered from
+// Python (xent_ext/_ops.py); for C++ programs, include/xent_ext/xent_ext.h.
 //
 // This file, csrc/cpu and csrc/cuda make the C++ library (CMakeLists.txt);
 // the Python extension adds csrc/python_module.cpp.
 #include "ops_common.h"
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <optional>
+#include <tuple>
 
 namespace xent_ext {
 
@@ -22,6 +27,48 @@ std::atomic<bool>& ops::cuda_target_check() {
   return enabled;
 }
 
+namespace {
+
+using at::Tensor;
+using namespace ops;
+
+// Note [Meta kernels]
+// What torch.compile, torch.export and opcheck trace the ops with (fake
+// tensors run the Meta kernel), and what a call on 'meta' tensors returns:
+// the outputs' shapes, dtypes and strides from the same allocation code as
+// the CPU and CUDA ops (ops_common.h), with symbolic sizes. No argument
+// checks: a traced call is checked when it runs.
+
+std::tuple<Tensor, Tensor, Tensor> index_forward_meta(
+    const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction) {
+  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/false);
+  return {out.loss, out.lse, out.total_weight};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_meta(
+    const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction) {
+  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/true);
+  return {out.loss, out.lse, out.total_weight, out.grad_input};
+}
+
+Tensor index_backward_meta(const Tensor&, const Tensor& input, const Tensor&, const std::optional<Tensor>&,
+                           const Tensor&, const Tensor&, int64_t, double, int64_t) {
+  return empty_gradient(input);
+}
+
+std::tuple<Tensor, Tensor, Tensor> prob_forward_meta(
+    const Tensor& input, const Tensor&, const std::optional<Tensor>&, double, int64_t reduction) {
+  const ProbForwardOutputs out = prob_forward_outputs(input, reduction);
+  return {out.loss, out.lse, out.coef_sum};
+}
+
+std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input, const Tensor& target,
+                                              const std::optional<Tensor>&, const Tensor&, const Tensor&, double,
+                                              int64_t, bool input_grad, bool target_grad) {
+  return prob_backward_result(prob_backward_outputs(input, target, input_grad, target_grad), input);
+}
+
+}  // namespace
 }  // namespace xent_ext
 
 // Note [Op schemas]
@@ -54,4 +101,12 @@ TORCH_LIBRARY(xent_ext, m) {
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor coef_sum, float label_smoothing, int reduction, bool input_grad, bool target_grad) "
       "-> (Tensor grad_input, Tensor grad_target)");
+}
+
+TORCH_LIBRARY_IMPL(xent_ext, Meta, m) {
+  m.impl("cross_entropy_index_forward", &xent_ext::index_forward_meta);
+  m.impl("cross_entropy_index_forward_with_grad", &xent_ext::index_forward_with_grad_meta);
+  m.impl("cross_entropy_index_backward", &xent_ext::index_backward_meta);
+  m.impl("cross_entropy_prob_forward", &xent_ext::prob_forward_meta);
+  m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_meta);
 }

@@ -1,15 +1,21 @@
-// Argument checks and output allocation shared by the CPU (cpu/ops_cpu.cpp) and
-// CUDA (cuda/ops_cuda.cpp) op wrappers: one definition of what a valid call
-// of each op is, so both devices reject the same inputs with the same words.
+// What every xent_ext operator does before its kernel, on any device: the
+// argument checks (one definition of a valid call, so the CPU and CUDA ops
+// reject the same inputs with the same words), the canonical target and
+// weight, and the outputs, allocated. Each op's prologue below returns them
+// as one struct; the device wrappers (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp)
+// add only what is theirs and call the kernel. The output shapes are also
+// the Meta kernels' (ops.cpp), which torch.compile's fake tensors run.
 #pragma once
 
 #include "common/xent_math.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <atomic>
 #include <optional>
+#include <tuple>
 
 namespace xent_ext {
 namespace ops {
@@ -57,13 +63,6 @@ inline Tensor canonical_index_target(const Tensor& target, const Tensor& input, 
   return target.scalar_type() == at::kLong ? target : target.to(at::kLong);
 }
 
-inline Tensor loss_output(const Tensor& input, int64_t reduction) {
-  if (reduction == kReductionNone) {
-    return at::empty({input.size(0), input.size(2)}, input.options());
-  }
-  return at::empty({}, input.options());
-}
-
 inline void check_same_device(const Tensor& t, const Tensor& input, const char* name, const char* op) {
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
               input.device());
@@ -105,8 +104,8 @@ inline Tensor canonical_prob_target(const Tensor& target, const Tensor& input, c
   return target;
 }
 
-// What each op's arguments must satisfy, on either device (the device-specific
-// wrappers call these first).
+// What each op's arguments must satisfy, on either device (the prologues
+// below call these first).
 inline void check_forward_args(const Tensor& input, int64_t reduction, const char* op) {
   check_input(input, op);
   check_reduction(reduction, op);
@@ -132,6 +131,206 @@ inline void check_prob_backward_args(const Tensor& grad_loss, const Tensor& inpu
   check_grad_loss(grad_loss, input, reduction, op);
   check_row_stat(lse, input, at::kDouble, "lse", op);
   check_row_stat(coef_sum, input, accumulation_dtype(input.scalar_type()), "coef_sum", op);
+}
+
+// ---------------------------------------------------------------------------
+// Outputs: each op's result shapes and dtypes, the one definition (the CPU and
+// CUDA prologues below, the Meta kernels in ops.cpp; xent_ext/_ops.py relies
+// on the Meta kernels for fake tensors). Sizes are read as SymInts, so that
+// the Meta kernels also trace symbolic (dynamic) shapes.
+
+// Allocates a gradient shaped like its tensor, keeping its memory format
+// (channels-last stays channels-last), so the gradient is written in the
+// order the logits are read. The CPU ops pass their own (Note [Huge pages
+// for the gradient], cpu/ops_cpu.cpp).
+using GradientAllocator = Tensor (*)(const Tensor&);
+
+inline Tensor empty_gradient(const Tensor& t) {
+  return at::empty_like(t);
+}
+
+// (N, K) per-row values of `dtype`.
+inline Tensor row_output(const Tensor& input, at::ScalarType dtype) {
+  return at::empty_symint({input.sym_size(0), input.sym_size(2)}, input.options().dtype(dtype));
+}
+
+// 'none': (N, K); 'mean' and 'sum': 0-d; the input's dtype.
+inline Tensor loss_output(const Tensor& input, int64_t reduction) {
+  if (reduction == kReductionNone) {
+    return row_output(input, input.scalar_type());
+  }
+  return at::empty({}, input.options());
+}
+
+struct IndexForwardOutputs {
+  Tensor loss;
+  Tensor lse;           // (N, K) float64
+  Tensor total_weight;  // 0-d accumulation dtype
+  Tensor grad_input;    // the *_with_grad forward only
+};
+
+inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t reduction, bool with_grad,
+                                                 GradientAllocator gradient = empty_gradient) {
+  IndexForwardOutputs out;
+  out.loss = loss_output(input, reduction);
+  out.lse = row_output(input, at::kDouble);
+  out.total_weight = at::empty({}, input.options().dtype(accumulation_dtype(input.scalar_type())));
+  if (with_grad) {
+    out.grad_input = gradient(input);
+  }
+  return out;
+}
+
+struct ProbForwardOutputs {
+  Tensor loss;
+  Tensor lse;       // (N, K) float64
+  Tensor coef_sum;  // (N, K) accumulation dtype
+};
+
+inline ProbForwardOutputs prob_forward_outputs(const Tensor& input, int64_t reduction) {
+  return {loss_output(input, reduction), row_output(input, at::kDouble),
+          row_output(input, accumulation_dtype(input.scalar_type()))};
+}
+
+struct ProbBackwardOutputs {
+  Tensor grad_input;   // undefined when not asked for
+  Tensor grad_target;  // undefined when not asked for
+};
+
+inline ProbBackwardOutputs prob_backward_outputs(const Tensor& input, const Tensor& target, bool input_grad,
+                                                 bool target_grad, GradientAllocator gradient = empty_gradient) {
+  return {input_grad ? gradient(input) : Tensor(), target_grad ? gradient(target) : Tensor()};
+}
+
+// A gradient that was not asked for comes back as an empty tensor: op schemas
+// cannot return None.
+inline std::tuple<Tensor, Tensor> prob_backward_result(const ProbBackwardOutputs& out, const Tensor& input) {
+  const auto or_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, input.options()); };
+  return {or_empty(out.grad_input), or_empty(out.grad_target)};
+}
+
+// ---------------------------------------------------------------------------
+// Prologues: one per op, for every device. Each checks the arguments (in the
+// order that decides which error a call with several faults gets), makes
+// the target and weight canonical, makes the row statistics contiguous and
+// allocates the outputs.
+
+struct IndexForwardCall {
+  Tensor input;   // (N, C, K), any strides
+  Tensor target;  // (N, K) int64, any strides (not yet range-checked)
+  Tensor weight;  // (C,) accumulation dtype, contiguous; or undefined
+  int64_t ignore_index;
+  double label_smoothing;
+  int64_t reduction;
+  IndexForwardOutputs out;
+};
+
+// with_grad: the *_with_grad forward (mean or sum only), which also writes the
+// input gradient for an upstream gradient of 1.
+inline IndexForwardCall index_forward_prologue(const Tensor& input, const Tensor& target,
+                                               const std::optional<Tensor>& weight, int64_t ignore_index,
+                                               double label_smoothing, int64_t reduction, bool with_grad,
+                                               const char* op, GradientAllocator gradient = empty_gradient) {
+  if (with_grad) {
+    check_fused_reduction(reduction, op);
+  }
+  check_forward_args(input, reduction, op);
+  IndexForwardCall c;
+  c.input = input;
+  c.target = canonical_index_target(target, input, op);
+  c.weight = canonical_weight(weight, input, op);
+  c.ignore_index = ignore_index;
+  c.label_smoothing = label_smoothing;
+  c.reduction = reduction;
+  c.out = index_forward_outputs(input, reduction, with_grad, gradient);
+  return c;
+}
+
+struct IndexBackwardCall {
+  Tensor grad_loss;  // 'none': (N, K) any strides; else 0-d
+  Tensor input;
+  Tensor target;
+  Tensor weight;
+  Tensor lse;  // contiguous
+  Tensor total_weight;
+  int64_t ignore_index;
+  double label_smoothing;
+  int64_t reduction;
+  Tensor grad_input;
+};
+
+inline IndexBackwardCall index_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, const Tensor& lse,
+                                                 const Tensor& total_weight, int64_t ignore_index,
+                                                 double label_smoothing, int64_t reduction, const char* op,
+                                                 GradientAllocator gradient = empty_gradient) {
+  check_index_backward_args(grad_loss, input, lse, total_weight, reduction, op);
+  IndexBackwardCall c;
+  c.grad_loss = grad_loss;
+  c.input = input;
+  c.target = canonical_index_target(target, input, op);
+  c.weight = canonical_weight(weight, input, op);
+  c.lse = lse.contiguous();
+  c.total_weight = total_weight;
+  c.ignore_index = ignore_index;
+  c.label_smoothing = label_smoothing;
+  c.reduction = reduction;
+  c.grad_input = gradient(input);
+  return c;
+}
+
+struct ProbForwardCall {
+  Tensor input;
+  Tensor target;  // (N, C, K) of the input's dtype, any strides
+  Tensor weight;
+  double label_smoothing;
+  int64_t reduction;
+  ProbForwardOutputs out;
+};
+
+inline ProbForwardCall prob_forward_prologue(const Tensor& input, const Tensor& target,
+                                             const std::optional<Tensor>& weight, double label_smoothing,
+                                             int64_t reduction, const char* op) {
+  check_forward_args(input, reduction, op);
+  ProbForwardCall c;
+  c.input = input;
+  c.target = canonical_prob_target(target, input, op);
+  c.weight = canonical_weight(weight, input, op);
+  c.label_smoothing = label_smoothing;
+  c.reduction = reduction;
+  c.out = prob_forward_outputs(input, reduction);
+  return c;
+}
+
+struct ProbBackwardCall {
+  Tensor grad_loss;
+  Tensor input;
+  Tensor target;
+  Tensor weight;
+  Tensor lse;       // contiguous
+  Tensor coef_sum;  // contiguous
+  double label_smoothing;
+  int64_t reduction;
+  ProbBackwardOutputs out;
+};
+
+inline ProbBackwardCall prob_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                               const std::optional<Tensor>& weight, const Tensor& lse,
+                                               const Tensor& coef_sum, double label_smoothing, int64_t reduction,
+                                               bool input_grad, bool target_grad, const char* op,
+                                               GradientAllocator gradient = empty_gradient) {
+  check_prob_backward_args(grad_loss, input, lse, coef_sum, reduction, op);
+  ProbBackwardCall c;
+  c.grad_loss = grad_loss;
+  c.input = input;
+  c.target = canonical_prob_target(target, input, op);
+  c.weight = canonical_weight(weight, input, op);
+  c.lse = lse.contiguous();
+  c.coef_sum = coef_sum.contiguous();
+  c.label_smoothing = label_smoothing;
+  c.reduction = reduction;
+  c.out = prob_backward_outputs(input, c.target, input_grad, target_grad, gradient);
+  return c;
 }
 
 // Note [Target check on the GPU]

@@ -7,7 +7,6 @@
 #include "cuda/kernel_api.h"
 #endif
 
-#include <ATen/Parallel.h>
 #include <torch/version.h>
 #include <pybind11/pybind11.h>
 
@@ -83,7 +82,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cuda_target_check", []() { return xent_ext::ops::cuda_target_check().load(); },
       "Whether the CUDA forward checks class indices (Note [Target check on the GPU]).");
-  m.def(
-      "num_threads", []() { return at::get_num_threads(); },
-      "Threads at::parallel_for uses in this extension (follows torch.set_num_threads).");
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os as _os
 
-from . import _ops  # noqa: F401  (loads the compiled ops, registers fake kernels and autograd)
+from . import _ops  # noqa: F401  (loads the compiled ops, registers their autograd)
 from ._C import build_info
 from ._C import cuda_target_check as _cuda_target_check
 from ._C import set_cuda_target_check as _set_cuda_target_check

@@ -1,9 +1,10 @@
-"""Fake (meta) kernels and autograd for the ``torch.ops.xent_ext`` operators.
+"""Autograd for the ``torch.ops.xent_ext`` operators.
 
 The operators themselves are defined and implemented in C++ (``csrc/``);
-importing ``xent_ext._C`` registers them. Here we add what the dispatcher needs
-for ``torch.compile``/``torch.export`` (fake kernels that compute output
-metadata) and for training (backward formulas).
+importing ``xent_ext._C`` registers them, their Meta kernels included
+(``csrc/ops.cpp``, Note [Meta kernels]), which ``torch.compile`` and
+``torch.export`` trace through with fake tensors. Here we add the backward
+formulas for training.
 
 Note [Double backward]
 The first-order backward runs the fused backward op. When autograd records the
@@ -33,49 +34,6 @@ REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 for fp64 logits, fp32 for fp32/bf16/fp16 (Note [Accumulation dtype])."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _loss_like(input: Tensor, reduction: int) -> Tensor:
-    n, _, k = input.shape
-    return input.new_empty((n, k) if reduction == REDUCTION_NONE else ())
-
-
-# ---------------------------------------------------------------------------
-# Fake kernels: output metadata only, mirroring the C++ allocations.
-
-
-@torch.library.register_fake("xent_ext::cross_entropy_index_forward")
-def _index_forward_fake(input, target, weight, ignore_index, label_smoothing, reduction):
-    n, _, k = input.shape
-    lse = input.new_empty((n, k), dtype=torch.float64)
-    total_weight = input.new_empty((), dtype=accumulation_dtype(input.dtype))
-    return _loss_like(input, reduction), lse, total_weight
-
-
-@torch.library.register_fake("xent_ext::cross_entropy_index_forward_with_grad")
-def _index_forward_with_grad_fake(input, target, weight, ignore_index, label_smoothing, reduction):
-    loss, lse, total_weight = _index_forward_fake(input, target, weight, ignore_index, label_smoothing, reduction)
-    return loss, lse, total_weight, torch.empty_like(input)
-
-
-@torch.library.register_fake("xent_ext::cross_entropy_index_backward")
-def _index_backward_fake(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing, reduction):
-    return torch.empty_like(input)
-
-
-@torch.library.register_fake("xent_ext::cross_entropy_prob_forward")
-def _prob_forward_fake(input, target, weight, label_smoothing, reduction):
-    n, _, k = input.shape
-    lse = input.new_empty((n, k), dtype=torch.float64)
-    coef_sum = input.new_empty((n, k), dtype=accumulation_dtype(input.dtype))
-    return _loss_like(input, reduction), lse, coef_sum
-
-
-@torch.library.register_fake("xent_ext::cross_entropy_prob_backward")
-def _prob_backward_fake(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad, target_grad):
-    grad_input = torch.empty_like(input) if input_grad else input.new_empty((0,))
-    grad_target = torch.empty_like(target) if target_grad else input.new_empty((0,))
-    return grad_input, grad_target
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +94,9 @@ def _prob_grads_composite(grad_loss, input, target, weight, label_smoothing, red
 
 
 # ---------------------------------------------------------------------------
-# Autograd.
+# Autograd. Its C++ twin, for libtorch programs, is IndexCrossEntropy and
+# ProbCrossEntropy in include/xent_ext/xent_ext.h (first order only): the two
+# must agree.
 
 
 def _index_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

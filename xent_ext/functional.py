@@ -2,7 +2,7 @@
 
 Everything torch accepts is computed by the fused kernels; everything torch
 rejects is rejected with torch's exception type and message, in torch's order
-of checks (see ``shared/torch_semantics.md``). A few configurations that the
+of checks (see ``docs/semantics.md``). A few configurations that the
 kernels do not cover are handed to torch's own implementation, which gives
 exactly torch's result or error (Note [Handing over to torch]).
 """
@@ -168,7 +168,10 @@ def _class_dim(input: Tensor) -> int:
 
 
 def _as_ncK(t: Tensor) -> Tensor:
-    """View a (C,), (N, C) or (N, C, d1, ...) tensor as (N, C, K); copies only if the strides can't be merged."""
+    """View a (C,), (N, C) or (N, C, d1, ...) tensor as (N, C, K); copies only if the strides can't be merged.
+
+    Its C++ twin is ``detail::as_nck`` in include/xent_ext/xent_ext.h: the two must agree.
+    """
     if t.dim() == 1:
         return t.unsqueeze(0).unsqueeze(-1)
     if t.dim() == 2:

@@ -1,29 +1,27 @@
-// The CPU implementations of the xent_ext operators (schemas in csrc/ops.cpp):
-// validate, allocate, call the kernel for the ISA in use (cpu/kernel_api.h).
+// CPU op wrappers: the shared prologue (ops_common.h: checks, canonical
+// arguments, outputs), then what is the CPU's own (the class-index range
+// check, huge pages for the gradient), then the kernel for the ISA in use
+// (cpu/kernel_api.h); registered for the CPU dispatch key. Mirrors
+// cuda/ops_cuda.cpp.
 #include "common/xent_math.h"
 #include "cpu/kernel_api.h"
 #include "ops_common.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
 
 #include <atomic>
+#include <cstdint>
 #include <optional>
-#include <string>
 #include <tuple>
 
 namespace xent_ext {
-
 namespace {
 
 using at::Tensor;
@@ -60,12 +58,12 @@ void check_target_range(const Tensor& target, int64_t C, int64_t ignore_index) {
 
 // Note [Huge pages for the gradient]
 // The gradient is as large as the logits (1 GB for 4096 x 128256 bf16) and
-// freshly allocated, so the first write of every page takes a page fault: on
-// the VMs we measured, faulting 4 KB pages cost more than the whole backward
-// computation (350 ms of 520 ms for 512 MB). Asking for transparent huge pages
-// on the untouched allocation (what torch does for every tensor under
-// THP_MEM_ALLOC_ENABLE=1) cuts that ~5x. It is advice: where THP is off, or
-// the memory was already touched, nothing changes.
+// freshly allocated, so the first write of every page takes a page fault:
+// faulting 4 KB pages can cost more than the whole backward computation
+// (benchmarks/NOTES.md). Asking for transparent huge pages on the untouched
+// allocation (what torch does for every tensor under THP_MEM_ALLOC_ENABLE=1)
+// takes most of that away. It is advice: where THP is off, or the memory was
+// already touched, nothing changes.
 Tensor empty_gradient_like(const Tensor& t) {
   Tensor out = at::empty_like(t);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -83,27 +81,21 @@ Tensor empty_gradient_like(const Tensor& t) {
   return out;
 }
 
-cpu::IndexForwardArgs index_forward_args(
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    int64_t ignore_index,
-    double label_smoothing,
-    int64_t reduction,
-    const char* op) {
-  check_forward_args(input, reduction, op);
+// Both index forwards: the range check, then the kernel.
+void index_forward(const IndexForwardCall& c) {
+  check_target_range(c.target, c.input.size(1), c.ignore_index);
   cpu::IndexForwardArgs args;
-  args.input = input;
-  args.target = canonical_index_target(target, input, op);
-  args.weight = canonical_weight(weight, input, op);
-  check_target_range(args.target, input.size(1), ignore_index);
-  args.ignore_index = ignore_index;
-  args.label_smoothing = label_smoothing;
-  args.reduction = reduction;
-  args.loss = loss_output(input, reduction);
-  args.lse = at::empty({input.size(0), input.size(2)}, input.options().dtype(at::kDouble));
-  args.total_weight = at::empty({}, input.options().dtype(accumulation_dtype(input.scalar_type())));
-  return args;
+  args.input = c.input;
+  args.target = c.target;
+  args.weight = c.weight;
+  args.ignore_index = c.ignore_index;
+  args.label_smoothing = c.label_smoothing;
+  args.reduction = c.reduction;
+  args.loss = c.out.loss;
+  args.lse = c.out.lse;
+  args.total_weight = c.out.total_weight;
+  args.grad_input = c.out.grad_input;
+  cpu::kernels().index_forward(args);
 }
 
 std::tuple<Tensor, Tensor, Tensor> index_forward_cpu(
@@ -113,10 +105,10 @@ std::tuple<Tensor, Tensor, Tensor> index_forward_cpu(
     int64_t ignore_index,
     double label_smoothing,
     int64_t reduction) {
-  cpu::IndexForwardArgs args = index_forward_args(
-      input, target, weight, ignore_index, label_smoothing, reduction, "xent_ext::cross_entropy_index_forward");
-  cpu::kernels().index_forward(args);
-  return {args.loss, args.lse, args.total_weight};
+  const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
+                                                    /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
+  index_forward(c);
+  return {c.out.loss, c.out.lse, c.out.total_weight};
 }
 
 // The forward that also writes the gradient for an upstream gradient of 1
@@ -128,13 +120,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_cpu(
     int64_t ignore_index,
     double label_smoothing,
     int64_t reduction) {
-  constexpr const char* op = "xent_ext::cross_entropy_index_forward_with_grad";
-  check_fused_reduction(reduction, op);
-  cpu::IndexForwardArgs args =
-      index_forward_args(input, target, weight, ignore_index, label_smoothing, reduction, op);
-  args.grad_input = empty_gradient_like(input);
-  cpu::kernels().index_forward(args);
-  return {args.loss, args.lse, args.total_weight, args.grad_input};
+  const IndexForwardCall c =
+      index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true,
+                             "xent_ext::cross_entropy_index_forward_with_grad", empty_gradient_like);
+  index_forward(c);
+  return {c.out.loss, c.out.lse, c.out.total_weight, c.out.grad_input};
 }
 
 Tensor index_backward_cpu(
@@ -147,23 +137,22 @@ Tensor index_backward_cpu(
     int64_t ignore_index,
     double label_smoothing,
     int64_t reduction) {
-  constexpr const char* op = "xent_ext::cross_entropy_index_backward";
-  check_index_backward_args(grad_loss, input, lse, total_weight, reduction, op);
+  const IndexBackwardCall c =
+      index_backward_prologue(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing,
+                              reduction, "xent_ext::cross_entropy_index_backward", empty_gradient_like);
   cpu::IndexBackwardArgs args;
-  args.grad_loss = grad_loss;
-  args.input = input;
-  args.target = canonical_index_target(target, input, op);
-  args.weight = canonical_weight(weight, input, op);
-  args.lse = lse.contiguous();
-  args.total_weight = total_weight;
-  args.ignore_index = ignore_index;
-  args.label_smoothing = label_smoothing;
-  args.reduction = reduction;
-  // Keeps the input's memory format (channels-last stays channels-last), so
-  // the gradient is written in the order the logits are read.
-  args.grad_input = empty_gradient_like(input);
+  args.grad_loss = c.grad_loss;
+  args.input = c.input;
+  args.target = c.target;
+  args.weight = c.weight;
+  args.lse = c.lse;
+  args.total_weight = c.total_weight;
+  args.ignore_index = c.ignore_index;
+  args.label_smoothing = c.label_smoothing;
+  args.reduction = c.reduction;
+  args.grad_input = c.grad_input;
   cpu::kernels().index_backward(args);
-  return args.grad_input;
+  return c.grad_input;
 }
 
 std::tuple<Tensor, Tensor, Tensor> prob_forward_cpu(
@@ -172,19 +161,19 @@ std::tuple<Tensor, Tensor, Tensor> prob_forward_cpu(
     const std::optional<Tensor>& weight,
     double label_smoothing,
     int64_t reduction) {
-  constexpr const char* op = "xent_ext::cross_entropy_prob_forward";
-  check_forward_args(input, reduction, op);
+  const ProbForwardCall c =
+      prob_forward_prologue(input, target, weight, label_smoothing, reduction, "xent_ext::cross_entropy_prob_forward");
   cpu::ProbForwardArgs args;
-  args.input = input;
-  args.target = canonical_prob_target(target, input, op);
-  args.weight = canonical_weight(weight, input, op);
-  args.label_smoothing = label_smoothing;
-  args.reduction = reduction;
-  args.loss = loss_output(input, reduction);
-  args.lse = at::empty({input.size(0), input.size(2)}, input.options().dtype(at::kDouble));
-  args.coef_sum = at::empty({input.size(0), input.size(2)}, input.options().dtype(accumulation_dtype(input.scalar_type())));
+  args.input = c.input;
+  args.target = c.target;
+  args.weight = c.weight;
+  args.label_smoothing = c.label_smoothing;
+  args.reduction = c.reduction;
+  args.loss = c.out.loss;
+  args.lse = c.out.lse;
+  args.coef_sum = c.out.coef_sum;
   cpu::kernels().prob_forward(args);
-  return {args.loss, args.lse, args.coef_sum};
+  return {c.out.loss, c.out.lse, c.out.coef_sum};
 }
 
 std::tuple<Tensor, Tensor> prob_backward_cpu(
@@ -198,28 +187,22 @@ std::tuple<Tensor, Tensor> prob_backward_cpu(
     int64_t reduction,
     bool input_grad,
     bool target_grad) {
-  constexpr const char* op = "xent_ext::cross_entropy_prob_backward";
-  check_prob_backward_args(grad_loss, input, lse, coef_sum, reduction, op);
+  const ProbBackwardCall c =
+      prob_backward_prologue(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
+                             target_grad, "xent_ext::cross_entropy_prob_backward", empty_gradient_like);
   cpu::ProbBackwardArgs args;
-  args.grad_loss = grad_loss;
-  args.input = input;
-  args.target = canonical_prob_target(target, input, op);
-  args.weight = canonical_weight(weight, input, op);
-  args.lse = lse.contiguous();
-  args.coef_sum = coef_sum.contiguous();
-  args.label_smoothing = label_smoothing;
-  args.reduction = reduction;
-  if (input_grad) {
-    args.grad_input = empty_gradient_like(input);
-  }
-  if (target_grad) {
-    args.grad_target = empty_gradient_like(target);
-  }
+  args.grad_loss = c.grad_loss;
+  args.input = c.input;
+  args.target = c.target;
+  args.weight = c.weight;
+  args.lse = c.lse;
+  args.coef_sum = c.coef_sum;
+  args.label_smoothing = c.label_smoothing;
+  args.reduction = c.reduction;
+  args.grad_input = c.out.grad_input;
+  args.grad_target = c.out.grad_target;
   cpu::kernels().prob_backward(args);
-  // A gradient that was not asked for comes back as an empty tensor: op
-  // schemas cannot return None.
-  const auto or_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, input.options()); };
-  return {or_empty(args.grad_input), or_empty(args.grad_target)};
+  return prob_backward_result(c.out, c.input);
 }
 
 }  // namespace

@@ -1,19 +1,21 @@
-// CUDA op wrappers: validate (ops_common.h, the same checks as the CPU ops),
-// allocate outputs and scratch with torch's caching allocator, launch the
-// kernels (kernels.cu) on the current stream of the input's device, and
-// register them for the CUDA dispatch key.
+// CUDA op wrappers: the shared prologue (ops_common.h: checks, canonical
+// arguments, outputs), then what is CUDA's own (the input's device and
+// current stream, scratch from torch's caching allocator, the plain-struct
+// arguments of cuda/kernel_api.h), then the kernels (kernels.cu) and, for
+// the index forwards, the target check; registered for the CUDA dispatch key.
+// Mirrors cpu/ops_cpu.cpp.
 #include "cuda/kernel_api.h"
 #include "ops_common.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -76,38 +78,15 @@ void raise_if_bad_target(const Tensor& bad_row, const Tensor& target, cudaStream
   TORCH_CHECK_INDEX(false, "Target ", value, " is out of bounds.");
 }
 
-struct IndexForwardResult {
-  Tensor loss, lse, total_weight, grad_input;
-};
-
-IndexForwardResult index_forward(
-    const Tensor& input,
-    const Tensor& target_in,
-    const std::optional<Tensor>& weight_in,
-    int64_t ignore_index,
-    double label_smoothing,
-    int64_t reduction,
-    bool with_grad,
-    const char* op) {
-  check_forward_args(input, reduction, op);
-  const Tensor target = canonical_index_target(target_in, input, op);
-  const Tensor weight = canonical_weight(weight_in, input, op);
+// Both index forwards: scratch, the launch, then the target check.
+void index_forward(const IndexForwardCall& c) {
+  const Tensor& input = c.input;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = accumulation_dtype(input.scalar_type());
   const int64_t R = input.size(0) * input.size(2);
-  const bool reduce = reduction != kReductionNone;
-  const bool smoothing = label_smoothing > 0;
-
-  IndexForwardResult out;
-  out.loss = loss_output(input, reduction);
-  out.lse = at::empty({input.size(0), input.size(2)}, input.options().dtype(at::kDouble));
-  out.total_weight = at::empty({}, input.options().dtype(acc));
-  if (with_grad) {
-    // Keeps the input's memory format: the gradient is written in the order
-    // the logits are read.
-    out.grad_input = at::empty_like(input);
-  }
+  const bool reduce = c.reduction != kReductionNone;
+  const bool smoothing = c.label_smoothing > 0;
   const Tensor bad_row =
       at::full({1}, std::numeric_limits<int64_t>::max(), input.options().dtype(at::kLong));
   const Tensor scalars = at::empty({4}, input.options().dtype(at::kDouble));
@@ -117,22 +96,21 @@ IndexForwardResult index_forward(
 
   cuda::IndexForwardLaunch a;
   a.x = logits_of(input);
-  a.target = target.data_ptr<int64_t>();
-  a.tn = target.stride(0);
-  a.tk = target.stride(1);
-  a.weight = data_or_null(weight);
-  a.ignore_index = ignore_index;
-  a.label_smoothing = label_smoothing;
-  a.reduction = reduction;
-  a.loss = out.loss.data_ptr();
-  a.lse = out.lse.data_ptr<double>();
-  a.total_weight = out.total_weight.data_ptr();
-  a.grad = strided_of(out.grad_input);
+  a.target = c.target.data_ptr<int64_t>();
+  a.tn = c.target.stride(0);
+  a.tk = c.target.stride(1);
+  a.weight = data_or_null(c.weight);
+  a.ignore_index = c.ignore_index;
+  a.label_smoothing = c.label_smoothing;
+  a.reduction = c.reduction;
+  a.loss = c.out.loss.data_ptr();
+  a.lse = c.out.lse.data_ptr<double>();
+  a.total_weight = c.out.total_weight.data_ptr();
+  a.grad = strided_of(c.out.grad_input);
   a.bad_row = bad_row.data_ptr<int64_t>();
   a.scratch = {scalars.data_ptr<double>(), partials.data_ptr<double>(), data_or_null(row_nll), data_or_null(row_smooth)};
   C10_CUDA_CHECK(cuda::launch_index_forward(a, stream));
-  raise_if_bad_target(bad_row, target, stream);
-  return out;
+  raise_if_bad_target(bad_row, c.target, stream);
 }
 
 std::tuple<Tensor, Tensor, Tensor> index_forward_cuda(
@@ -142,11 +120,14 @@ std::tuple<Tensor, Tensor, Tensor> index_forward_cuda(
     int64_t ignore_index,
     double label_smoothing,
     int64_t reduction) {
-  IndexForwardResult r = index_forward(input, target, weight, ignore_index, label_smoothing, reduction,
-                                       /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
-  return {r.loss, r.lse, r.total_weight};
+  const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
+                                                    /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
+  index_forward(c);
+  return {c.out.loss, c.out.lse, c.out.total_weight};
 }
 
+// The forward that also writes the gradient for an upstream gradient of 1
+// (Note [Gradient in the forward], csrc/cpu/kernel/entry.h).
 std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_cuda(
     const Tensor& input,
     const Tensor& target,
@@ -154,132 +135,115 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_cuda(
     int64_t ignore_index,
     double label_smoothing,
     int64_t reduction) {
-  constexpr const char* op = "xent_ext::cross_entropy_index_forward_with_grad";
-  check_fused_reduction(reduction, op);
-  IndexForwardResult r =
-      index_forward(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true, op);
-  return {r.loss, r.lse, r.total_weight, r.grad_input};
+  const IndexForwardCall c =
+      index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true,
+                             "xent_ext::cross_entropy_index_forward_with_grad");
+  index_forward(c);
+  return {c.out.loss, c.out.lse, c.out.total_weight, c.out.grad_input};
 }
 
 Tensor index_backward_cuda(
     const Tensor& grad_loss,
     const Tensor& input,
-    const Tensor& target_in,
-    const std::optional<Tensor>& weight_in,
-    const Tensor& lse_in,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
+    const Tensor& lse,
     const Tensor& total_weight,
     int64_t ignore_index,
     double label_smoothing,
     int64_t reduction) {
-  constexpr const char* op = "xent_ext::cross_entropy_index_backward";
-  check_index_backward_args(grad_loss, input, lse_in, total_weight, reduction, op);
-  const Tensor target = canonical_index_target(target_in, input, op);
-  const Tensor weight = canonical_weight(weight_in, input, op);
-  const Tensor lse = lse_in.contiguous();
+  const IndexBackwardCall c =
+      index_backward_prologue(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing,
+                              reduction, "xent_ext::cross_entropy_index_backward");
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Tensor grad_input = at::empty_like(input);
   const Tensor scalars = at::empty({1}, input.options().dtype(at::kDouble));
 
   cuda::IndexBackwardLaunch a;
-  a.x = logits_of(input);
-  a.grad_loss = grad_loss.data_ptr();
-  a.gln = reduction == kReductionNone ? grad_loss.stride(0) : 0;
-  a.glk = reduction == kReductionNone ? grad_loss.stride(1) : 0;
-  a.target = target.data_ptr<int64_t>();
-  a.tn = target.stride(0);
-  a.tk = target.stride(1);
-  a.weight = data_or_null(weight);
-  a.lse = lse.data_ptr<double>();
-  a.total_weight = total_weight.data_ptr();
-  a.ignore_index = ignore_index;
-  a.label_smoothing = label_smoothing;
-  a.reduction = reduction;
-  a.grad = strided_of(grad_input);
+  a.x = logits_of(c.input);
+  a.grad_loss = c.grad_loss.data_ptr();
+  a.gln = c.reduction == kReductionNone ? c.grad_loss.stride(0) : 0;
+  a.glk = c.reduction == kReductionNone ? c.grad_loss.stride(1) : 0;
+  a.target = c.target.data_ptr<int64_t>();
+  a.tn = c.target.stride(0);
+  a.tk = c.target.stride(1);
+  a.weight = data_or_null(c.weight);
+  a.lse = c.lse.data_ptr<double>();
+  a.total_weight = c.total_weight.data_ptr();
+  a.ignore_index = c.ignore_index;
+  a.label_smoothing = c.label_smoothing;
+  a.reduction = c.reduction;
+  a.grad = strided_of(c.grad_input);
   a.scalars = scalars.data_ptr<double>();
   C10_CUDA_CHECK(cuda::launch_index_backward(a, stream));
-  return grad_input;
+  return c.grad_input;
 }
 
 std::tuple<Tensor, Tensor, Tensor> prob_forward_cuda(
     const Tensor& input,
-    const Tensor& target_in,
-    const std::optional<Tensor>& weight_in,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
     double label_smoothing,
     int64_t reduction) {
-  constexpr const char* op = "xent_ext::cross_entropy_prob_forward";
-  check_forward_args(input, reduction, op);
-  const Tensor target = canonical_prob_target(target_in, input, op);
-  const Tensor weight = canonical_weight(weight_in, input, op);
+  const ProbForwardCall c =
+      prob_forward_prologue(input, target, weight, label_smoothing, reduction, "xent_ext::cross_entropy_prob_forward");
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::ScalarType acc = accumulation_dtype(input.scalar_type());
   const int64_t R = input.size(0) * input.size(2);
-  const bool reduce = reduction != kReductionNone;
-
-  Tensor loss = loss_output(input, reduction);
-  Tensor lse = at::empty({input.size(0), input.size(2)}, input.options().dtype(at::kDouble));
-  Tensor coef_sum = at::empty({input.size(0), input.size(2)}, input.options().dtype(acc));
   const Tensor partials = at::empty({cuda::reduce_tiles(R)}, input.options().dtype(at::kDouble));
-  const Tensor row_loss = reduce ? at::empty({R}, input.options().dtype(acc)) : Tensor();
+  const Tensor row_loss = c.reduction != kReductionNone
+                              ? at::empty({R}, input.options().dtype(accumulation_dtype(input.scalar_type())))
+                              : Tensor();
 
   cuda::ProbForwardLaunch a;
-  a.x = logits_of(input);
-  a.target = strided_of(target);
-  a.weight = data_or_null(weight);
-  a.label_smoothing = label_smoothing;
-  a.reduction = reduction;
-  a.loss = loss.data_ptr();
-  a.lse = lse.data_ptr<double>();
-  a.coef_sum = coef_sum.data_ptr();
+  a.x = logits_of(c.input);
+  a.target = strided_of(c.target);
+  a.weight = data_or_null(c.weight);
+  a.label_smoothing = c.label_smoothing;
+  a.reduction = c.reduction;
+  a.loss = c.out.loss.data_ptr();
+  a.lse = c.out.lse.data_ptr<double>();
+  a.coef_sum = c.out.coef_sum.data_ptr();
   a.partials = partials.data_ptr<double>();
   a.row_loss = data_or_null(row_loss);
   C10_CUDA_CHECK(cuda::launch_prob_forward(a, stream));
-  return {loss, lse, coef_sum};
+  return {c.out.loss, c.out.lse, c.out.coef_sum};
 }
 
 std::tuple<Tensor, Tensor> prob_backward_cuda(
     const Tensor& grad_loss,
     const Tensor& input,
-    const Tensor& target_in,
-    const std::optional<Tensor>& weight_in,
-    const Tensor& lse_in,
-    const Tensor& coef_sum_in,
+    const Tensor& target,
+    const std::optional<Tensor>& weight,
+    const Tensor& lse,
+    const Tensor& coef_sum,
     double label_smoothing,
     int64_t reduction,
     bool input_grad,
     bool target_grad) {
-  constexpr const char* op = "xent_ext::cross_entropy_prob_backward";
-  check_prob_backward_args(grad_loss, input, lse_in, coef_sum_in, reduction, op);
-  const Tensor target = canonical_prob_target(target_in, input, op);
-  const Tensor weight = canonical_weight(weight_in, input, op);
-  const Tensor lse = lse_in.contiguous();
-  const Tensor coef_sum = coef_sum_in.contiguous();
+  const ProbBackwardCall c =
+      prob_backward_prologue(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
+                             target_grad, "xent_ext::cross_entropy_prob_backward");
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Tensor grad_input = input_grad ? at::empty_like(input) : Tensor();
-  Tensor grad_target = target_grad ? at::empty_like(target) : Tensor();
 
   if (input_grad || target_grad) {
     cuda::ProbBackwardLaunch a;
-    a.x = logits_of(input);
-    a.target = strided_of(target);
-    a.grad_loss = grad_loss.data_ptr();
-    a.gln = reduction == kReductionNone ? grad_loss.stride(0) : 0;
-    a.glk = reduction == kReductionNone ? grad_loss.stride(1) : 0;
-    a.weight = data_or_null(weight);
-    a.lse = lse.data_ptr<double>();
-    a.coef_sum = coef_sum.data_ptr();
-    a.label_smoothing = label_smoothing;
-    a.reduction = reduction;
-    a.grad_input = strided_of(grad_input);
-    a.grad_target = strided_of(grad_target);
+    a.x = logits_of(c.input);
+    a.target = strided_of(c.target);
+    a.grad_loss = c.grad_loss.data_ptr();
+    a.gln = c.reduction == kReductionNone ? c.grad_loss.stride(0) : 0;
+    a.glk = c.reduction == kReductionNone ? c.grad_loss.stride(1) : 0;
+    a.weight = data_or_null(c.weight);
+    a.lse = c.lse.data_ptr<double>();
+    a.coef_sum = c.coef_sum.data_ptr();
+    a.label_smoothing = c.label_smoothing;
+    a.reduction = c.reduction;
+    a.grad_input = strided_of(c.out.grad_input);
+    a.grad_target = strided_of(c.out.grad_target);
     C10_CUDA_CHECK(cuda::launch_prob_backward(a, stream));
   }
-  // A gradient that was not asked for comes back as an empty tensor: op
-  // schemas cannot return None.
-  const auto or_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, input.options()); };
-  return {or_empty(grad_input), or_empty(grad_target)};
+  return prob_backward_result(c.out, c.input);
 }
 
 }  // namespace

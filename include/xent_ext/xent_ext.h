@@ -140,7 +140,9 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward(
 // ---------------------------------------------------------------------------
 // Autograd on the canonical (N, C, K) ops. First-order gradients w.r.t. the
 // logits (and probability targets); no gradient for the class weights, no
-// double backward (the Python package has both).
+// double backward (the Python package has both). The twin of the Python
+// autograd in xent_ext/_ops.py (setup_context and backward): the two must
+// agree.
 
 namespace detail {
 
@@ -239,6 +241,7 @@ struct ProbCrossEntropy : public torch::autograd::Function<ProbCrossEntropy> {
 };
 
 // (C,), (N, C) or (N, C, d1, ..., dk) as (N, C, K): a view unless the strides can't be merged.
+// The twin of _as_ncK in xent_ext/functional.py: the two must agree.
 inline at::Tensor as_nck(const at::Tensor& t) {
   if (t.dim() == 1) {
     return t.unsqueeze(0).unsqueeze(-1);
