@@ -19,10 +19,10 @@ namespace cuda {
 enum class Walk : int { kThread, kWarp, kBlock };
 
 // Note [Tuning knobs]
-// The launch shape of the row kernels, as macros so that a GPU session can
+// The launch shape of the row kernels, as macros so that a tuning run can
 // time variants without editing this file: build with, e.g.,
 // NVCC_APPEND_FLAGS="-DXENT_CUDA_UNROLL_2B=4" (nvcc appends it; remove the
-// object first so the build recompiles). scripts/gpu_tune.sh does that for a
+// object first so the build recompiles). scripts/gpu/tune.sh does that for a
 // list of variants. The defaults below are the fastest variants timed
 // (benchmarks/): more packs in flight per lane paid for 2-byte types but not
 // for 4-byte ones; bigger blocks, one row per SM and fewer launched blocks

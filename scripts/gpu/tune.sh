@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: time the CUDA row kernels' launch-shape
-# variants (Note [Tuning knobs] in csrc/cuda/kernels.cu) side by side
+# variants (Note [Tuning knobs] in csrc/cuda/launch_shape.cuh) side by side
 # (scripts/gpu/README.md).
 #
 #   bash scripts/gpu/tune.sh [RESULTS_DIR]   # default $GPU_RESULTS/tune, GPU_RESULTS=gpu-results
@@ -16,7 +16,7 @@
 # Files in RESULTS_DIR (a rerun replaces them): tune.log (everything),
 # tune.json (every run's benchmark JSON, by variant), tune_summary.txt (the
 # table). Record the outcome in benchmarks/NOTES.md, and make the winner the
-# default in kernels.cu.
+# default in csrc/cuda/launch_shape.cuh.
 #
 # Knobs: GPU_TUNE_SECONDS (overall deadline, default 540), GPU_TUNE_SHAPES
 # (default below), GPU_TUNE_VARIANTS (';'-separated "name=flags" list),
