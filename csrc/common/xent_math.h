@@ -3,7 +3,7 @@
 // Everything that decides a number lives here, so the CPU tests also test the
 // formulas the CUDA kernels use. Kernels only move data: they accumulate
 // RowStats over a row (in chunks, merged with `merge`), turn them into a loss
-// with `index_row_loss` / `prob_row_loss`, and in backward evaluate
+// with `index_row_loss` / `coef_row_loss`, and in backward evaluate
 // `grad = a * softmax - d * coef` plus a `-b` at the target class.
 #pragma once
 
@@ -118,14 +118,14 @@ XENT_HD void merge(RowStats<acc_t>& a, const RowStats<acc_t>& b) {
 // in double: lse = ref + log_sum, and the loss uses acc_t(log_sum), which is
 // at least as accurate as a log in acc_t. sum_exp is in [1, C] for any row
 // with a finite maximum, so log_sum is small and exact enough either way.
-// Taking it once matters where rows are short: with C = 10 the two scalar
-// logs were a third of the CPU forward, so the CPU's column walks take it for
-// a group of rows with one vector log (csrc/cpu/kernel, row_logs).
+// Taking it once matters for short rows, where two scalar logs per row
+// are a large share of the CPU forward, so the CPU's column walks take it for
+// a group of rows with one vector log (csrc/cpu/kernel/stats.h, row_logs).
 //
 // Note [Log in the accumulation type]
 // Those column walks take the log in acc_t: for fp32 that is eight rows per
-// AVX2 instruction sequence instead of four in double, and the vector log
-// was still a seventh of the C = 10 forward in double. sum_exp is itself an
+// AVX2 instruction sequence instead of four in double, and a vector log in
+// double still shows in a short-row forward. sum_exp is itself an
 // fp32 sum, so its log in fp32 (Sleef: within 1 ulp) adds at most an ulp of
 // log(C) to a loss already rounded to fp32; the lse built from it stays
 // within that of the double path's, so the gradient's exp(x - lse) moves by
@@ -154,7 +154,7 @@ XENT_HD SplitLse<acc_t> split_lse(double lse) {
 }
 
 // Loss of one row with a class-index target (torch's nll + label smoothing,
-// torch_semantics §5.2):
+// docs/semantics.md §5.2):
 //   (1 - eps) * nll + (eps / C) * smooth,
 //   nll = w_y * (lse - x_y),  smooth = Σ_c w_c (lse - x_c).
 // (lse - x_y) is formed as (ref - x_y) + log(sum_exp): both parts are exact
@@ -165,8 +165,11 @@ XENT_HD acc_t index_row_nll(const RowStats<acc_t>& st, acc_t log_sum, acc_t x_ta
   return w_target * ((st.ref - x_target) + log_sum);
 }
 
+// Σ_c coef_c (lse - x_c) of one row (Note [Row statistics]): the smoothing
+// term of a class-index target (coef_c = w_c) and the whole loss of a
+// probability target (coef_c = w_c q_c, q = target * (1 - eps) + eps / C).
 template <typename acc_t>
-XENT_HD acc_t index_row_smooth(const RowStats<acc_t>& st, acc_t log_sum) {
+XENT_HD acc_t coef_row_loss(const RowStats<acc_t>& st, acc_t log_sum) {
   return st.coef_sum * log_sum - st.coef_dot;
 }
 
@@ -189,7 +192,7 @@ XENT_HD acc_t index_row_loss(
     int64_t num_classes,
     bool smoothing) {
   const acc_t nll = index_row_nll(st, log_sum, x_target, w_target);
-  return smoothing ? smoothed_loss(nll, index_row_smooth(st, log_sum), label_smoothing, num_classes) : nll;
+  return smoothing ? smoothed_loss(nll, coef_row_loss(st, log_sum), label_smoothing, num_classes) : nll;
 }
 
 // The reduced loss with smoothing, in torch's order: each part is reduced
@@ -201,14 +204,19 @@ XENT_HD double reduced_smoothed_loss(
   return smoothed_loss(nll_sum / denominator, smooth_sum / denominator, label_smoothing, num_classes);
 }
 
-// Loss of one row with a probability target: Σ_c w_c q_c (lse - x_c), with
-// q = target * (1 - eps) + eps / C already folded into coef.
+// coef_row_loss under the names csrc/cuda/kernels.cu calls it by.
 template <typename acc_t>
-XENT_HD acc_t prob_row_loss(const RowStats<acc_t>& st, acc_t log_sum) {
-  return st.coef_sum * log_sum - st.coef_dot;
+XENT_HD acc_t index_row_smooth(const RowStats<acc_t>& st, acc_t log_sum) {
+  return coef_row_loss(st, log_sum);
 }
 
-// Probability-target coefficient q_c = t_c * (1 - eps) + eps / C (torch §5.3).
+template <typename acc_t>
+XENT_HD acc_t prob_row_loss(const RowStats<acc_t>& st, acc_t log_sum) {
+  return coef_row_loss(st, log_sum);
+}
+
+// Probability-target coefficient q_c = t_c * (1 - eps) + eps / C
+// (docs/semantics.md §5.3).
 template <typename acc_t>
 struct SmoothedTarget {
   acc_t scale;  // 1 - eps
@@ -224,7 +232,8 @@ XENT_HD SmoothedTarget<acc_t> smoothed_target(acc_t label_smoothing, int64_t num
 }
 
 // Backward of one row: grad_c = a * softmax_c - d * coef_c - (c == y ? b : 0).
-// Derivation for index targets (torch §5.2), with s = grad_out * scale:
+// Derivation for index targets (docs/semantics.md §5.2), with
+// s = grad_out * scale:
 //   a = s ((1-eps) w_y + (eps/C) Σw),  b = s (1-eps) w_y,  d = s eps / C,
 // coef_c = w_c (1 without a weight). For probability targets:
 //   a = s Σ_c w_c q_c,  b = 0,  d = s,  coef_c = w_c q_c.

@@ -1,6 +1,6 @@
 // Interface between the op wrappers (csrc/cpu/ops_cpu.cpp) and the CPU kernels,
-// which are compiled once per ISA (kernel_{default,avx2,avx512}.cpp) and
-// picked at run time from at::native::get_cpu_capability().
+// which are compiled once per ISA (kernel_{default,avx2,avx512}.cpp, the
+// algorithm in cpu/kernel/) and picked at run time (kernel_dispatch.cpp).
 //
 // The wrappers validate and allocate; kernels only read and write the tensors
 // they are given. All tensors are CPU tensors; shapes are canonical:
@@ -17,14 +17,13 @@ namespace cpu {
 
 // Note [Row offsets]
 // Row r of the canonical (N, C, K) view is (n, k) = (r / K, r % K). A 64-bit
-// division costs 10-20 cycles on the x86 cores we measured, and the short-row
-// paths took one per row in up to five places (target check, weight pre-pass,
-// tile gather, target lookup, x[y]): with C = 10 that was a large share of
-// the forward. Most inputs are 2-D (K == 1), where the offset is r * stride,
-// and most (N, K) tensors with K > 1 (targets, per-row losses and upstream
-// gradients of an (N, C, H, W) input) have their rows evenly spaced
-// (stride_n == K * stride_k), where it is r * stride_k. Both branches are
-// decided by the tensor, so they are always predicted.
+// division is slow, and the short-row paths took one per row in up to five
+// places (target check, weight pre-pass, tile gather, target lookup, x[y]):
+// a large share of a short-row forward. Most inputs are 2-D (K == 1), where
+// the offset is r * stride, and most (N, K) tensors with K > 1 (targets,
+// per-row losses and upstream gradients of an (N, C, H, W) input) have their
+// rows evenly spaced (stride_n == K * stride_k), where it is r * stride_k.
+// Both branches are decided by the tensor, so they are always predicted.
 inline int64_t row_offset(int64_t r, int64_t K, int64_t stride_n, int64_t stride_k) {
   if (K == 1) {
     return r * stride_n;

@@ -22,6 +22,7 @@ const KernelTable& kernels() {
     }
 #endif
 #ifdef XENT_HAVE_AVX2
+    // Also where ATen runs AVX512 but this build compiled no AVX512 kernels.
     if (capability.find("AVX2") != std::string::npos || capability.find("AVX512") != std::string::npos) {
       return kernels_AVX2();
     }

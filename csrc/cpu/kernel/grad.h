@@ -1,0 +1,561 @@
+// Input gradients: grad = a * softmax - d * coef - b at the target class
+// (math::GradCoefs), written by GradWalker over the same walks as the forward.
+#pragma once
+
+#include "common/xent_math.h"
+#include "cpu/kernel/coef.h"
+#include "cpu/kernel/exp.h"
+#include "cpu/kernel/layout.h"
+#include "cpu/kernel/stats.h"
+#include "cpu/kernel/vec.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace xent_ext {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// grad_c = a * softmax_c - d * coef_c over one contiguous chunk (the -b at the
+// target class is applied by the caller).
+template <typename T, Coef kCoef>
+void chunk_grad(
+    const T* x,
+    T* grad,
+    const CoefSource<T>& coef,
+    int64_t n,
+    acc_type<T> a,
+    acc_type<T> d,
+    math::SplitLse<acc_type<T>> lse) {
+  using acc_t = acc_type<T>;
+  using V = Vectorized<acc_t>;
+  using IO = VecIO<T>;
+  constexpr int64_t kStep = IO::kStep;
+  const V va(a), vd(d), hi(lse.hi), lo(lse.lo);
+  V xa, xb, ca, cb;
+  const auto grad_of = [&](const V& xv, const V& cv) {
+    const V p = vexp((xv - hi) - lo);
+    if constexpr (kCoef == Coef::kNone) {
+      return va * p;
+    } else {
+      return va * p - vd * cv;
+    }
+  };
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    IO::load(x + i, xa, xb);
+    if constexpr (kCoef != Coef::kNone) {
+      CoefLoader<T, kCoef>::load(coef, i, ca, cb);
+    }
+    IO::store(grad + i, grad_of(xa, ca), grad_of(xb, cb));
+  }
+  if (i < n) {
+    IO::load(x + i, n - i, xa, xb);
+    if constexpr (kCoef != Coef::kNone) {
+      CoefLoader<T, kCoef>::load(coef, i, n - i, ca, cb);
+    }
+    IO::store(grad + i, n - i, grad_of(xa, ca), grad_of(xb, cb));
+  }
+}
+
+// One chunk of one row's input gradient, any strides (Note [Strided class dim]).
+template <typename T, Coef kCoef>
+void row_chunk_grad(
+    const RowView<T>& row,
+    T* grad_row,
+    int64_t grad_stride,
+    const CoefSource<T>& coef,
+    int64_t c_begin,
+    int64_t len,
+    acc_type<T> a,
+    acc_type<T> d,
+    math::SplitLse<acc_type<T>> lse,
+    Scratch<acc_type<T>>& scratch) {
+  using acc_t = acc_type<T>;
+  if (grad_stride == 1 && classes_contiguous<kCoef>(row)) {
+    chunk_grad<T, kCoef>(row.x + c_begin, grad_row + c_begin, chunk_source<kCoef>(coef, row, c_begin), len, a, d, lse);
+    return;
+  }
+  const CoefSource<acc_t> gathered = gather_chunk<kCoef>(row, coef, c_begin, len, scratch);
+  chunk_grad<acc_t, kCoef>(scratch.x, scratch.g, gathered, len, a, d, lse);
+  for (int64_t i = 0; i < len; ++i) {
+    grad_row[(c_begin + i) * grad_stride] = static_cast<T>(scratch.g[i]);
+  }
+}
+
+// What the backward needs of row r: grad = a * softmax - d * coef, minus b at
+// class y (y < 0: no one-hot term), with softmax from the saved lse.
+template <typename acc_t>
+struct GradPlan {
+  math::GradCoefs<acc_t> k;
+  double lse;
+  int64_t y;
+};
+
+// The coefficient of class c of a row, one element (0 without coefficients).
+template <typename T, Coef kCoef>
+acc_type<T> coef_at(const CoefSource<T>& coef, const RowView<T>& row, int64_t c) {
+  using acc_t = acc_type<T>;
+  if constexpr (kCoef == Coef::kNone) {
+    return acc_t(0);
+  } else {
+    acc_t v = 1;
+    if constexpr (uses_target(kCoef)) {
+      v = static_cast<acc_t>(row.q[c * row.q_stride]) * coef.q_scale + coef.q_shift;
+    }
+    if constexpr (uses_weight(kCoef)) {
+      v *= coef.w[c];
+    }
+    return v;
+  }
+}
+
+// The one-hot element of a row (class plan.y >= 0), rewritten after the
+// vector code wrote a * p - d * coef there.
+template <typename T, Coef kCoef>
+acc_type<T> one_hot_grad(const RowView<T>& row, const CoefSource<T>& coef, const GradPlan<acc_type<T>>& plan) {
+  using acc_t = acc_type<T>;
+  const acc_t x_y = static_cast<acc_t>(row.x[plan.y * row.x_stride]);
+  const acc_t coef_y = coef_at<T, kCoef>(coef, row, plan.y);
+  const math::SplitLse<acc_t> lse = math::split_lse<acc_t>(plan.lse);
+  return plan.k.a * std::exp((x_y - lse.hi) - lse.lo) - plan.k.d * coef_y - plan.k.b;
+}
+
+// Input gradient of npos <= kStep adjacent rows (see column_stats), with
+// per-row a, d and lse given lane by lane.
+template <typename T, Coef kCoef>
+void column_grad(
+    const T* x,
+    int64_t xc,
+    const T* q,
+    int64_t qc,
+    T* grad,
+    int64_t gc,
+    const CoefSource<T>& coef,
+    int64_t C,
+    int64_t npos,
+    const acc_type<T>* a,
+    const acc_type<T>* d,
+    const acc_type<T>* lse_hi,
+    const acc_type<T>* lse_lo) {
+  using acc_t = acc_type<T>;
+  using V = Vectorized<acc_t>;
+  const V a0 = V::loadu(a), a1 = V::loadu(a + V::size());
+  const V d0 = V::loadu(d), d1 = V::loadu(d + V::size());
+  const V h0 = V::loadu(lse_hi), h1 = V::loadu(lse_hi + V::size());
+  const V l0 = V::loadu(lse_lo), l1 = V::loadu(lse_lo + V::size());
+  V xa, xb;
+  for (int64_t c = 0; c < C; ++c) {
+    load_upto(x + c * xc, npos, xa, xb);
+    V ga = a0 * vexp((xa - h0) - l0);
+    V gb = a1 * vexp((xb - h1) - l1);
+    if constexpr (kCoef != Coef::kNone) {
+      V ca, cb;
+      CoefLoader<T, kCoef>::load_column(coef, q, qc, c, npos, ca, cb);
+      ga = ga - d0 * ca;
+      gb = gb - d1 * cb;
+    }
+    store_upto(grad + c * gc, npos, ga, gb);
+  }
+}
+
+// Per-lane plan arrays for column_grad; lanes past npos stay zero.
+template <typename acc_t, int64_t kLanes>
+struct LanePlans {
+  acc_t a[kLanes] = {};
+  acc_t d[kLanes] = {};
+  acc_t hi[kLanes] = {};
+  acc_t lo[kLanes] = {};
+  void set(int64_t j, const GradPlan<acc_t>& p) {
+    const math::SplitLse<acc_t> s = math::split_lse<acc_t>(p.lse);
+    a[j] = p.k.a;
+    d[j] = p.k.d;
+    hi[j] = s.hi;
+    lo[j] = s.lo;
+  }
+};
+
+// Writes input gradients: grad[r] = plan_of(r) applied to row r's logits,
+// walking the layout as choose_walk decides. Every element is independent,
+// so any split across threads gives the same bits. run() covers all rows in
+// parallel; rows(r0, n) covers one tile of for_each_row_stats's walk in the
+// calling thread (the fused forward+backward).
+template <typename T, Coef kCoef, typename PlanOf>
+struct GradWalker {
+  using acc_t = acc_type<T>;
+  static constexpr int64_t kStep = VecIO<T>::kStep;
+  static constexpr int64_t kGroup = VecIO<acc_t>::kStep;
+
+  const Layout<T>& L;
+  T* grad;
+  int64_t gc;
+  RowStrides gs;
+  CoefSource<T> coef;
+  const PlanOf& plan_of;
+  Walk walk;
+  Layout<T> Lc;      // columns_view(L)
+  RowStrides gsc;    // columns_view(gs)
+  CoefSource<acc_t> gathered;
+
+  GradWalker(const Layout<T>& L_, T* grad_, int64_t gc_, RowStrides gs_, const CoefSource<T>& coef_, const PlanOf& plan_of_)
+      : L(L_), grad(grad_), gc(gc_), gs(gs_), coef(coef_), plan_of(plan_of_), walk(choose_walk(L_, &gs_)),
+        Lc(columns_view(L_)), gsc(columns_view(gs_, L_.K)), gathered(gathered_source(coef_)) {}
+
+  // The buffer column_tile keeps a tile's exps in (empty when it keeps none).
+  std::vector<acc_t> column_buffer() const {
+    const bool keep = walk == Walk::kColumns && !uses_target(kCoef) && keeps_column_exps(L.C, kStep);
+    return std::vector<acc_t>(keep ? static_cast<size_t>(L.C * kStep) : 0);
+  }
+
+  // kStep adjacent rows starting at r0 (kColumns); kept from column_buffer().
+  void column_tile(int64_t r0, int64_t npos, std::vector<acc_t>& kept) const {
+    if constexpr (!uses_target(kCoef)) {
+      if (keeps_column_exps(L.C, kStep)) {
+        // Exactly as the fused forward keeps them (Note [Recomputed equals fused]).
+        RowStats<acc_t> st[kStep];
+        acc_t shift[kStep];
+        const RowView<T> first = Lc.row(r0);
+        column_stats<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, coef, L.C, npos, st, kept.data(), kStep, shift);
+        column_from_exps(r0, npos, TileExps<acc_t>{kept.data(), shift, kStep});
+        return;
+      }
+    }
+    GradPlan<acc_t> plans[kStep];
+    LanePlans<acc_t, kStep> lanes;
+    for (int64_t j = 0; j < npos; ++j) {
+      plans[j] = plan_of(r0 + j);
+      lanes.set(j, plans[j]);
+    }
+    const RowView<T> first = Lc.row(r0);
+    T* g0 = grad + Lc.at(r0, gsc);
+    column_grad<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, g0, gc, coef, L.C, npos, lanes.a, lanes.d, lanes.hi, lanes.lo);
+    for (int64_t j = 0; j < npos; ++j) {
+      const int64_t y = plans[j].y;
+      if (y >= 0) {
+        g0[j + y * gc] = static_cast<T>(one_hot_grad<T, kCoef>(Lc.row(r0 + j), coef, plans[j]));
+      }
+    }
+  }
+
+  // Up to kTileRows rows of few classes, transposed through scratch (kGatheredColumns).
+  void gathered_tile(int64_t r0, int64_t n, Scratch<acc_t>& scratch) const {
+    const int64_t C = L.C;
+    if constexpr (!uses_target(kCoef)) {
+      // Index targets: the exps exactly as the fused forward keeps them (the
+      // same column_stats), so the fused and the recomputed gradient agree
+      // to the bit (Note [Recomputed equals fused]).
+      gather_tile(L.x, L.xs, L, r0, n, scratch.x);
+      RowStats<acc_t> st[kGroup];
+      acc_t shift[kTileRows];
+      for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
+        const int64_t npos = std::min(kGroup, n - j0);
+        column_stats<acc_t, kCoef>(
+            scratch.x + j0, kTileRows, nullptr, kTileRows, gathered, C, npos, st, scratch.g + j0, kTileRows, shift + j0);
+      }
+      tile_from_exps(r0, n, TileExps<acc_t>{scratch.g, shift, kTileRows});
+      return;
+    }
+    GradPlan<acc_t> plans[kTileRows];
+    gather_tile(L.x, L.xs, L, r0, n, scratch.x);
+    if (uses_target(kCoef)) {
+      gather_tile(L.q, L.qs, L, r0, n, scratch.q);
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += kGroup) {
+      const int64_t npos = std::min(kGroup, n - j0);
+      LanePlans<acc_t, kGroup> lanes;
+      for (int64_t j = 0; j < npos; ++j) {
+        plans[j0 + j] = plan_of(r0 + j0 + j);
+        lanes.set(j, plans[j0 + j]);
+      }
+      column_grad<acc_t, kCoef>(
+          scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, scratch.g + j0, kTileRows, gathered, C, npos,
+          lanes.a, lanes.d, lanes.hi, lanes.lo);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t y = plans[j].y;
+      if (y >= 0) {
+        // The vector code left a * p_y - d * coef_y there, in acc_t (the
+        // scratch is not rounded to T): subtracting b completes the one-hot
+        // element with one more rounding, without a second exp of x_y (a
+        // scalar expf per row shows in a short-row forward+backward).
+        scratch.g[y * kTileRows + j] -= plans[j].k.b;
+      }
+    }
+    scatter_tile(scratch.g, grad, gs, gc, L, r0, n);
+  }
+
+  // For rows r0 + j, j < n <= kMax: plans[j], d[j] and factor[j] =
+  // a * exp(shift[j] - lse), the exp a vector of rows at a time (Note [Kept
+  // exps in a tile]); factor and d past n, up to kMax, are 0.
+  template <int64_t kMax>
+  void tile_factors(int64_t r0, int64_t n, const acc_t* shift, GradPlan<acc_t>* plans, acc_t* factor, acc_t* d) const {
+    using V = Vectorized<acc_t>;
+    static_assert(kMax % V::size() == 0, "whole vectors");
+    acc_t a[kMax];
+    for (int64_t j = 0; j < n; ++j) {
+      plans[j] = plan_of(r0 + j);
+      a[j] = plans[j].k.a;
+      d[j] = plans[j].k.d;
+      factor[j] = static_cast<acc_t>(static_cast<double>(shift[j]) - plans[j].lse);
+    }
+    for (int64_t j = n; j < kMax; ++j) {  // only the tail: zeroing whole arrays showed in C = 10 profiles
+      a[j] = factor[j] = d[j] = acc_t(0);
+    }
+    for (int64_t j = 0; j < n; j += V::size()) {
+      (V::loadu(a + j) * vexp(V::loadu(factor + j))).store(factor + j);
+    }
+  }
+
+  // Up to kTileRows rows from what the gathered-columns stats walk kept of
+  // them (Note [Kept exps in a tile]); the gradient replaces the exps in place.
+  void tile_from_exps(int64_t r0, int64_t n, const TileExps<acc_t>& tile) const {
+    using V = Vectorized<acc_t>;
+    const int64_t C = L.C;
+    GradPlan<acc_t> plans[kTileRows];
+    acc_t factor[kTileRows];
+    acc_t d[kTileRows];
+    tile_factors<kTileRows>(r0, n, tile.shift, plans, factor, d);
+    const int64_t n_vec = (n + V::size() - 1) / V::size() * V::size();
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* e = tile.e + c * kTileRows;
+      acc_t w(1);
+      if constexpr (uses_weight(kCoef)) {
+        w = static_cast<acc_t>(coef.w[c]);
+      }
+      for (int64_t j = 0; j < n_vec; j += V::size()) {
+        V g = V::loadu(factor + j) * V::loadu(e + j);
+        if constexpr (kCoef != Coef::kNone) {
+          g = g - V::loadu(d + j) * V(w);
+        }
+        g.store(e + j);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (plans[j].y >= 0) {
+        tile.e[plans[j].y * kTileRows + j] -= plans[j].k.b;  // as in gathered_tile
+      }
+    }
+    scatter_tile(tile.e, grad, gs, gc, L, r0, n);
+  }
+
+  // npos <= kStep adjacent rows of a kColumns tile from their kept exps
+  // (Note [Kept exps in a tile]), written straight to the gradient.
+  void column_from_exps(int64_t r0, int64_t npos, const TileExps<acc_t>& tile) const {
+    using V = Vectorized<acc_t>;
+    static_assert(kStep == 2 * V::size(), "two vectors per tile row");
+    GradPlan<acc_t> plans[kStep];
+    acc_t factor[kStep];
+    acc_t d[kStep];
+    tile_factors<kStep>(r0, npos, tile.shift, plans, factor, d);
+    const V f0 = V::loadu(factor), f1 = V::loadu(factor + V::size());
+    const V d0 = V::loadu(d), d1 = V::loadu(d + V::size());
+    T* g0 = grad + Lc.at(r0, gsc);
+    for (int64_t c = 0; c < L.C; ++c) {
+      const acc_t* e = tile.e + c * tile.stride;
+      V ga = f0 * V::loadu(e);
+      V gb = f1 * V::loadu(e + V::size());
+      if constexpr (kCoef != Coef::kNone) {
+        const V w(uses_weight(kCoef) ? static_cast<acc_t>(coef.w[c]) : acc_t(1));
+        ga = ga - d0 * w;
+        gb = gb - d1 * w;
+      }
+      store_upto(g0 + c * gc, npos, ga, gb);
+    }
+    for (int64_t j = 0; j < npos; ++j) {
+      const int64_t y = plans[j].y;
+      if (y >= 0) {  // the one-hot element, rounded to T once
+        acc_t g = factor[j] * tile.e[y * tile.stride + j];
+        if constexpr (kCoef != Coef::kNone) {
+          g = g - d[j] * (uses_weight(kCoef) ? static_cast<acc_t>(coef.w[y]) : acc_t(1));
+        }
+        g0[j + y * gc] = static_cast<T>(g - plans[j].k.b);
+      }
+    }
+  }
+
+  // One chunk of one row (kRows).
+  void row_chunk(int64_t r, int64_t chunk, Scratch<acc_t>& scratch) const {
+    const GradPlan<acc_t> plan = plan_of(r);
+    const RowView<T> row = L.row(r);
+    T* grad_row = grad + L.at(r, gs);
+    const int64_t c_begin = chunk * kChunk;
+    const int64_t len = chunk_len(L.C, chunk);
+    if (plan.k.a == 0 && plan.k.b == 0 && plan.k.d == 0 && std::isfinite(plan.lse)) {
+      // Every softmax value is finite, so a * p - d * coef - b is exactly 0.
+      for (int64_t i = 0; i < len; ++i) {
+        grad_row[(c_begin + i) * gc] = T(0);
+      }
+      return;
+    }
+    if constexpr (!uses_target(kCoef)) {
+      // Index targets: the exps exactly as the fused forward keeps them (the
+      // same row_chunk_stats), so the fused and the recomputed gradient agree
+      // to the bit (Note [Recomputed equals fused]).
+      const RowStats<acc_t> part = row_chunk_stats<T, kCoef>(row, coef, c_begin, len, scratch, scratch.g);
+      chunk_from_exps(plan, row, grad_row, chunk, scratch.g, math::accumulation_shift(part.ref));
+    } else {
+      row_chunk_grad<T, kCoef>(
+          row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, math::split_lse<acc_t>(plan.lse), scratch);
+    }
+    if (plan.y >= c_begin && plan.y < c_begin + len) {
+      grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<T, kCoef>(row, coef, plan));
+    }
+  }
+
+  // One row from the exps the forward kept (Note [Kept exps]).
+  void row_from_exps(int64_t r, const RowExps<acc_t>& exps) const {
+    const GradPlan<acc_t> plan = plan_of(r);
+    const RowView<T> row = L.row(r);
+    T* grad_row = grad + L.at(r, gs);
+    const int64_t C = L.C;
+    if (plan.k.a == 0 && plan.k.b == 0 && plan.k.d == 0 && std::isfinite(plan.lse)) {
+      for (int64_t c = 0; c < C; ++c) {
+        grad_row[c * gc] = T(0);
+      }
+      return;
+    }
+    for (int64_t chunk = 0; chunk < num_chunks(C); ++chunk) {
+      chunk_from_exps(plan, row, grad_row, chunk, exps.e + chunk * kChunk, exps.shift[chunk]);
+    }
+    if (plan.y >= 0) {
+      grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<T, kCoef>(row, coef, plan));
+    }
+  }
+
+  // One chunk of a row's gradient from e = exp(x - shift) over the chunk
+  // (the one-hot element is the caller's).
+  void chunk_from_exps(
+      const GradPlan<acc_t>& plan, const RowView<T>& row, T* grad_row, int64_t chunk, const acc_t* e, acc_t shift) const {
+    using V = Vectorized<acc_t>;
+    using IO = VecIO<T>;
+    const V vd(plan.k.d);
+    // softmax = kept * exp(shift - lse); the factor is formed in double.
+    const acc_t a = plan.k.a * static_cast<acc_t>(std::exp(static_cast<double>(shift) - plan.lse));
+    const V va(a);
+    const int64_t c_begin = chunk * kChunk;
+    const int64_t len = chunk_len(L.C, chunk);
+    const CoefSource<T> chunk_coef = chunk_source<kCoef>(coef, row, c_begin);
+    V ca, cb;
+    const auto grad_of = [&](const V& ev, const V& cv) {
+      if constexpr (kCoef == Coef::kNone) {
+        return va * ev;
+      } else {
+        return va * ev - vd * cv;
+      }
+    };
+    if (gc == 1) {
+      T* g = grad_row + c_begin;
+      int64_t i = 0;
+      for (; i + IO::kStep <= len; i += IO::kStep) {
+        if constexpr (kCoef != Coef::kNone) {
+          CoefLoader<T, kCoef>::load(chunk_coef, i, ca, cb);
+        }
+        IO::store(g + i, grad_of(V::loadu(e + i), ca), grad_of(V::loadu(e + i + V::size()), cb));
+      }
+      if (i < len) {
+        const int64_t rest = len - i;
+        if constexpr (kCoef != Coef::kNone) {
+          CoefLoader<T, kCoef>::load(chunk_coef, i, rest, ca, cb);
+        }
+        const V ea = V::loadu(e + i, std::min<int64_t>(rest, V::size()));
+        const V eb = rest > V::size() ? V::loadu(e + i + V::size(), rest - V::size()) : V(acc_t(0));
+        IO::store(g + i, rest, grad_of(ea, ca), grad_of(eb, cb));
+      }
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t coef_i = coef_at<T, kCoef>(coef, row, c_begin + i);
+        grad_row[(c_begin + i) * gc] = static_cast<T>(a * e[i] - plan.k.d * coef_i);
+      }
+    }
+  }
+
+  // A tile a column stats walk kept.
+  void rows(int64_t r0, int64_t n, const TileExps<acc_t>* tile) const {
+    if (walk == Walk::kGatheredColumns && tile->stride == kTileRows) {
+      tile_from_exps(r0, n, *tile);
+    } else if (walk == Walk::kColumns && tile->stride == kStep) {
+      column_from_exps(r0, n, *tile);
+    } else {  // a gradient laid out otherwise than the logits: its own walk
+      rows(r0, n, static_cast<const RowExps<acc_t>*>(nullptr));
+    }
+  }
+
+  void rows(int64_t r0, int64_t n, const RowExps<acc_t>* exps = nullptr) const {
+    if constexpr (!uses_target(kCoef)) {
+      if (exps && walk == Walk::kRows && n == 1) {
+        row_from_exps(r0, *exps);
+        return;
+      }
+    }
+    Scratch<acc_t> scratch;
+    if (walk == Walk::kColumns) {
+      std::vector<acc_t> kept = column_buffer();
+      for (int64_t j = 0; j < n;) {
+        // Stay inside one column tile (rows of one n, aligned to kStep).
+        const int64_t k = (r0 + j) % Lc.K;
+        const int64_t npos = std::min({n - j, kStep - k % kStep, Lc.K - k});
+        column_tile(r0 + j, npos, kept);
+        j += npos;
+      }
+    } else if (walk == Walk::kGatheredColumns) {
+      for (int64_t j = 0; j < n; j += kTileRows) {
+        gathered_tile(r0 + j, std::min(kTileRows, n - j), scratch);
+      }
+    } else {
+      const int64_t chunks = num_chunks(L.C);
+      for (int64_t r = r0; r < r0 + n; ++r) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          row_chunk(r, c, scratch);
+        }
+      }
+    }
+  }
+
+  void run() const {
+    const int64_t R = L.rows(), C = L.C;
+    if (walk == Walk::kColumns) {
+      const ColumnTiles tiles(Lc.N, Lc.K, kStep);
+      at::parallel_for(0, tiles.count, std::max<int64_t>(1, kGrainElements / (kStep * C)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> kept = column_buffer();
+        for (int64_t t = begin; t < end; ++t) {
+          column_tile(tiles.n(t) * Lc.K + tiles.k0(t), tiles.size(t), kept);
+        }
+      });
+    } else if (walk == Walk::kGatheredColumns) {
+      const int64_t tiles = (R + kTileRows - 1) / kTileRows;
+      at::parallel_for(0, tiles, std::max<int64_t>(1, kGrainElements / (kTileRows * C)), [&](int64_t begin, int64_t end) {
+        Scratch<acc_t> scratch;
+        for (int64_t t = begin; t < end; ++t) {
+          gathered_tile(t * kTileRows, std::min(kTileRows, R - t * kTileRows), scratch);
+        }
+      });
+    } else {
+      const int64_t chunks = num_chunks(C);
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(std::min(C, kChunk), 1));
+      at::parallel_for(0, R * chunks, grain, [&](int64_t begin, int64_t end) {
+        Scratch<acc_t> scratch;
+        for (int64_t item = begin; item < end; ++item) {
+          row_chunk(item / chunks, item % chunks, scratch);
+        }
+      });
+    }
+  }
+};
+
+template <typename T, Coef kCoef, typename PlanOf>
+GradWalker<T, kCoef, PlanOf> make_grad_walker(
+    const Layout<T>& L, const at::Tensor& grad, const CoefSource<T>& coef, const PlanOf& plan_of) {
+  return GradWalker<T, kCoef, PlanOf>(
+      L, grad.data_ptr<T>(), grad.stride(1), RowStrides{grad.stride(0), grad.stride(2)}, coef, plan_of);
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace xent_ext
