@@ -204,17 +204,6 @@ XENT_HD double reduced_smoothed_loss(
   return smoothed_loss(nll_sum / denominator, smooth_sum / denominator, label_smoothing, num_classes);
 }
 
-// coef_row_loss under the names csrc/cuda/kernels.cu calls it by.
-template <typename acc_t>
-XENT_HD acc_t index_row_smooth(const RowStats<acc_t>& st, acc_t log_sum) {
-  return coef_row_loss(st, log_sum);
-}
-
-template <typename acc_t>
-XENT_HD acc_t prob_row_loss(const RowStats<acc_t>& st, acc_t log_sum) {
-  return coef_row_loss(st, log_sum);
-}
-
 // Probability-target coefficient q_c = t_c * (1 - eps) + eps / C
 // (docs/semantics.md §5.3).
 template <typename acc_t>

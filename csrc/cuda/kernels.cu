@@ -120,7 +120,7 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
           nll = math::index_row_loss(st, static_cast<A>(log_sum), x_y, w_y, eps, C, smoothing);
         } else {
           nll = math::index_row_nll(st, static_cast<A>(log_sum), x_y, w_y);
-          smooth = smoothing ? math::index_row_smooth(st, static_cast<A>(log_sum)) : A(0);
+          smooth = smoothing ? math::coef_row_loss(st, static_cast<A>(log_sum)) : A(0);
         }
       }
       if (!reduce) {
@@ -220,7 +220,7 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
       const double log_sum = math::row_log(static_cast<double>(st.sum_exp));
       a.lse[r] = math::log_sum_exp(st.ref, log_sum);
       coef_sum[r] = st.coef_sum;
-      const A l = math::prob_row_loss(st, static_cast<A>(log_sum));
+      const A l = math::coef_row_loss(st, static_cast<A>(log_sum));
       if (a.reduction == kReductionNone) {
         loss[r] = Store<T>::of(l);
       } else {
