@@ -163,10 +163,11 @@ inline Tensor loss_output(const Tensor& input, int64_t reduction) {
 }
 
 struct IndexForwardOutputs {
-  Tensor loss;
-  Tensor lse;           // (N, K) float64
-  Tensor total_weight;  // 0-d accumulation dtype
-  Tensor grad_input;    // the *_with_grad forward only
+  Tensor loss;          // 'none': (N, K) contiguous; else 0-d; the input's dtype
+  Tensor lse;           // (N, K) float64, contiguous
+  Tensor total_weight;  // 0-d accumulation dtype: Σ w[y] over the rows not ignored
+  Tensor grad_input;    // the *_with_grad forward only ('mean'/'sum'): d(loss)/d(input)
+                        // for an upstream gradient of 1, (N, C, K); else undefined
 };
 
 inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t reduction, bool with_grad,
@@ -182,9 +183,9 @@ inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t re
 }
 
 struct ProbForwardOutputs {
-  Tensor loss;
-  Tensor lse;       // (N, K) float64
-  Tensor coef_sum;  // (N, K) accumulation dtype
+  Tensor loss;      // as IndexForwardOutputs::loss
+  Tensor lse;       // (N, K) float64, contiguous
+  Tensor coef_sum;  // (N, K) accumulation dtype, contiguous: Σ_c w_c q_c
 };
 
 inline ProbForwardOutputs prob_forward_outputs(const Tensor& input, int64_t reduction) {
@@ -213,15 +214,17 @@ inline std::tuple<Tensor, Tensor> prob_backward_result(const ProbBackwardOutputs
 // Prologues: one per op, for every device. Each checks the arguments (in the
 // order that decides which error a call with several faults gets), makes
 // the target and weight canonical, makes the row statistics contiguous and
-// allocates the outputs.
+// allocates the outputs. The result is what the device kernels take
+// (cpu/kernel_api.h; cuda/ops_cuda.cpp turns it into cuda/kernel_api.h's
+// plain structs).
 
 struct IndexForwardCall {
   Tensor input;   // (N, C, K), any strides
   Tensor target;  // (N, K) int64, any strides (not yet range-checked)
   Tensor weight;  // (C,) accumulation dtype, contiguous; or undefined
   int64_t ignore_index;
-  double label_smoothing;
-  int64_t reduction;
+  double label_smoothing;  // <= 0 means off
+  int64_t reduction;       // torch's enum (Reduction in common/xent_math.h)
   IndexForwardOutputs out;
 };
 
@@ -256,7 +259,7 @@ struct IndexBackwardCall {
   int64_t ignore_index;
   double label_smoothing;
   int64_t reduction;
-  Tensor grad_input;
+  Tensor grad_input;  // (N, C, K), the input's memory format (any non-overlapping strides)
 };
 
 inline IndexBackwardCall index_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,

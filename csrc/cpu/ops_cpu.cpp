@@ -1,11 +1,12 @@
-// CPU op wrappers: the shared prologue (ops_common.h: checks, canonical
-// arguments, outputs), then what is the CPU's own (the class-index range
-// check, huge pages for the gradient), then the kernel for the ISA in use
-// (cpu/kernel_api.h); registered for the CPU dispatch key. Mirrors
-// cuda/ops_cuda.cpp.
+// The CPU ops. The op wrappers are ops_impl.h's, shared with CUDA: the
+// prologue (ops_common.h: checks, canonical arguments, outputs), then what is
+// the CPU's own, here: the class-index range check, huge pages for the
+// gradient, the kernels for the ISA in use (cpu/kernel_api.h). Registered for
+// the CPU dispatch key. Mirrors cuda/ops_cuda.cpp.
 #include "common/xent_math.h"
 #include "cpu/kernel_api.h"
 #include "ops_common.h"
+#include "ops_impl.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -81,137 +82,31 @@ Tensor empty_gradient_like(const Tensor& t) {
   return out;
 }
 
-// Both index forwards: the range check, then the kernel.
-void index_forward(const IndexForwardCall& c) {
-  check_target_range(c.target, c.input.size(1), c.ignore_index);
-  cpu::IndexForwardArgs args;
-  args.input = c.input;
-  args.target = c.target;
-  args.weight = c.weight;
-  args.ignore_index = c.ignore_index;
-  args.label_smoothing = c.label_smoothing;
-  args.reduction = c.reduction;
-  args.loss = c.out.loss;
-  args.lse = c.out.lse;
-  args.total_weight = c.out.total_weight;
-  args.grad_input = c.out.grad_input;
-  cpu::kernels().index_forward(args);
-}
-
-std::tuple<Tensor, Tensor, Tensor> index_forward_cpu(
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    int64_t ignore_index,
-    double label_smoothing,
-    int64_t reduction) {
-  const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
-                                                    /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
-  index_forward(c);
-  return {c.out.loss, c.out.lse, c.out.total_weight};
-}
-
-// The forward that also writes the gradient for an upstream gradient of 1
-// (Note [Gradient in the forward], csrc/cpu/kernel/entry.h).
-std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_cpu(
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    int64_t ignore_index,
-    double label_smoothing,
-    int64_t reduction) {
-  const IndexForwardCall c =
-      index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true,
-                             "xent_ext::cross_entropy_index_forward_with_grad", empty_gradient_like);
-  index_forward(c);
-  return {c.out.loss, c.out.lse, c.out.total_weight, c.out.grad_input};
-}
-
-Tensor index_backward_cpu(
-    const Tensor& grad_loss,
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    const Tensor& lse,
-    const Tensor& total_weight,
-    int64_t ignore_index,
-    double label_smoothing,
-    int64_t reduction) {
-  const IndexBackwardCall c =
-      index_backward_prologue(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing,
-                              reduction, "xent_ext::cross_entropy_index_backward", empty_gradient_like);
-  cpu::IndexBackwardArgs args;
-  args.grad_loss = c.grad_loss;
-  args.input = c.input;
-  args.target = c.target;
-  args.weight = c.weight;
-  args.lse = c.lse;
-  args.total_weight = c.total_weight;
-  args.ignore_index = c.ignore_index;
-  args.label_smoothing = c.label_smoothing;
-  args.reduction = c.reduction;
-  args.grad_input = c.grad_input;
-  cpu::kernels().index_backward(args);
-  return c.grad_input;
-}
-
-std::tuple<Tensor, Tensor, Tensor> prob_forward_cpu(
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    double label_smoothing,
-    int64_t reduction) {
-  const ProbForwardCall c =
-      prob_forward_prologue(input, target, weight, label_smoothing, reduction, "xent_ext::cross_entropy_prob_forward");
-  cpu::ProbForwardArgs args;
-  args.input = c.input;
-  args.target = c.target;
-  args.weight = c.weight;
-  args.label_smoothing = c.label_smoothing;
-  args.reduction = c.reduction;
-  args.loss = c.out.loss;
-  args.lse = c.out.lse;
-  args.coef_sum = c.out.coef_sum;
-  cpu::kernels().prob_forward(args);
-  return {c.out.loss, c.out.lse, c.out.coef_sum};
-}
-
-std::tuple<Tensor, Tensor> prob_backward_cpu(
-    const Tensor& grad_loss,
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    const Tensor& lse,
-    const Tensor& coef_sum,
-    double label_smoothing,
-    int64_t reduction,
-    bool input_grad,
-    bool target_grad) {
-  const ProbBackwardCall c =
-      prob_backward_prologue(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
-                             target_grad, "xent_ext::cross_entropy_prob_backward", empty_gradient_like);
-  cpu::ProbBackwardArgs args;
-  args.grad_loss = c.grad_loss;
-  args.input = c.input;
-  args.target = c.target;
-  args.weight = c.weight;
-  args.lse = c.lse;
-  args.coef_sum = c.coef_sum;
-  args.label_smoothing = c.label_smoothing;
-  args.reduction = c.reduction;
-  args.grad_input = c.out.grad_input;
-  args.grad_target = c.out.grad_target;
-  cpu::kernels().prob_backward(args);
-  return prob_backward_result(c.out, c.input);
-}
+// What ops_impl.h's DeviceOps calls for the CPU: the kernels for the ISA in
+// use, which take the prologue's canonical arguments as they are.
+struct CpuDevice {
+  static Tensor gradient(const Tensor& like) {
+    return empty_gradient_like(like);
+  }
+  // Both index forwards: the range check, then the kernel.
+  static void index_forward(const IndexForwardCall& c) {
+    check_target_range(c.target, c.input.size(1), c.ignore_index);
+    cpu::kernels().index_forward(c);
+  }
+  static void index_backward(const IndexBackwardCall& c) {
+    cpu::kernels().index_backward(c);
+  }
+  static void prob_forward(const ProbForwardCall& c) {
+    cpu::kernels().prob_forward(c);
+  }
+  static void prob_backward(const ProbBackwardCall& c) {
+    cpu::kernels().prob_backward(c);
+  }
+};
 
 }  // namespace
 }  // namespace xent_ext
 
 TORCH_LIBRARY_IMPL(xent_ext, CPU, m) {
-  m.impl("cross_entropy_index_forward", &xent_ext::index_forward_cpu);
-  m.impl("cross_entropy_index_forward_with_grad", &xent_ext::index_forward_with_grad_cpu);
-  m.impl("cross_entropy_index_backward", &xent_ext::index_backward_cpu);
-  m.impl("cross_entropy_prob_forward", &xent_ext::prob_forward_cpu);
-  m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_cpu);
+  xent_ext::ops::register_device_ops<xent_ext::CpuDevice>(m);
 }

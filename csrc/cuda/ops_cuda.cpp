@@ -1,11 +1,12 @@
-// CUDA op wrappers: the shared prologue (ops_common.h: checks, canonical
-// arguments, outputs), then what is CUDA's own (the input's device and
-// current stream, scratch from torch's caching allocator, the plain-struct
-// arguments of cuda/kernel_api.h), then the kernels (kernels.cu) and, for
-// the index forwards, the target check; registered for the CUDA dispatch key.
-// Mirrors cpu/ops_cpu.cpp.
+// The CUDA ops. The op wrappers are ops_impl.h's, shared with the CPU: the
+// prologue (ops_common.h: checks, canonical arguments, outputs), then what is
+// CUDA's own, here: the input's device and current stream, scratch from
+// torch's caching allocator, the plain-struct arguments of cuda/kernel_api.h,
+// the kernels (kernels.cu) and, for the index forwards, the target check.
+// Registered for the CUDA dispatch key. Mirrors cpu/ops_cpu.cpp.
 #include "cuda/kernel_api.h"
 #include "ops_common.h"
+#include "ops_impl.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -78,8 +79,19 @@ void raise_if_bad_target(const Tensor& bad_row, const Tensor& target, cudaStream
   TORCH_CHECK_INDEX(false, "Target ", value, " is out of bounds.");
 }
 
+// What ops_impl.h's DeviceOps calls for CUDA: allocate, launch, check.
+struct CudaDevice {
+  static Tensor gradient(const Tensor& like) {
+    return empty_gradient(like);
+  }
+  static void index_forward(const IndexForwardCall& c);
+  static void index_backward(const IndexBackwardCall& c);
+  static void prob_forward(const ProbForwardCall& c);
+  static void prob_backward(const ProbBackwardCall& c);
+};
+
 // Both index forwards: scratch, the launch, then the target check.
-void index_forward(const IndexForwardCall& c) {
+void CudaDevice::index_forward(const IndexForwardCall& c) {
   const Tensor& input = c.input;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -113,48 +125,8 @@ void index_forward(const IndexForwardCall& c) {
   raise_if_bad_target(bad_row, c.target, stream);
 }
 
-std::tuple<Tensor, Tensor, Tensor> index_forward_cuda(
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    int64_t ignore_index,
-    double label_smoothing,
-    int64_t reduction) {
-  const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
-                                                    /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
-  index_forward(c);
-  return {c.out.loss, c.out.lse, c.out.total_weight};
-}
-
-// The forward that also writes the gradient for an upstream gradient of 1
-// (Note [Gradient in the forward], csrc/cpu/kernel/entry.h).
-std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_cuda(
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    int64_t ignore_index,
-    double label_smoothing,
-    int64_t reduction) {
-  const IndexForwardCall c =
-      index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true,
-                             "xent_ext::cross_entropy_index_forward_with_grad");
-  index_forward(c);
-  return {c.out.loss, c.out.lse, c.out.total_weight, c.out.grad_input};
-}
-
-Tensor index_backward_cuda(
-    const Tensor& grad_loss,
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    const Tensor& lse,
-    const Tensor& total_weight,
-    int64_t ignore_index,
-    double label_smoothing,
-    int64_t reduction) {
-  const IndexBackwardCall c =
-      index_backward_prologue(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing,
-                              reduction, "xent_ext::cross_entropy_index_backward");
+void CudaDevice::index_backward(const IndexBackwardCall& c) {
+  const Tensor& input = c.input;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Tensor scalars = at::empty({1}, input.options().dtype(at::kDouble));
@@ -176,17 +148,10 @@ Tensor index_backward_cuda(
   a.grad = strided_of(c.grad_input);
   a.scalars = scalars.data_ptr<double>();
   C10_CUDA_CHECK(cuda::launch_index_backward(a, stream));
-  return c.grad_input;
 }
 
-std::tuple<Tensor, Tensor, Tensor> prob_forward_cuda(
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    double label_smoothing,
-    int64_t reduction) {
-  const ProbForwardCall c =
-      prob_forward_prologue(input, target, weight, label_smoothing, reduction, "xent_ext::cross_entropy_prob_forward");
+void CudaDevice::prob_forward(const ProbForwardCall& c) {
+  const Tensor& input = c.input;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t R = input.size(0) * input.size(2);
@@ -207,52 +172,33 @@ std::tuple<Tensor, Tensor, Tensor> prob_forward_cuda(
   a.partials = partials.data_ptr<double>();
   a.row_loss = data_or_null(row_loss);
   C10_CUDA_CHECK(cuda::launch_prob_forward(a, stream));
-  return {c.out.loss, c.out.lse, c.out.coef_sum};
 }
 
-std::tuple<Tensor, Tensor> prob_backward_cuda(
-    const Tensor& grad_loss,
-    const Tensor& input,
-    const Tensor& target,
-    const std::optional<Tensor>& weight,
-    const Tensor& lse,
-    const Tensor& coef_sum,
-    double label_smoothing,
-    int64_t reduction,
-    bool input_grad,
-    bool target_grad) {
-  const ProbBackwardCall c =
-      prob_backward_prologue(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
-                             target_grad, "xent_ext::cross_entropy_prob_backward");
+// Only called when a gradient was asked for.
+void CudaDevice::prob_backward(const ProbBackwardCall& c) {
+  const Tensor& input = c.input;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  if (input_grad || target_grad) {
-    cuda::ProbBackwardLaunch a;
-    a.x = logits_of(c.input);
-    a.target = strided_of(c.target);
-    a.grad_loss = c.grad_loss.data_ptr();
-    a.gln = c.reduction == kReductionNone ? c.grad_loss.stride(0) : 0;
-    a.glk = c.reduction == kReductionNone ? c.grad_loss.stride(1) : 0;
-    a.weight = data_or_null(c.weight);
-    a.lse = c.lse.data_ptr<double>();
-    a.coef_sum = c.coef_sum.data_ptr();
-    a.label_smoothing = c.label_smoothing;
-    a.reduction = c.reduction;
-    a.grad_input = strided_of(c.out.grad_input);
-    a.grad_target = strided_of(c.out.grad_target);
-    C10_CUDA_CHECK(cuda::launch_prob_backward(a, stream));
-  }
-  return prob_backward_result(c.out, c.input);
+  cuda::ProbBackwardLaunch a;
+  a.x = logits_of(c.input);
+  a.target = strided_of(c.target);
+  a.grad_loss = c.grad_loss.data_ptr();
+  a.gln = c.reduction == kReductionNone ? c.grad_loss.stride(0) : 0;
+  a.glk = c.reduction == kReductionNone ? c.grad_loss.stride(1) : 0;
+  a.weight = data_or_null(c.weight);
+  a.lse = c.lse.data_ptr<double>();
+  a.coef_sum = c.coef_sum.data_ptr();
+  a.label_smoothing = c.label_smoothing;
+  a.reduction = c.reduction;
+  a.grad_input = strided_of(c.out.grad_input);
+  a.grad_target = strided_of(c.out.grad_target);
+  C10_CUDA_CHECK(cuda::launch_prob_backward(a, stream));
 }
 
 }  // namespace
 }  // namespace xent_ext
 
 TORCH_LIBRARY_IMPL(xent_ext, CUDA, m) {
-  m.impl("cross_entropy_index_forward", &xent_ext::index_forward_cuda);
-  m.impl("cross_entropy_index_forward_with_grad", &xent_ext::index_forward_with_grad_cuda);
-  m.impl("cross_entropy_index_backward", &xent_ext::index_backward_cuda);
-  m.impl("cross_entropy_prob_forward", &xent_ext::prob_forward_cuda);
-  m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_cuda);
+  xent_ext::ops::register_device_ops<xent_ext::CudaDevice>(m);
 }

@@ -106,7 +106,7 @@ struct IndexRows {
 // rescales when the upstream gradient is not 1 (xent_ext/_ops.py). The mean's
 // denominator, needed for that scale, is summed from the targets first.
 template <typename T, Coef kCoef>
-void index_forward_typed(const IndexForwardArgs& args) {
+void index_forward_typed(const ops::IndexForwardCall& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
   const int64_t C = input.size(1), K = input.size(2);
@@ -115,7 +115,7 @@ void index_forward_typed(const IndexForwardArgs& args) {
   const T* x = input.data_ptr<T>();
   const IndexRows<T> rows(input, args.target, args.weight, args.ignore_index, args.label_smoothing);
   const bool smoothing = args.label_smoothing > 0;
-  double* lse = args.lse.data_ptr<double>();
+  double* lse = args.out.lse.data_ptr<double>();
   const CoefSource<T> coef = weight_source<T>(args.weight);
   const Layout<T> L = make_layout<T>(input, nullptr);
 
@@ -128,7 +128,7 @@ void index_forward_typed(const IndexForwardArgs& args) {
     }
   });
   const double total_weight = deterministic_sum(row_weight.get(), R);
-  *args.total_weight.data_ptr<acc_t>() = static_cast<acc_t>(total_weight);
+  *args.out.total_weight.data_ptr<acc_t>() = static_cast<acc_t>(total_weight);
   const bool reduce = args.reduction != kReductionNone;
   const double denominator = args.reduction == kReductionMean ? total_weight : 1.0;
 
@@ -181,15 +181,15 @@ void index_forward_typed(const IndexForwardArgs& args) {
       }
     }
   };
-  if (args.grad_input.defined()) {
+  if (args.out.grad_input.defined()) {
     // The scale from the stored, acc_t-rounded total weight, which is what a
     // recomputing backward reads (Note [Recomputed equals fused]).
     const double stored_denominator = args.reduction == kReductionMean
-        ? static_cast<double>(*args.total_weight.data_ptr<acc_t>())
+        ? static_cast<double>(*args.out.total_weight.data_ptr<acc_t>())
         : 1.0;
     const GradOut<T> unit(1.0 / stored_denominator);
     const auto plan_of = [&](int64_t r) { return rows.plan(r, unit(r), lse[r]); };
-    const auto walker = make_grad_walker<T, kCoef>(L, args.grad_input, coef, plan_of);
+    const auto walker = make_grad_walker<T, kCoef>(L, args.out.grad_input, coef, plan_of);
     for_each_row_stats<T, kCoef>(L, coef, finish, [&](int64_t r0, int64_t n, const auto* exps) {
       walker.rows(r0, n, exps);
     });
@@ -198,17 +198,17 @@ void index_forward_typed(const IndexForwardArgs& args) {
   }
 
   if (!reduce) {
-    write_rows<T>(args.loss, row_loss.get(), R);
+    write_rows<T>(args.out.loss, row_loss.get(), R);
     return;
   }
   const double nll_sum = deterministic_sum(row_loss.get(), R);
-  write_scalar<T>(args.loss, smoothing
+  write_scalar<T>(args.out.loss, smoothing
       ? math::reduced_smoothed_loss(nll_sum, deterministic_sum(row_smooth.get(), R), denominator, args.label_smoothing, C)
       : nll_sum / denominator);
 }
 
 template <typename T, Coef kCoef>
-void index_backward_typed(const IndexBackwardArgs& args) {
+void index_backward_typed(const ops::IndexBackwardCall& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
   const IndexRows<T> rows(input, args.target, args.weight, args.ignore_index, args.label_smoothing);
@@ -226,14 +226,14 @@ void index_backward_typed(const IndexBackwardArgs& args) {
 // Probability targets.
 
 template <typename T, Coef kCoef>
-void prob_forward_typed(const ProbForwardArgs& args) {
+void prob_forward_typed(const ops::ProbForwardCall& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
   const at::Tensor& target = args.target;
   const int64_t C = input.size(1);
   const int64_t R = input.size(0) * input.size(2);
-  double* lse = args.lse.data_ptr<double>();
-  acc_t* coef_sum = args.coef_sum.data_ptr<acc_t>();
+  double* lse = args.out.lse.data_ptr<double>();
+  acc_t* coef_sum = args.out.coef_sum.data_ptr<acc_t>();
   const CoefSource<T> coef = prob_source<T>(args.weight, args.label_smoothing, C);
 
   const std::unique_ptr<acc_t[]> row_loss = row_buffer<acc_t>(R);  // Note [Uninitialized row buffers]
@@ -247,16 +247,16 @@ void prob_forward_typed(const ProbForwardArgs& args) {
         }
       });
   if (args.reduction == kReductionNone) {
-    write_rows<T>(args.loss, row_loss.get(), R);
+    write_rows<T>(args.out.loss, row_loss.get(), R);
     return;
   }
   // torch's mean divides by the number of rows N * d1 * ... * dk, not by weights.
   const double denominator = args.reduction == kReductionMean ? static_cast<double>(R) : 1.0;
-  write_scalar<T>(args.loss, deterministic_sum(row_loss.get(), R) / denominator);
+  write_scalar<T>(args.out.loss, deterministic_sum(row_loss.get(), R) / denominator);
 }
 
 template <typename T, Coef kCoef>
-void prob_backward_typed(const ProbBackwardArgs& args) {
+void prob_backward_typed(const ops::ProbBackwardCall& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
   const at::Tensor& target = args.target;
@@ -269,18 +269,18 @@ void prob_backward_typed(const ProbBackwardArgs& args) {
   const double scale = args.reduction == kReductionMean ? 1.0 / static_cast<double>(R) : 1.0;
   const GradOut<T> grad_out(args.grad_loss, args.reduction, K, scale);
 
-  if (args.grad_input.defined()) {
+  if (args.out.grad_input.defined()) {
     // grad_c = s * (p_c * Σ_c' w q - w_c q_c): a = s Σ w q, d = s, no one-hot.
     const auto plan_of = [&](int64_t r) {
       const acc_t s = grad_out(r);
       return GradPlan<acc_t>{{s * coef_sum[r], acc_t(0), s}, lse[r], -1};
     };
-    make_grad_walker<T, kCoef>(L, args.grad_input, coef, plan_of).run();
+    make_grad_walker<T, kCoef>(L, args.out.grad_input, coef, plan_of).run();
   }
-  if (args.grad_target.defined()) {
+  if (args.out.grad_target.defined()) {
     // grad_target_c = -s (1 - eps) w_c (x_c - lse). Rare (targets that require
     // grad), so a plain loop over rows.
-    const at::Tensor& gt = args.grad_target;
+    const at::Tensor& gt = args.out.grad_target;
     T* g = gt.data_ptr<T>();
     const int64_t gtc = gt.stride(1);
     const RowStrides gts{gt.stride(0), gt.stride(2)};
@@ -332,7 +332,7 @@ void with_prob_coef(const at::Tensor& weight, const Body& body) {
   }
 }
 
-void index_forward(const IndexForwardArgs& args) {
+void index_forward(const ops::IndexForwardCall& args) {
   XENT_DISPATCH_FLOATING(args.input.scalar_type(), "xent_index_forward", [&] {
     with_index_coef(args.weight, args.label_smoothing, [&](auto coef) {
       index_forward_typed<scalar_t, decltype(coef)::value>(args);
@@ -340,7 +340,7 @@ void index_forward(const IndexForwardArgs& args) {
   });
 }
 
-void index_backward(const IndexBackwardArgs& args) {
+void index_backward(const ops::IndexBackwardCall& args) {
   XENT_DISPATCH_FLOATING(args.input.scalar_type(), "xent_index_backward", [&] {
     with_index_coef(args.weight, args.label_smoothing, [&](auto coef) {
       index_backward_typed<scalar_t, decltype(coef)::value>(args);
@@ -348,13 +348,13 @@ void index_backward(const IndexBackwardArgs& args) {
   });
 }
 
-void prob_forward(const ProbForwardArgs& args) {
+void prob_forward(const ops::ProbForwardCall& args) {
   XENT_DISPATCH_FLOATING(args.input.scalar_type(), "xent_prob_forward", [&] {
     with_prob_coef(args.weight, [&](auto coef) { prob_forward_typed<scalar_t, decltype(coef)::value>(args); });
   });
 }
 
-void prob_backward(const ProbBackwardArgs& args) {
+void prob_backward(const ops::ProbBackwardCall& args) {
   XENT_DISPATCH_FLOATING(args.input.scalar_type(), "xent_prob_backward", [&] {
     with_prob_coef(args.weight, [&](auto coef) { prob_backward_typed<scalar_t, decltype(coef)::value>(args); });
   });

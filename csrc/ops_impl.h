@@ -1,0 +1,121 @@
+// The op implementations, written once for every device: each op's C++
+// signature (its schema is in ops.cpp), its prologue (ops_common.h), the
+// device's kernel call, and its results. A device supplies a struct with
+//
+//   static Tensor gradient(const Tensor& like);   // allocates a gradient
+//   static void index_forward(const IndexForwardCall&);
+//   static void index_backward(const IndexBackwardCall&);
+//   static void prob_forward(const ProbForwardCall&);
+//   static void prob_backward(const ProbBackwardCall&);
+//
+// and registers the ops with `register_device_ops<Device>(m)` in its
+// TORCH_LIBRARY_IMPL block (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp). Include it
+// from one translation unit per device, inside no namespace of its own: the
+// device struct lives in that unit's anonymous namespace, and so do these
+// instantiations.
+#pragma once
+
+#include "ops_common.h"
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace xent_ext {
+namespace ops {
+
+template <typename Device>
+struct DeviceOps {
+  static std::tuple<Tensor, Tensor, Tensor> index_forward(
+      const Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      int64_t ignore_index,
+      double label_smoothing,
+      int64_t reduction) {
+    const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
+                                                      /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
+    Device::index_forward(c);
+    return {c.out.loss, c.out.lse, c.out.total_weight};
+  }
+
+  // The forward that also writes the gradient for an upstream gradient of 1
+  // (Note [Gradient in the forward], csrc/cpu/kernel/entry.h).
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad(
+      const Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      int64_t ignore_index,
+      double label_smoothing,
+      int64_t reduction) {
+    const IndexForwardCall c =
+        index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true,
+                               "xent_ext::cross_entropy_index_forward_with_grad", Device::gradient);
+    Device::index_forward(c);
+    return {c.out.loss, c.out.lse, c.out.total_weight, c.out.grad_input};
+  }
+
+  static Tensor index_backward(
+      const Tensor& grad_loss,
+      const Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      const Tensor& lse,
+      const Tensor& total_weight,
+      int64_t ignore_index,
+      double label_smoothing,
+      int64_t reduction) {
+    const IndexBackwardCall c =
+        index_backward_prologue(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing,
+                                reduction, "xent_ext::cross_entropy_index_backward", Device::gradient);
+    Device::index_backward(c);
+    return c.grad_input;
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> prob_forward(
+      const Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      double label_smoothing,
+      int64_t reduction) {
+    const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction,
+                                                    "xent_ext::cross_entropy_prob_forward");
+    Device::prob_forward(c);
+    return {c.out.loss, c.out.lse, c.out.coef_sum};
+  }
+
+  static std::tuple<Tensor, Tensor> prob_backward(
+      const Tensor& grad_loss,
+      const Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      const Tensor& lse,
+      const Tensor& coef_sum,
+      double label_smoothing,
+      int64_t reduction,
+      bool input_grad,
+      bool target_grad) {
+    const ProbBackwardCall c =
+        prob_backward_prologue(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
+                               target_grad, "xent_ext::cross_entropy_prob_backward", Device::gradient);
+    if (input_grad || target_grad) {
+      Device::prob_backward(c);
+    }
+    return prob_backward_result(c.out, c.input);
+  }
+};
+
+template <typename Device>
+void register_device_ops(torch::Library& m) {
+  m.impl("cross_entropy_index_forward", &DeviceOps<Device>::index_forward);
+  m.impl("cross_entropy_index_forward_with_grad", &DeviceOps<Device>::index_forward_with_grad);
+  m.impl("cross_entropy_index_backward", &DeviceOps<Device>::index_backward);
+  m.impl("cross_entropy_prob_forward", &DeviceOps<Device>::prob_forward);
+  m.impl("cross_entropy_prob_backward", &DeviceOps<Device>::prob_backward);
+}
+
+}  // namespace ops
+}  // namespace xent_ext
