@@ -799,7 +799,7 @@ def test_many_short_rows(reduction, dtype, kind, device, rng, fresh_seed):
 
 # Rows of 8 to 32 classes are transposed through scratch in blocks of 8 rows x 8 classes,
 # the last block of classes overlapping the one before when C is not a multiple of 8
-# (Note [Tile transposes] in csrc/cpu/kernel/entry.h): C around the block size and the
+# (Note [Tile transposes] in csrc/cpu/kernel/layout.h): C around the block size and the
 # walk's limit, row counts that leave partial blocks and partial tiles, rows at a stride
 # (sliced_batch) and channels-last (rows evenly spaced across n). The expanded 4-D batch
 # (class stride H * W) takes the class-strided walk instead: a control, not a transpose.

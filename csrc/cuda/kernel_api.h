@@ -18,7 +18,7 @@ namespace cuda {
 enum class Dtype : int { kDouble, kFloat, kBFloat16, kHalf };
 
 // Rows summed by one block of the first reduction stage (Note [Deterministic
-// reduction on the GPU], kernels.cu). Fixed, so results never depend on
+// reduction on the GPU], reduce.cuh). Fixed, so results never depend on
 // the grid size or the GPU.
 constexpr int64_t kReduceTile = 4096;
 

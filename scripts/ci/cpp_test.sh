@@ -77,7 +77,10 @@ if [ "$TORCH_CUDA" != none ]; then
     exit 2
   fi
   export PATH="$CUDA_HOME/bin:$PATH"
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"7.5;8.0;9.0+PTX"}
+  # The build's default architectures (csrc/build_flags.txt), for the consumer
+  # build too, which does not read that file.
+  default_archs=$(sed -n 's/^CUDA_ARCHS *= *//p' "$ROOT/csrc/build_flags.txt" | tr ' ' ';')
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$default_archs}
   TORCH_ARGS+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc")
   echo "CUDA toolkit for torch's CMake: $CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -n1))"
 fi
