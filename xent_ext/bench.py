@@ -235,7 +235,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("higher: xent_ext faster; '~': within the run's noise")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 1.0 / (len(rows) + 4)), ncol=2, frameon=False)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
