@@ -4,7 +4,9 @@ Build with ``pip install --no-build-isolation .`` (torch must already be
 installed: the extension is compiled against it). Environment variables:
 
 - ``XENT_EXT_CPU_ONLY=1``: skip the CUDA sources even when torch is a CUDA
-  build (fast local work). With a CPU build of torch there is nothing else.
+  build (fast local work). With a CPU build of torch there is nothing else;
+  with a CUDA build of torch but no usable CUDA toolkit, the build says why
+  and builds the CPU kernels only (Note [When CUDA is built]).
 - ``CUDA_HOME``, ``TORCH_CUDA_ARCH_LIST``: where nvcc lives and which GPU
   architectures to compile for. Without a visible GPU and without
   ``TORCH_CUDA_ARCH_LIST``, the build uses ``CUDA_ARCHS`` of
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,6 +55,8 @@ def _read_build_flags(path: str) -> dict[str, list[str]]:
 
 BUILD_FLAGS = _read_build_flags(BUILD_FLAGS_FILE)
 ISA_FLAGS = {key[len("ISA_FLAGS_"):]: value for key, value in BUILD_FLAGS.items() if key.startswith("ISA_FLAGS_")}
+# Note [Quiet AVX512 intrinsics] (csrc/build_flags.txt); GCC flags, as the -m flags above are.
+ISA_WARNING_FLAGS = {isa: BUILD_FLAGS.get(f"ISA_WARNING_FLAGS_{isa}", []) for isa in ISA_FLAGS}
 
 
 def _isas() -> list[str]:
@@ -77,11 +83,43 @@ DEFINES = [f"-DXENT_HAVE_{isa.upper()}" for isa in ISAS if isa != "default"]
 
 
 # Note [When CUDA is built]
-# CUDA sources are compiled whenever torch is a CUDA build (torch.version.cuda),
-# GPU or not, so a .cu file that doesn't compile fails CI on a machine without
-# a GPU. Only XENT_EXT_CPU_ONLY turns that off.
+# CUDA sources are compiled whenever torch is a CUDA build (torch.version.cuda)
+# and the CUDA toolkit torch would use (cpp_extension.CUDA_HOME) can compile
+# them: GPU or not, so a .cu file that doesn't compile fails CI on a machine
+# without a GPU. CUDA is an optional part: a CUDA build of torch (pip's default
+# on Linux) without a usable toolkit -- no nvcc, no CUDA headers, or an nvcc of
+# another CUDA major than torch's -- builds the CPU kernels only and says why
+# and how to get the CUDA ones, instead of failing minutes into the compile.
+# XENT_EXT_CPU_ONLY=1 turns CUDA off explicitly.
 DEFAULT_CUDA_ARCHS = ";".join(BUILD_FLAGS["CUDA_ARCHS"])
 TRUTHY = ("1", "true", "yes", "on")
+
+
+def _nvcc_release(nvcc: str) -> str | None:
+    """The CUDA release nvcc reports ("13.0"), or None if it does not run or say."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def _cuda_toolkit_problem(home: str | None, want_major: str) -> str | None:
+    """Why the toolkit at `home` cannot build torch's CUDA kernels, or None if it can."""
+    if home is None:
+        return "no CUDA toolkit was found (CUDA_HOME is unset and there is no nvcc on the PATH)"
+    nvcc = os.path.join(home, "bin", "nvcc.exe" if os.name == "nt" else "nvcc")
+    if not os.path.isfile(nvcc):
+        return f"{home} has no bin/{os.path.basename(nvcc)}"
+    if not os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+        return f"{home} has no include/cuda_runtime_api.h"
+    release = _nvcc_release(nvcc)
+    if release is None:
+        return f"`{nvcc} --version` names no CUDA release"
+    if release.split(".")[0] != want_major:
+        return f"{nvcc} is CUDA {release}"
+    return None
 
 
 def _cuda_decision() -> tuple[bool, str]:
@@ -89,15 +127,20 @@ def _cuda_decision() -> tuple[bool, str]:
         return False, "XENT_EXT_CPU_ONLY is set"
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is a CPU build"
-    if cpp_extension.CUDA_HOME is None:
-        raise SystemExit(
-            f"xent_ext build: torch {torch.__version__} is a CUDA {torch.version.cuda} build, but no CUDA toolkit "
-            "was found. Set CUDA_HOME to a CUDA toolkit of the same major version (nvcc), or set "
-            "XENT_EXT_CPU_ONLY=1 to build without CUDA."
-        )
+    want_major = torch.version.cuda.split(".")[0]
+    problem = _cuda_toolkit_problem(cpp_extension.CUDA_HOME, want_major)
+    if problem is not None:
+        # torch guesses CUDA_HOME from an nvcc on the PATH before trying the usual
+        # install folder, so a wrapper script can hide a working toolkit there.
+        usual = "/usr/local/cuda"
+        if os.name != "nt" and usual != cpp_extension.CUDA_HOME and _cuda_toolkit_problem(usual, want_major) is None:
+            fix = f"set CUDA_HOME={usual}"
+        else:
+            fix = f"set CUDA_HOME to a CUDA {want_major}.x toolkit"
+        return False, f"torch {torch.__version__} is a CUDA {torch.version.cuda} build, but {problem}; {fix} to build the CUDA kernels"
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-    return True, f"CUDA {torch.version.cuda} (nvcc at {cpp_extension.CUDA_HOME}), archs {os.environ.get('TORCH_CUDA_ARCH_LIST') or 'of the visible GPUs'}"
+    return True, f"CUDA {torch.version.cuda}, nvcc at {cpp_extension.CUDA_HOME}"
 
 
 WITH_CUDA, CUDA_REASON = _cuda_decision()
@@ -136,6 +179,16 @@ def _write_build_config() -> None:
 _write_build_config()
 
 
+def _torch_includes_as_system(ext) -> None:
+    """Move torch's include directories from -I to -isystem (Note [Torch headers are system headers])."""
+    torch_include = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "include")
+    is_torch = [os.path.abspath(d).startswith(torch_include) for d in ext.include_dirs]
+    system = [flag for d, t in zip(ext.include_dirs, is_torch) if t for flag in ("-isystem", d)]
+    ext.include_dirs = [d for d, t in zip(ext.include_dirs, is_torch) if not t]
+    for args in ext.extra_compile_args.values():
+        args.extend(system)
+
+
 class XentBuildExtension(BuildExtension):
     """BuildExtension that first compiles the per-ISA kernel files with their own flags.
 
@@ -144,9 +197,8 @@ class XentBuildExtension(BuildExtension):
     """
 
     def build_extension(self, ext) -> None:
-        cxx_args = ext.extra_compile_args
-        if isinstance(cxx_args, dict):
-            cxx_args = cxx_args.get("cxx", [])
+        _torch_includes_as_system(ext)
+        cxx_args = ext.extra_compile_args["cxx"]
         sources = [os.path.join(CSRC, "cpu", f"kernel_{isa}.cpp") for isa in ISAS]
 
         def compile_one(isa_and_source: tuple[str, str]) -> list[str]:
@@ -157,14 +209,35 @@ class XentBuildExtension(BuildExtension):
                 [source],
                 output_dir=os.path.join(self.build_temp, f"isa_{isa}"),
                 include_dirs=ext.include_dirs,
-                extra_postargs=[*cxx_args, *ISA_FLAGS[isa]],
+                extra_postargs=[*cxx_args, *ISA_FLAGS[isa], *ISA_WARNING_FLAGS[isa]],
             )
 
-        jobs = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
-        with ThreadPoolExecutor(max_workers=min(jobs, len(sources))) as pool:
+        with ThreadPoolExecutor(max_workers=min(JOBS, len(sources))) as pool:
             objects = [obj for objs in pool.map(compile_one, zip(ISAS, sources)) for obj in objs]
         ext.extra_objects = [*getattr(ext, "extra_objects", []), *objects]
         super().build_extension(ext)
+
+
+# The parallel compile jobs: MAX_JOBS, as torch's ninja build reads it, else one per core.
+JOBS = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
+
+
+def _print_decisions() -> None:
+    """The build's decisions, first in the log (pip shows it with -v, or when the build fails)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "those of the visible GPUs"
+    lines = [
+        "xent_ext build",
+        f"  version  {VERSION} (requires {TORCH_REQUIREMENT})",
+        f"  torch    {torch.__version__} at {os.path.dirname(torch.__file__)}",
+        f"  CUDA     on: {CUDA_REASON}; archs {archs}" if WITH_CUDA else f"  CUDA     off: {CUDA_REASON}",
+        f"  CPU ISAs {', '.join(ISAS)}" + ("" if os.environ.get("XENT_EXT_ISAS") else " (XENT_EXT_ISAS chooses)"),
+        f"  OpenMP   on ({' '.join(OPENMP_FLAGS)})",
+        f"  jobs     {JOBS}" + (" (MAX_JOBS)" if os.environ.get("MAX_JOBS") else " (one per core; MAX_JOBS chooses)"),
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+_print_decisions()
 
 
 def _extension():
@@ -175,12 +248,6 @@ def _extension():
         os.path.join(CSRC, "cpu", "ops_cpu.cpp"),
         os.path.join(CSRC, "cpu", "kernel_dispatch.cpp"),
     ]
-    print(
-        f"xent_ext build: {VERSION} against torch {torch.__version__} (requires {TORCH_REQUIREMENT}); "
-        f"CPU ISAs {ISAS}; OpenMP on; MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}; "
-        + (f"CUDA on: {CUDA_REASON}" if WITH_CUDA else f"CUDA off: {CUDA_REASON}"),
-        file=sys.stderr,
-    )
     if not WITH_CUDA:
         return CppExtension(
             "xent_ext._C",
@@ -194,7 +261,7 @@ def _extension():
         "xent_ext._C",
         sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": [*CXX_FLAGS, *DEFINES, "-DXENT_WITH_CUDA"], "nvcc": NVCC_FLAGS},
+        extra_compile_args={"cxx": [*CXX_FLAGS, *DEFINES, "-DXENT_WITH_CUDA"], "nvcc": list(NVCC_FLAGS)},
         extra_link_args=OPENMP_FLAGS,
     )
 

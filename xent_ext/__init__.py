@@ -67,5 +67,17 @@ def cuda_target_check() -> bool:
     return bool(_cuda_target_check())
 
 
+def _warn_if_cuda_kernels_missing() -> None:
+    from ._compat import cpu_only_build_on_gpu_warning
+
+    message = cpu_only_build_on_gpu_warning(build_info()["cuda_version"])
+    if message is not None:
+        import warnings
+
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+_warn_if_cuda_kernels_missing()
+
 if _os.environ.get("XENT_EXT_CUDA_TARGET_CHECK", "").strip().lower() in ("0", "false", "no", "off"):
     set_cuda_target_check(False)
