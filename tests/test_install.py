@@ -120,12 +120,16 @@ def test_info_command():
 
 
 @pytest.mark.skipif(FROM_SOURCE_TREE, reason="xent_ext is imported from a source tree, not an installed wheel")
-def test_installed_metadata_pins_the_torch_minor():
+def test_installed_metadata_pins_the_torch_it_was_built_for():
+    """A release wheel requires its torch minor; a build from source, exactly its torch (Note [Build identity])."""
     dist = importlib.metadata.distribution("xent_ext")
     assert dist.version == xent_ext.__version__
-    major, minor = _compat.running_torch().major_minor
-    requires = dist.requires or []
-    assert f"torch<{major}.{minor + 1},>={major}.{minor}" in [r.replace(" ", "") for r in requires], requires
+    running = _compat.running_torch()
+    major, minor = running.major_minor
+    torch_requires = [r.replace(" ", "") for r in dist.requires or [] if r.startswith("torch")]
+    release = {f"torch<{major}.{minor + 1},>={major}.{minor}", f"torch>={major}.{minor},<{major}.{minor + 1}"}
+    source = {f"torch=={running.version.split('+')[0]}"}
+    assert len(torch_requires) == 1 and torch_requires[0] in release | source, torch_requires
 
 
 def _package_copy(tmp_path, *, with_compiled_module, source_tree, torch_major_minor=None):

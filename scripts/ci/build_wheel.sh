@@ -15,5 +15,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$OUTDIR"
 # A stale build/ from another torch would be reused by setuptools.
 rm -rf "$ROOT/build" "$ROOT"/*.egg-info
-"$PY" -m pip wheel --no-build-isolation --no-deps --wheel-dir "$OUTDIR" "$ROOT" >&2
+# A release wheel requires the torch minor it was built for, not the exact
+# torch (Note [Build identity], setup.py).
+XENT_EXT_RELEASE_WHEEL=1 "$PY" -m pip wheel --no-build-isolation --no-deps --wheel-dir "$OUTDIR" "$ROOT" >&2
 ls -t "$OUTDIR"/xent_ext-*.whl | head -n 1
