@@ -217,10 +217,17 @@ def _torch_includes_as_system(ext) -> None:
 
 
 class XentBuildExtension(BuildExtension):
-    """BuildExtension that first compiles the per-ISA kernel files with their own flags.
+    """BuildExtension that compiles the C++ sources in one pool, each per-ISA kernel with its own flags.
 
-    setuptools compiles every source of an extension with the same flags, so the
-    per-ISA files are compiled here (in parallel) and linked in as objects.
+    Note [One compile pool]
+    setuptools compiles every source of an extension with the same flags, so
+    the per-ISA kernel files (Note [Per-ISA kernels], csrc/build_flags.txt) are
+    compiled here and linked in as objects. The other C++ sources join them in
+    the same pool of MAX_JOBS workers, the slowest (the kernels) first: left to
+    torch's ninja build, they would start only after the last kernel, with the
+    other cores idle while it compiles. The smallest source (torch's build
+    needs one) and the CUDA sources (nvcc) stay with torch's build, which then
+    links everything.
     """
 
     def build_extension(self, ext) -> None:
@@ -229,21 +236,26 @@ class XentBuildExtension(BuildExtension):
         _write_build_config(os.path.dirname(self.get_ext_fullpath(ext.name)))
         _torch_includes_as_system(ext)
         cxx_args = ext.extra_compile_args["cxx"]
-        sources = [os.path.join(CSRC, "cpu", f"kernel_{isa}.cpp") for isa in ISAS]
+        kernels = [(os.path.join(CSRC, "cpu", f"kernel_{isa}.cpp"), [*ISA_FLAGS[isa], *ISA_WARNING_FLAGS[isa]])
+                   for isa in reversed(ISAS)]  # avx512 first: the slowest
+        pooled = [source for source in ext.sources if source.endswith(".cpp") and source != LEFT_TO_TORCH_BUILD]
+        jobs = [*kernels, *[(source, []) for source in pooled]]
 
-        def compile_one(isa_and_source: tuple[str, str]) -> list[str]:
-            isa, source = isa_and_source
-            # One output folder per ISA: with ninja, torch's compile() writes a
-            # build.ninja into output_dir, so parallel calls must not share it.
+        def compile_one(job: tuple[str, list[str]]) -> list[str]:
+            source, flags = job
+            # One output folder per source: with ninja, torch's compile() writes
+            # a build.ninja into output_dir, so parallel calls must not share it.
+            name = os.path.splitext(os.path.relpath(source, CSRC))[0].replace(os.sep, "_")
             return self.compiler.compile(
                 [source],
-                output_dir=os.path.join(self.build_temp, f"isa_{isa}"),
+                output_dir=os.path.join(self.build_temp, "pool", name),
                 include_dirs=ext.include_dirs,
-                extra_postargs=[*cxx_args, *ISA_FLAGS[isa], *ISA_WARNING_FLAGS[isa]],
+                extra_postargs=[*cxx_args, *flags],
             )
 
-        with ThreadPoolExecutor(max_workers=min(JOBS, len(sources))) as pool:
-            objects = [obj for objs in pool.map(compile_one, zip(ISAS, sources)) for obj in objs]
+        with ThreadPoolExecutor(max_workers=min(JOBS, len(jobs))) as pool:
+            objects = [obj for objs in pool.map(compile_one, jobs) for obj in objs]
+        ext.sources = [source for source in ext.sources if source not in pooled]
         ext.extra_objects = [*getattr(ext, "extra_objects", []), *objects]
         super().build_extension(ext)
 
@@ -276,13 +288,18 @@ def _print_decisions() -> None:
 _print_decisions()
 
 
+# The one C++ source compiled by torch's build rather than the pool (Note [One
+# compile pool]): the smallest.
+LEFT_TO_TORCH_BUILD = os.path.join(CSRC, "cpu", "kernel_dispatch.cpp")
+
+
 def _extension():
     include_dirs = [os.path.join(ROOT, CSRC)]
     sources = [
         os.path.join(CSRC, "python_module.cpp"),
         os.path.join(CSRC, "ops.cpp"),
         os.path.join(CSRC, "cpu", "ops_cpu.cpp"),
-        os.path.join(CSRC, "cpu", "kernel_dispatch.cpp"),
+        LEFT_TO_TORCH_BUILD,
     ]
     if not WITH_CUDA:
         return CppExtension(
