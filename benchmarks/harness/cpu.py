@@ -110,7 +110,8 @@ class CacheCost:
     """xent's cost with its inputs in cache (see ``measure_in_cache``)."""
 
     host_ms: float  # fixed cost per call: Python, dispatch, allocation, the final reduction
-    ms_per_byte: float  # cost per byte of logits, read from cache: the computation
+    ms_per_byte: float | None  # cost per byte of logits, read from cache: the computation;
+    # None when the run's noise hid it (the larger slice did not take longer)
     slice_bytes: int  # logits bytes of the smaller of the two slices timed
 
 
@@ -174,7 +175,11 @@ def measure_in_cache(x: torch.Tensor, target: torch.Tensor, mode: str) -> CacheC
     slice_cfg = TimingConfig(min_time_s=0.1, max_time_s=1.0, min_reps=9, fixed_reps=None)
     samples, _ = interleaved_samples(steps, estimates, slice_cfg, sampler)
     t_k, t_2k = (statistics.median(samples[name]) * 1e3 for name in ("k", "2k"))
-    per_unit = max(t_2k - t_k, 1e-9) / k  # noise can make the difference <= 0
+    if t_2k <= t_k:
+        # Noise hid the difference: no per-byte cost to report (a clamped one
+        # would print an impossible in-cache bandwidth); the whole call is host.
+        return CacheCost(host_ms=t_k, ms_per_byte=None, slice_bytes=k * unit_bytes)
+    per_unit = (t_2k - t_k) / k
     return CacheCost(
         host_ms=max(t_k - per_unit * k, 0.0), ms_per_byte=per_unit / unit_bytes, slice_bytes=k * unit_bytes
     )
@@ -214,7 +219,9 @@ class CpuRow(Row):
     @property
     def compute_ms(self) -> float | None:
         """xent's time for these logits if they came from cache (host time excluded)."""
-        return self.cache.ms_per_byte * self.case.logits_bytes if self.cache else None
+        if self.cache is None or self.cache.ms_per_byte is None:
+            return None
+        return self.cache.ms_per_byte * self.case.logits_bytes
 
     @property
     def cache_gbps(self) -> float | None:
