@@ -28,11 +28,13 @@ QUICK_START=$(awk '/^## Quick start/{q=1} q&&/^```sh/{b=1; next} b&&/^```/{exit}
 [ "$(printf '%s\n' "$QUICK_START" | grep -c .)" = 2 ] || fail "README's Quick start should hold two commands, found: $QUICK_START"
 echo "README's Quick start:"; printf '%s\n' "$QUICK_START" | sed 's/^/  /'
 
-# Runs the Quick start in a fresh clone, in a clean environment (no
-# virtualenv active) plus the given variables.
+# Runs the Quick start in a fresh clone named as the project is (xent_ext,
+# in $WORK/NAME/), in a clean environment (no virtualenv active) plus the
+# given variables.
 quick_start() {
   local name=$1; shift
-  local clone="$WORK/$name"
+  local clone="$WORK/$name/xent_ext"
+  mkdir -p "$WORK/$name"
   git clone -q "$ROOT" "$clone"
   echo "--- Quick start, $name"
   local start=$(date +%s)
@@ -41,6 +43,10 @@ quick_start() {
     tail -n 60 "$WORK/$name.log"
     fail "the Quick start failed ($name)"
   fi
+  # The package is found from the clone's parent folder too, where a folder
+  # named xent_ext (the clone) stands in the current directory.
+  (cd "$WORK/$name" && "$clone/.venv/bin/python" -c "import xent_ext; xent_ext.build_info()") ||
+    fail "after the Quick start, xent_ext does not import from the clone's parent folder ($name)"
   tail -n 22 "$WORK/$name.log" | sed 's/^/  /'
   echo "--- Quick start, $name: passed in $(($(date +%s) - start))s"
 }
@@ -57,7 +63,7 @@ echo "Cuda compilation tools, release 13.0, V13.0.88"
 NVCC
 chmod +x "$FAKE_CUDA/bin/nvcc"
 quick_start cuda-torch CUDA_HOME="$FAKE_CUDA" MAX_JOBS="${MAX_JOBS:-2}"
-(cd "$WORK" && "$WORK/cuda-torch/.venv/bin/python" -) <<'PYCHECK' || fail "the CUDA-torch build without CUDA headers is not a CPU build"
+(cd "$WORK" && "$WORK/cuda-torch/xent_ext/.venv/bin/python" -) <<'PYCHECK' || fail "the CUDA-torch build without CUDA headers is not a CPU build"
 import torch, xent_ext
 info = xent_ext.build_info()
 assert torch.version.cuda, "expected a CUDA build of torch"
@@ -70,7 +76,7 @@ print("CUDA torch", torch.__version__, "+ CPU-only xent_ext", xent_ext.__version
 PYCHECK
 
 # The one line that says why (pip shows a build's output with -v only).
-why=$(cd "$WORK/cuda-torch" && CUDA_HOME="$FAKE_CUDA" .venv/bin/python setup.py --version 2>&1 | grep "CUDA .*off:" || true)
+why=$(cd "$WORK/cuda-torch/xent_ext" && CUDA_HOME="$FAKE_CUDA" .venv/bin/python setup.py --version 2>&1 | grep "CUDA .*off:" || true)
 echo "the build said: $why"
 case "$why" in *off:*CUDA_HOME*) ;; *) fail "the build did not say why CUDA is off and what to set";; esac
 
