@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+from torch._C._functorch import TransformType
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 
@@ -62,6 +64,22 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # to the weight (its reverse mode raises, and its forward mode gives a
 # partial or missing tangent), so a weight tangent there raises a clear
 # error; with probability targets the weight tangent is computed.
+
+
+def gradient_in_forward_unused() -> bool:
+    """Whether a gradient computed in the forward would go unused: under a
+    differentiating transform (grad, vjp, jvp; not vmap alone) or while a
+    forward-AD level is open, the loss is recorded by the transform Function,
+    whose backward is the composite one (Note [Transforms and forward-mode AD]
+    in _ops). Under vmap alone the folded call is recorded by ordinary
+    autograd, which does use it.
+    """
+    if _forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(level.key() != TransformType.Vmap for level in stack)
 
 
 def save_for_forward(ctx: Any, inputs: tuple, output: tuple) -> None:
