@@ -208,14 +208,15 @@ class Caller(NamedTuple):
     jvp: Callable[..., tuple]
     outputs: tuple  # the kind of each of the op's outputs, in order
     reduction_arg: int  # position of the `reduction` argument
+    loss_dtype_arg: int  # position of the trailing `loss_dtype` argument (callers may leave it out)
     index_targets: bool
 
 
 CALLERS = {
-    "index_loss": Caller(index_jvp, (LOSS, ROW_STATS, DENOMINATOR), 5, True),
-    "fused_index_loss": Caller(index_jvp, (LOSS, ROW_STATS, DENOMINATOR, GRADIENT), 5, True),
-    "prob_loss": Caller(prob_jvp, (LOSS, ROW_STATS, ROW_STATS), 4, False),
-    "fused_prob_loss": Caller(prob_jvp, (LOSS, ROW_STATS, ROW_STATS, GRADIENT, GRADIENT), 4, False),
+    "index_loss": Caller(index_jvp, (LOSS, ROW_STATS, DENOMINATOR), 5, 6, True),
+    "fused_index_loss": Caller(index_jvp, (LOSS, ROW_STATS, DENOMINATOR, GRADIENT), 5, 6, True),
+    "prob_loss": Caller(prob_jvp, (LOSS, ROW_STATS, ROW_STATS), 4, 5, False),
+    "fused_prob_loss": Caller(prob_jvp, (LOSS, ROW_STATS, ROW_STATS, GRADIENT, GRADIENT), 4, 7, False),
 }
 
 
@@ -238,7 +239,10 @@ def vmap_rule(name: str, call: Callable[..., tuple]) -> Callable[..., Any]:
     ``call`` is that caller: the folded op goes through it again, so the
     transforms and autograd below this vmap level see an ordinary call.
     """
-    kinds, reduction_arg, is_index = CALLERS[name].outputs, CALLERS[name].reduction_arg, CALLERS[name].index_targets
+    caller = CALLERS[name]
+    kinds, reduction_arg, loss_dtype_arg, is_index = (
+        caller.outputs, caller.reduction_arg, caller.loss_dtype_arg, caller.index_targets
+    )
 
     def vmap(info: Any, in_dims: Sequence[Optional[int]], *args: Any) -> tuple:
         batch = info.batch_size
@@ -252,6 +256,12 @@ def vmap_rule(name: str, call: Callable[..., tuple]) -> Callable[..., Any]:
         folded = list(args)
         folded[0], folded[1] = _fold(input, x_dim, batch), _fold(target, t_dim, batch)
         folded[reduction_arg] = REDUCTION_NONE
+        has_loss_dtype = len(args) > loss_dtype_arg
+        loss_dtype = (args[loss_dtype_arg] if has_loss_dtype else None) or input.dtype
+        if reduction != REDUCTION_NONE and has_loss_dtype:
+            # The rows in the accumulation dtype, so each sample's sum is of the
+            # unrounded rows, as the op's own reduction is.
+            folded[loss_dtype_arg] = _accumulation_dtype(input.dtype)
         outputs = call(*folded)
         if is_index:
             ignore_index = args[3]
@@ -277,7 +287,7 @@ def vmap_rule(name: str, call: Callable[..., tuple]) -> Callable[..., Any]:
                     out = rows.to(acc).sum((1, 2))
                     if reduction == REDUCTION_MEAN:
                         out = out / (denominator.to(acc) if denominator is not None else n * k)
-                    out = out.to(rows.dtype)
+                    out = out.to(loss_dtype)
                 result.append(out)
                 out_dims.append(0)
             elif kind == ROW_STATS:
