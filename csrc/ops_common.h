@@ -81,6 +81,16 @@ inline void check_grad_loss(const Tensor& grad_loss, const Tensor& input, int64_
   }
 }
 
+// row_stats: the (2, N, K) float64 statistics the forward returned (Note [Row
+// max and log-sum apart], common/xent_math.h).
+inline void check_row_stats(const Tensor& row_stats, const Tensor& input, const char* op) {
+  check_same_device(row_stats, input, "row_stats", op);
+  TORCH_CHECK(row_stats.scalar_type() == at::kDouble && row_stats.dim() == 3 && row_stats.size(0) == 2 &&
+                  row_stats.size(1) == input.size(0) && row_stats.size(2) == input.size(2),
+              op, ": expected row_stats of dtype Double and shape [2, ", input.size(0), ", ", input.size(2),
+              "] (as returned by the forward), got ", row_stats.scalar_type(), " ", row_stats.sizes());
+}
+
 inline void check_row_stat(const Tensor& t, const Tensor& input, at::ScalarType dtype, const char* name, const char* op) {
   check_same_device(t, input, name, op);
   TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == input.size(0) && t.size(1) == input.size(2),
@@ -117,19 +127,19 @@ inline void check_fused_reduction(int64_t reduction, const char* op) {
               reduction);
 }
 
-inline void check_index_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& lse,
+inline void check_index_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& row_stats,
                                       const Tensor& total_weight, int64_t reduction, const char* op) {
   check_forward_args(input, reduction, op);
   check_grad_loss(grad_loss, input, reduction, op);
-  check_row_stat(lse, input, at::kDouble, "lse", op);
+  check_row_stats(row_stats, input, op);
   check_total_weight(total_weight, input, op);
 }
 
-inline void check_prob_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& lse,
+inline void check_prob_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& row_stats,
                                      const Tensor& coef_sum, int64_t reduction, const char* op) {
   check_forward_args(input, reduction, op);
   check_grad_loss(grad_loss, input, reduction, op);
-  check_row_stat(lse, input, at::kDouble, "lse", op);
+  check_row_stats(row_stats, input, op);
   check_row_stat(coef_sum, input, accumulation_dtype(input.scalar_type()), "coef_sum", op);
 }
 
@@ -154,6 +164,12 @@ inline Tensor row_output(const Tensor& input, at::ScalarType dtype) {
   return at::empty_symint({input.sym_size(0), input.sym_size(2)}, input.options().dtype(dtype));
 }
 
+// (2, N, K) float64: row_stats[0] the row max, row_stats[1] the log-sum
+// (Note [Row max and log-sum apart], common/xent_math.h).
+inline Tensor row_stats_output(const Tensor& input) {
+  return at::empty_symint({2, input.sym_size(0), input.sym_size(2)}, input.options().dtype(at::kDouble));
+}
+
 // 'none': (N, K); 'mean' and 'sum': 0-d; the input's dtype.
 inline Tensor loss_output(const Tensor& input, int64_t reduction) {
   if (reduction == kReductionNone) {
@@ -164,7 +180,7 @@ inline Tensor loss_output(const Tensor& input, int64_t reduction) {
 
 struct IndexForwardOutputs {
   Tensor loss;          // 'none': (N, K) contiguous; else 0-d; the input's dtype
-  Tensor lse;           // (N, K) float64, contiguous
+  Tensor row_stats;     // (2, N, K) float64, contiguous: [row max, log Σ exp(x - max)]
   Tensor total_weight;  // 0-d accumulation dtype: Σ w[y] over the rows not ignored
   Tensor grad_input;    // the *_with_grad forward only ('mean'/'sum'): d(loss)/d(input)
                         // for an upstream gradient of 1, (N, C, K); else undefined
@@ -174,7 +190,7 @@ inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t re
                                                  GradientAllocator gradient = empty_gradient) {
   IndexForwardOutputs out;
   out.loss = loss_output(input, reduction);
-  out.lse = row_output(input, at::kDouble);
+  out.row_stats = row_stats_output(input);
   out.total_weight = at::empty({}, input.options().dtype(accumulation_dtype(input.scalar_type())));
   if (with_grad) {
     out.grad_input = gradient(input);
@@ -184,12 +200,12 @@ inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t re
 
 struct ProbForwardOutputs {
   Tensor loss;      // as IndexForwardOutputs::loss
-  Tensor lse;       // (N, K) float64, contiguous
+  Tensor row_stats;  // as IndexForwardOutputs::row_stats
   Tensor coef_sum;  // (N, K) accumulation dtype, contiguous: Σ_c w_c q_c
 };
 
 inline ProbForwardOutputs prob_forward_outputs(const Tensor& input, int64_t reduction) {
-  return {loss_output(input, reduction), row_output(input, at::kDouble),
+  return {loss_output(input, reduction), row_stats_output(input),
           row_output(input, accumulation_dtype(input.scalar_type()))};
 }
 
@@ -254,7 +270,7 @@ struct IndexBackwardCall {
   Tensor input;
   Tensor target;
   Tensor weight;
-  Tensor lse;  // contiguous
+  Tensor row_stats;  // (2, N, K) float64, contiguous
   Tensor total_weight;
   int64_t ignore_index;
   double label_smoothing;
@@ -263,17 +279,17 @@ struct IndexBackwardCall {
 };
 
 inline IndexBackwardCall index_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
-                                                 const std::optional<Tensor>& weight, const Tensor& lse,
+                                                 const std::optional<Tensor>& weight, const Tensor& row_stats,
                                                  const Tensor& total_weight, int64_t ignore_index,
                                                  double label_smoothing, int64_t reduction, const char* op,
                                                  GradientAllocator gradient = empty_gradient) {
-  check_index_backward_args(grad_loss, input, lse, total_weight, reduction, op);
+  check_index_backward_args(grad_loss, input, row_stats, total_weight, reduction, op);
   IndexBackwardCall c;
   c.grad_loss = grad_loss;
   c.input = input;
   c.target = canonical_index_target(target, input, op);
   c.weight = canonical_weight(weight, input, op);
-  c.lse = lse.contiguous();
+  c.row_stats = row_stats.contiguous();
   c.total_weight = total_weight;
   c.ignore_index = ignore_index;
   c.label_smoothing = label_smoothing;
@@ -310,25 +326,25 @@ struct ProbBackwardCall {
   Tensor input;
   Tensor target;
   Tensor weight;
-  Tensor lse;       // contiguous
-  Tensor coef_sum;  // contiguous
+  Tensor row_stats;  // (2, N, K) float64, contiguous
+  Tensor coef_sum;   // contiguous
   double label_smoothing;
   int64_t reduction;
   ProbBackwardOutputs out;
 };
 
 inline ProbBackwardCall prob_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
-                                               const std::optional<Tensor>& weight, const Tensor& lse,
+                                               const std::optional<Tensor>& weight, const Tensor& row_stats,
                                                const Tensor& coef_sum, double label_smoothing, int64_t reduction,
                                                bool input_grad, bool target_grad, const char* op,
                                                GradientAllocator gradient = empty_gradient) {
-  check_prob_backward_args(grad_loss, input, lse, coef_sum, reduction, op);
+  check_prob_backward_args(grad_loss, input, row_stats, coef_sum, reduction, op);
   ProbBackwardCall c;
   c.grad_loss = grad_loss;
   c.input = input;
   c.target = canonical_prob_target(target, input, op);
   c.weight = canonical_weight(weight, input, op);
-  c.lse = lse.contiguous();
+  c.row_stats = row_stats.contiguous();
   c.coef_sum = coef_sum.contiguous();
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;

@@ -39,7 +39,7 @@ struct DeviceOps {
     const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
                                                       /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
     Device::index_forward(c);
-    return {c.out.loss, c.out.lse, c.out.total_weight};
+    return {c.out.loss, c.out.row_stats, c.out.total_weight};
   }
 
   // The forward that also writes the gradient for an upstream gradient of 1
@@ -55,7 +55,7 @@ struct DeviceOps {
         index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true,
                                "xent_ext::cross_entropy_index_forward_with_grad", Device::gradient);
     Device::index_forward(c);
-    return {c.out.loss, c.out.lse, c.out.total_weight, c.out.grad_input};
+    return {c.out.loss, c.out.row_stats, c.out.total_weight, c.out.grad_input};
   }
 
   static Tensor index_backward(
@@ -63,13 +63,13 @@ struct DeviceOps {
       const Tensor& input,
       const Tensor& target,
       const std::optional<Tensor>& weight,
-      const Tensor& lse,
+      const Tensor& row_stats,
       const Tensor& total_weight,
       int64_t ignore_index,
       double label_smoothing,
       int64_t reduction) {
     const IndexBackwardCall c =
-        index_backward_prologue(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing,
+        index_backward_prologue(grad_loss, input, target, weight, row_stats, total_weight, ignore_index, label_smoothing,
                                 reduction, "xent_ext::cross_entropy_index_backward", Device::gradient);
     Device::index_backward(c);
     return c.grad_input;
@@ -84,7 +84,7 @@ struct DeviceOps {
     const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction,
                                                     "xent_ext::cross_entropy_prob_forward");
     Device::prob_forward(c);
-    return {c.out.loss, c.out.lse, c.out.coef_sum};
+    return {c.out.loss, c.out.row_stats, c.out.coef_sum};
   }
 
   static std::tuple<Tensor, Tensor> prob_backward(
@@ -92,14 +92,14 @@ struct DeviceOps {
       const Tensor& input,
       const Tensor& target,
       const std::optional<Tensor>& weight,
-      const Tensor& lse,
+      const Tensor& row_stats,
       const Tensor& coef_sum,
       double label_smoothing,
       int64_t reduction,
       bool input_grad,
       bool target_grad) {
     const ProbBackwardCall c =
-        prob_backward_prologue(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
+        prob_backward_prologue(grad_loss, input, target, weight, row_stats, coef_sum, label_smoothing, reduction, input_grad,
                                target_grad, "xent_ext::cross_entropy_prob_backward", Device::gradient);
     if (input_grad || target_grad) {
       Device::prob_backward(c);

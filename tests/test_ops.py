@@ -53,6 +53,15 @@ def _prob_inputs(dtype, weighted, ls, reduction, requires_grad=True, shape=(3, 5
     return (x, t, w, ls, REDUCTION_ENUM[reduction])
 
 
+def _check_row_stats(row_stats, x):
+    """row_stats[0] is each row's max, exactly; row_stats[1] is log Σ exp(x - max)."""
+    x64 = x.to(torch.float64)
+    row_max = x64.amax(1)
+    assert torch.equal(row_stats[0], row_max)
+    torch.testing.assert_close(row_stats[1], torch.log(torch.exp(x64 - row_max.unsqueeze(1)).sum(1)),
+                               rtol=1e-6, atol=1e-6)
+
+
 def _opcheck(op, args):
     # raise_exception=True (the default) makes any failing sub-test raise with its reason
     torch.library.opcheck(op, args)
@@ -65,16 +74,17 @@ def test_opcheck_index_forward(dtype, reduction, device, fresh_seed):
         args = _index_inputs(dtype, weighted, ls, reduction, device=device)
         _opcheck(_ops().cross_entropy_index_forward.default, args)
         # and the loss it returns is torch's for the same (N, C, K) problem
-        loss, lse, total_weight = _ops().cross_entropy_index_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        loss, row_stats, total_weight = _ops().cross_entropy_index_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         x, t, w = args[0].detach(), args[1], args[2]
         ref = F.cross_entropy(x, t, weight=w, ignore_index=args[3], label_smoothing=ls, reduction=reduction)
         assert loss.shape == ref.shape and loss.dtype == ref.dtype and loss.device == ref.device
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-        # the saved statistics: float64 log-sum-exp per (n, k), a 0-d total weight in the
-        # accumulation dtype, all on the input's device
+        # the saved statistics: float64 (row max, log-sum) per (n, k), a 0-d total weight in
+        # the accumulation dtype, all on the input's device
         n, _, k = x.shape
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        assert (lse.shape, lse.dtype, lse.device) == ((n, k), torch.float64, x.device)
+        assert (row_stats.shape, row_stats.dtype, row_stats.device) == ((2, n, k), torch.float64, x.device)
+        _check_row_stats(row_stats, x.detach())
         assert (total_weight.shape, total_weight.dtype, total_weight.device) == ((), acc, x.device)
 
 
@@ -101,9 +111,9 @@ def test_opcheck_index_forward_with_grad(dtype, reduction, device, fresh_seed):
 def test_opcheck_index_backward(dtype, reduction, device, fresh_seed):
     for weighted, ls in SAMPLES:
         x, t, w, ii, ls_, red = _index_inputs(dtype, weighted, ls, reduction, requires_grad=False, device=device)
-        loss, lse, total_weight = _ops().cross_entropy_index_forward(x, t, w, ii, ls_, red)
+        loss, row_stats, total_weight = _ops().cross_entropy_index_forward(x, t, w, ii, ls_, red)
         g = random_like_loss(loss)
-        args = (g, x, t, w, lse, total_weight, ii, ls_, red)
+        args = (g, x, t, w, row_stats, total_weight, ii, ls_, red)
         _opcheck(_ops().cross_entropy_index_backward.default, args)
         grad = _ops().cross_entropy_index_backward(*args)
         _, ref = run_ce(F.cross_entropy, x, t, w, g, ("input",), ignore_index=ii, label_smoothing=ls, reduction=reduction)
@@ -117,13 +127,14 @@ def test_opcheck_prob_forward(dtype, reduction, device, fresh_seed):
     for weighted, ls in SAMPLES:
         args = _prob_inputs(dtype, weighted, ls, reduction, device=device)
         _opcheck(_ops().cross_entropy_prob_forward.default, args)
-        loss, lse, coef_sum = _ops().cross_entropy_prob_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        loss, row_stats, coef_sum = _ops().cross_entropy_prob_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         ref = F.cross_entropy(args[0].detach(), args[1].detach(), weight=args[2], label_smoothing=ls, reduction=reduction)
         assert loss.shape == ref.shape and loss.dtype == ref.dtype and loss.device == ref.device
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
         n, _, k = args[0].shape
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        assert (lse.shape, lse.dtype, lse.device) == ((n, k), torch.float64, loss.device)
+        assert (row_stats.shape, row_stats.dtype, row_stats.device) == ((2, n, k), torch.float64, loss.device)
+        _check_row_stats(row_stats, args[0].detach())
         assert (coef_sum.shape, coef_sum.dtype, coef_sum.device) == ((n, k), acc, loss.device)
 
 
@@ -132,9 +143,9 @@ def test_opcheck_prob_forward(dtype, reduction, device, fresh_seed):
 def test_opcheck_prob_backward(dtype, reduction, device, fresh_seed):
     for (weighted, ls), flags in zip(SAMPLES + SAMPLES[:1], [(True, True), (True, False), (False, True)]):
         x, t, w, ls_, red = _prob_inputs(dtype, weighted, ls, reduction, requires_grad=False, device=device)
-        loss, lse, coef_sum = _ops().cross_entropy_prob_forward(x, t, w, ls_, red)
+        loss, row_stats, coef_sum = _ops().cross_entropy_prob_forward(x, t, w, ls_, red)
         g = random_like_loss(loss)
-        args = (g, x, t, w, lse, coef_sum, ls_, red, *flags)
+        args = (g, x, t, w, row_stats, coef_sum, ls_, red, *flags)
         _opcheck(_ops().cross_entropy_prob_backward.default, args)
         gi, gt = _ops().cross_entropy_prob_backward(*args)
         wrt = tuple(n for n, f in zip(("input", "target"), flags) if f)
@@ -151,10 +162,10 @@ def test_ops_registered_with_expected_schemas():
     ops = _ops()
     expect = {
         "cross_entropy_index_forward": ["input", "target", "weight", "ignore_index", "label_smoothing", "reduction"],
-        "cross_entropy_index_backward": ["grad_loss", "input", "target", "weight", "lse", "total_weight",
+        "cross_entropy_index_backward": ["grad_loss", "input", "target", "weight", "row_stats", "total_weight",
                                          "ignore_index", "label_smoothing", "reduction"],
         "cross_entropy_prob_forward": ["input", "target", "weight", "label_smoothing", "reduction"],
-        "cross_entropy_prob_backward": ["grad_loss", "input", "target", "weight", "lse", "coef_sum",
+        "cross_entropy_prob_backward": ["grad_loss", "input", "target", "weight", "row_stats", "coef_sum",
                                         "label_smoothing", "reduction", "input_grad", "target_grad"],
     }
     for name, argnames in expect.items():

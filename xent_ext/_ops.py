@@ -101,26 +101,26 @@ def _prob_grads_composite(grad_loss, input, target, weight, label_smoothing, red
 
 def _index_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     input, target, weight, ignore_index, label_smoothing, reduction = inputs
-    _, lse, total_weight = output
-    ctx.save_for_backward(input, target, weight, lse, total_weight)
-    # lse and total_weight get no gradient; without this autograd would
+    _, row_stats, total_weight = output
+    ctx.save_for_backward(input, target, weight, row_stats, total_weight)
+    # row_stats and total_weight get no gradient; without this autograd would
     # materialize zero tensors for them (for the fused op: a logits-sized one).
     ctx.set_materialize_grads(False)
     ctx.ignore_index = ignore_index
     ctx.label_smoothing = label_smoothing
     ctx.reduction = reduction
-    ctx.mark_non_differentiable(lse, total_weight)
+    ctx.mark_non_differentiable(row_stats, total_weight)
 
 
-def _index_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_total_weight: Tensor):
+def _index_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_total_weight: Tensor):
     if grad_loss is None:  # the loss itself got no gradient (grads are not materialized)
         return None, None, None, None, None, None
-    input, target, weight, lse, total_weight = ctx.saved_tensors
+    input, target, weight, row_stats, total_weight = ctx.saved_tensors
     args = (ctx.ignore_index, ctx.label_smoothing, ctx.reduction)
     if torch.is_grad_enabled():
         grad_input = _index_grad_composite(grad_loss, input, target, weight, total_weight, *args)
     else:
-        grad_input = _ops.cross_entropy_index_backward(grad_loss, input, target, weight, lse, total_weight, *args)
+        grad_input = _ops.cross_entropy_index_backward(grad_loss, input, target, weight, row_stats, total_weight, *args)
     return grad_input, None, None, None, None, None
 
 
@@ -132,7 +132,7 @@ def _index_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_total_
 # factor): no second read of the logits. The buffer is kept as a plain ctx
 # attribute, not a saved tensor, because it is handed out or scaled in place;
 # a second backward through the same graph (retain_graph=True) and double
-# backward take the ordinary paths from the saved logits and lse.
+# backward take the ordinary paths from the saved logits and row statistics.
 
 
 def _index_fused_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -141,10 +141,10 @@ def _index_fused_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.mark_non_differentiable(output[3])
 
 
-def _index_fused_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_tw: Tensor, _grad_grad: Tensor):
+def _index_fused_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_tw: Tensor, _grad_grad: Tensor):
     fused, ctx.fused_grad = ctx.fused_grad, None
     if grad_loss is None or fused is None or torch.is_grad_enabled():
-        return _index_backward(ctx, grad_loss, _grad_lse, _grad_tw)
+        return _index_backward(ctx, grad_loss, _grad_row_stats, _grad_tw)
     if type(grad_loss) is not torch.Tensor:
         # Traced (fake/functional tensors, e.g. opcheck or AOTAutograd): no
         # data-dependent branch and no mutation of a forward output.
@@ -152,7 +152,7 @@ def _index_fused_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_
     if fused.is_cuda and torch.cuda.is_current_stream_capturing():
         # Reading g would be a host sync, illegal while a CUDA graph is being
         # captured: recompute from the saved logits (exact, one more read).
-        return _index_backward(ctx, grad_loss, _grad_lse, _grad_tw)
+        return _index_backward(ctx, grad_loss, _grad_row_stats, _grad_tw)
     g = float(grad_loss)  # on CUDA, one host sync (Note [Gradient in the forward])
     if g == 1.0:
         return fused, None, None, None, None, None
@@ -161,23 +161,23 @@ def _index_fused_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_
     # other factor, recompute with one rounding instead.
     if math.frexp(g)[0] in (0.5, -0.5) or fused.dtype in (torch.float32, torch.float64):
         return fused.mul_(grad_loss), None, None, None, None, None
-    return _index_backward(ctx, grad_loss, _grad_lse, _grad_tw)
+    return _index_backward(ctx, grad_loss, _grad_row_stats, _grad_tw)
 
 
 def _prob_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     input, target, weight, label_smoothing, reduction = inputs
-    _, lse, coef_sum = output
-    ctx.save_for_backward(input, target, weight, lse, coef_sum)
+    _, row_stats, coef_sum = output
+    ctx.save_for_backward(input, target, weight, row_stats, coef_sum)
     ctx.set_materialize_grads(False)
     ctx.label_smoothing = label_smoothing
     ctx.reduction = reduction
-    ctx.mark_non_differentiable(lse, coef_sum)
+    ctx.mark_non_differentiable(row_stats, coef_sum)
 
 
-def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_coef_sum: Tensor):
+def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_coef_sum: Tensor):
     if grad_loss is None:
         return None, None, None, None, None
-    input, target, weight, lse, coef_sum = ctx.saved_tensors
+    input, target, weight, row_stats, coef_sum = ctx.saved_tensors
     want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if torch.is_grad_enabled():
         grad_input, grad_target = _prob_grads_composite(
@@ -185,7 +185,7 @@ def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_lse: Tensor, _grad_coef_su
         )
     else:
         grad_input, grad_target = _ops.cross_entropy_prob_backward(
-            grad_loss, input, target, weight, lse, coef_sum, ctx.label_smoothing, ctx.reduction, want_input, want_target
+            grad_loss, input, target, weight, row_stats, coef_sum, ctx.label_smoothing, ctx.reduction, want_input, want_target
         )
         grad_input = grad_input if want_input else None
         grad_target = grad_target if want_target else None

@@ -28,8 +28,10 @@
 // bfloat16/float16; class-index targets (N, K) int64 (or uint8); probability
 // targets (N, C, K) of the logits' dtype; class weights (C,) or nullopt;
 // reduction 0 none / 1 mean / 2 sum (xent_ext::reduction). Forwards return
-// (loss, lse, aux): loss (N, K) for 'none', else 0-d, in the logits' dtype;
-// lse (N, K) float64, which the backward recomputes softmax from; aux is the
+// (loss, row_stats, aux): loss (N, K) for 'none', else 0-d, in the logits'
+// dtype; row_stats (2, N, K) float64, each row's max and log Σ exp(x - max),
+// which the backward forms softmax from (lse = row_stats[0] + row_stats[1]
+// where one is wanted); aux is the
 // weighted-mean denominator total_weight (index targets, 0-d) or coef_sum
 // (probability targets, (N, K)). A class index outside [0, C) that is not
 // ignore_index throws c10::IndexError("Target 7 is out of bounds.").
@@ -78,7 +80,7 @@ using OptTensor = std::optional<at::Tensor>;
 // ---------------------------------------------------------------------------
 // The five operators, typed.
 
-// -> (loss, lse, total_weight)
+// -> (loss, row_stats, total_weight)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
@@ -89,7 +91,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forwar
   return op.call(input, target, weight, ignore_index, label_smoothing, reduction);
 }
 
-// -> (loss, lse, total_weight, grad_input): also the input gradient for an
+// -> (loss, row_stats, total_weight, grad_input): also the input gradient for an
 // upstream gradient of 1, computed in the same pass. reduction must be mean or sum.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward_with_grad(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -104,16 +106,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
 // -> grad_input (N, C, K). grad_loss: (N, K) for 'none', else a scalar, in the input's dtype.
 inline at::Tensor cross_entropy_index_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& total_weight,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_stats, const at::Tensor& total_weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_index_backward")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const detail::OptTensor&,
                             const at::Tensor&, const at::Tensor&, int64_t, double, int64_t)>();
-  return op.call(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing, reduction);
+  return op.call(grad_loss, input, target, weight, row_stats, total_weight, ignore_index, label_smoothing, reduction);
 }
 
-// -> (loss, lse, coef_sum)
+// -> (loss, row_stats, coef_sum)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     double label_smoothing, int64_t reduction) {
@@ -126,14 +128,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward
 // -> (grad_input, grad_target); a gradient not asked for is an empty tensor.
 inline std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& coef_sum,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_stats, const at::Tensor& coef_sum,
     double label_smoothing, int64_t reduction, bool input_grad, bool target_grad) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_prob_backward")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const detail::OptTensor&, const at::Tensor&, const at::Tensor&,
                                                     double, int64_t, bool, bool)>();
-  return op.call(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
+  return op.call(grad_loss, input, target, weight, row_stats, coef_sum, label_smoothing, reduction, input_grad,
                  target_grad);
 }
 
@@ -161,16 +163,16 @@ struct IndexCrossEntropy : public torch::autograd::Function<IndexCrossEntropy> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
                             int64_t reduction, bool fused) {
-    at::Tensor loss, lse, total_weight, grad;
+    at::Tensor loss, row_stats, total_weight, grad;
     if (fused) {
-      std::tie(loss, lse, total_weight, grad) =
+      std::tie(loss, row_stats, total_weight, grad) =
           cross_entropy_index_forward_with_grad(input, target, weight, ignore_index, label_smoothing, reduction);
       ctx->saved_data["fused_grad"] = grad;
     } else {
-      std::tie(loss, lse, total_weight) =
+      std::tie(loss, row_stats, total_weight) =
           cross_entropy_index_forward(input, target, weight, ignore_index, label_smoothing, reduction);
     }
-    ctx->save_for_backward({input, target, or_undefined(weight), lse, total_weight});
+    ctx->save_for_backward({input, target, or_undefined(weight), row_stats, total_weight});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = reduction;
@@ -212,8 +214,8 @@ struct IndexCrossEntropy : public torch::autograd::Function<IndexCrossEntropy> {
 struct ProbCrossEntropy : public torch::autograd::Function<ProbCrossEntropy> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, double label_smoothing, int64_t reduction) {
-    auto [loss, lse, coef_sum] = cross_entropy_prob_forward(input, target, weight, label_smoothing, reduction);
-    ctx->save_for_backward({input, target, or_undefined(weight), lse, coef_sum});
+    auto [loss, row_stats, coef_sum] = cross_entropy_prob_forward(input, target, weight, label_smoothing, reduction);
+    ctx->save_for_backward({input, target, or_undefined(weight), row_stats, coef_sum});
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = reduction;
     return loss;

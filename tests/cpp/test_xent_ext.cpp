@@ -371,11 +371,15 @@ void case_raw_ops() {
   const Tensor w = (at::rand({C}, gen, f64) + 0.5).to(at::kFloat);
   const Tolerance tol = tolerance_for(at::kFloat);
 
-  // lse is log-sum-exp over classes, in float64.
-  auto [loss_none, lse, total_weight] = xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, kNone);
-  EXPECT(lse.scalar_type() == at::kDouble && lse.sizes() == at::IntArrayRef({N, K}), "lse ", lse.scalar_type(), " ",
-         lse.sizes());
-  expect_close(lse, at::logsumexp(x.to(at::kDouble), 1), tol, "raw: lse");
+  // row_stats: each row's max and log Σ exp(x - max), in float64.
+  auto [loss_none, row_stats, total_weight] =
+      xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, kNone);
+  EXPECT(row_stats.scalar_type() == at::kDouble && row_stats.sizes() == at::IntArrayRef({2, N, K}), "row_stats ",
+         row_stats.scalar_type(), " ", row_stats.sizes());
+  const Tensor x64 = x.to(at::kDouble);
+  const Tensor row_max = std::get<0>(x64.max(1));
+  EXPECT(at::equal(row_stats[0], row_max), "raw: row_stats[0] is not the row max");
+  expect_close(row_stats[1], at::log(at::exp(x64 - row_max.unsqueeze(1)).sum(1)), tol, "raw: row_stats[1]");
   EXPECT(loss_none.sizes() == at::IntArrayRef({N, K}), "raw: 'none' loss shape ", loss_none.sizes());
 
   // Per-row loss against torch (K-dim input: torch takes (N, C, K) as is).
@@ -385,7 +389,7 @@ void case_raw_ops() {
   // backward with a random upstream gradient for 'none', against autograd.
   const Tensor g = at::randn({N, K}, gen, f64).to(at::kFloat);
   const Tensor grad =
-      xent_ext::cross_entropy_index_backward(g, x, y, w, lse, total_weight, ignore_index, smoothing, kNone);
+      xent_ext::cross_entropy_index_backward(g, x, y, w, row_stats, total_weight, ignore_index, smoothing, kNone);
   Tensor x_ref = x.detach().requires_grad_(true);
   torch::autograd::backward({F::cross_entropy(x_ref, y, options.reduction(torch::kNone))}, {g});
   expect_close(grad, x_ref.grad(), tol, "raw: index backward ('none')");
@@ -393,14 +397,15 @@ void case_raw_ops() {
   // forward_with_grad: the same loss as the forward, and the gradient the
   // backward computes for an upstream gradient of 1.
   for (int64_t r : {kMean, kSum}) {
-    auto [loss, lse1, tw] = xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, r);
-    auto [loss2, lse2, tw2, grad2] =
+    auto [loss, stats1, tw] = xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, r);
+    auto [loss2, stats2, tw2, grad2] =
         xent_ext::cross_entropy_index_forward_with_grad(x, y, w, ignore_index, smoothing, r);
-    EXPECT(at::equal(loss, loss2) && at::equal(lse1, lse2) && at::equal(tw, tw2), "raw: forward_with_grad (",
+    EXPECT(at::equal(loss, loss2) && at::equal(stats1, stats2) && at::equal(tw, tw2), "raw: forward_with_grad (",
            reduction_name(r), ") differs from forward: ", loss.item<double>(), " vs ", loss2.item<double>());
     const Tensor one = at::ones({}, x.options());
-    const Tensor grad1 = xent_ext::cross_entropy_index_backward(one, x, y, w, lse1, tw, ignore_index, smoothing, r);
-    expect_close(grad2, grad1, {1e-6, 1e-7}, std::string("raw: forward_with_grad gradient (") + reduction_name(r) + ")");
+    const Tensor grad1 = xent_ext::cross_entropy_index_backward(one, x, y, w, stats1, tw, ignore_index, smoothing, r);
+    EXPECT(at::equal(grad2, grad1), "raw: forward_with_grad gradient (", reduction_name(r),
+           ") differs from the backward's");
     Tensor xr = x.detach().requires_grad_(true);
     F::cross_entropy(xr, y, options.reduction(torch_reduction(r))).backward();
     expect_close(grad2, xr.grad(), tol, std::string("raw: forward_with_grad vs torch (") + reduction_name(r) + ")");
@@ -415,7 +420,7 @@ void case_raw_ops() {
 
   // Probability targets: gradients only where asked for.
   const Tensor q = at::softmax(at::randn({N, C, K}, gen, f64), 1).to(at::kFloat);
-  auto [ploss, plse, coef_sum] = xent_ext::cross_entropy_prob_forward(x, q, w, smoothing, kMean);
+  auto [ploss, pstats, coef_sum] = xent_ext::cross_entropy_prob_forward(x, q, w, smoothing, kMean);
   auto popt = F::CrossEntropyFuncOptions().weight(w).label_smoothing(smoothing);
   Tensor xr = x.detach().requires_grad_(true);
   Tensor qr = q.detach().requires_grad_(true);
@@ -423,10 +428,10 @@ void case_raw_ops() {
   pref.backward();
   expect_close(ploss, pref, tol, "raw: prob forward");
   const Tensor one = at::ones({}, x.options());
-  auto [gi, gt] = xent_ext::cross_entropy_prob_backward(one, x, q, w, plse, coef_sum, smoothing, kMean, true, true);
+  auto [gi, gt] = xent_ext::cross_entropy_prob_backward(one, x, q, w, pstats, coef_sum, smoothing, kMean, true, true);
   expect_close(gi, xr.grad(), tol, "raw: prob backward input");
   expect_close(gt, qr.grad(), tol, "raw: prob backward target");
-  auto [gi2, gt2] = xent_ext::cross_entropy_prob_backward(one, x, q, w, plse, coef_sum, smoothing, kMean, true, false);
+  auto [gi2, gt2] = xent_ext::cross_entropy_prob_backward(one, x, q, w, pstats, coef_sum, smoothing, kMean, true, false);
   EXPECT(gt2.numel() == 0, "raw: target gradient not asked for, got shape ", gt2.sizes());
   EXPECT(at::equal(gi, gi2), "raw: input gradient depends on target_grad");
 }
