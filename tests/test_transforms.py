@@ -466,3 +466,25 @@ def test_vmap_of_each_caller(caller, reduction, device, rng, fresh_seed):
     assert len(got) == len(per_sample[0]) == len(xent_ext._functorch.CALLERS[caller].outputs), ctx
     for i, (g, outs) in enumerate(zip(got, zip(*per_sample))):
         assert_close(g, torch.stack(outs), torch.float64, ctx, f"output {i}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_autocast(kind, reduction, rng, fresh_seed):
+    """Under CPU autocast (bf16) the loss is fp32, and so is its tangent: jvp equals
+    torch's; vmap equals torch's autocast loss sample by sample. (torch's own vmap of
+    cross_entropy under autocast returns the bf16 loss of the uncast op: the per-sample
+    result is the one a drop-in keeps.)"""
+    shape = draw_shape(rng, rng.choice(["NC", "NCd"]))
+    x, target, kw, desc = draw_case(rng, kind, shape, torch.bfloat16, rng.choice(OPTIONS))
+    ctx = ctx_of(fresh_seed, reduction=reduction, autocast="cpu-bf16", **desc)
+    v = torch.randn_like(x)
+    xb = torch.stack([x, v])
+    with torch.autocast("cpu", torch.bfloat16):
+        got = jvp(lambda a: ours(a, target, reduction=reduction, **kw), (x,), (v,))
+        want = jvp(lambda a: F.cross_entropy(a, target, reduction=reduction, **kw), (x,), (v,))
+        got_vmap = vmap(lambda a: ours(a, target, reduction=reduction, **kw))(xb)
+        want_vmap = torch.stack([F.cross_entropy(a, target, reduction=reduction, **kw) for a in xb])
+    for what, g, w in (("loss", got[0], want[0]), ("tangent", got[1], want[1]), ("vmapped loss", got_vmap, want_vmap)):
+        assert g.dtype == w.dtype == torch.float32, f"{what}: {g.dtype} {w.dtype} {ctx}"
+        assert_close(g, w, torch.float32, ctx, what)

@@ -16,6 +16,7 @@ formulas in turn.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -60,6 +61,10 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # In-place variants would save the products but break the differentiation
 # of these formulas that stacked transforms rely on.
 #
+# The formulas compute in the accumulation dtype by explicit casts, with
+# autocast off: a jvp runs inside the caller's autocast region, where
+# torch.matmul would otherwise round its products to bf16/fp16.
+#
 # Class weights: torch's index-target loss is not differentiable with respect
 # to the weight (its reverse mode raises, and its forward mode gives a
 # partial or missing tangent), so a weight tangent there raises a clear
@@ -92,6 +97,18 @@ def save_for_forward(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.xent_args = inputs[3:]
     ctx.xent_loss_dtype = output[0].dtype
     ctx.xent_num_outputs = len(output)
+    ctx.xent_device_type = inputs[0].device.type
+
+
+def _autocast_off(jvp: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Runs ``jvp`` with autocast off for the logits' device (Note [Tangents])."""
+
+    @functools.wraps(jvp)
+    def wrapper(ctx: Any, *tangents: Any) -> tuple:
+        with torch.autocast(ctx.xent_device_type, enabled=False):
+            return jvp(ctx, *tangents)
+
+    return wrapper
 
 
 def _class_sum(t: Tensor, weight: Optional[Tensor]) -> Tensor:
@@ -115,6 +132,7 @@ def _output_tangents(ctx: Any, loss_tangent: Tensor) -> tuple:
     return (loss_tangent.to(ctx.xent_loss_dtype),) + (None,) * (ctx.xent_num_outputs - 1)
 
 
+@_autocast_off
 def index_jvp(ctx: Any, dx: Optional[Tensor], _dtarget: Any, dweight: Optional[Tensor], *_rest: Any) -> tuple:
     """Tangent of the class-index loss for a tangent of the logits (Note [Tangents])."""
     x, target, weight, total_weight = ctx.saved_tensors
@@ -146,6 +164,7 @@ def index_jvp(ctx: Any, dx: Optional[Tensor], _dtarget: Any, dweight: Optional[T
     return _output_tangents(ctx, _reduce(rows, reduction, total_weight.to(acc)))
 
 
+@_autocast_off
 def prob_jvp(ctx: Any, dx: Optional[Tensor], dq: Optional[Tensor], dweight: Optional[Tensor], *_rest: Any) -> tuple:
     """Tangent of the probability-target loss for tangents of the logits, target and weight (Note [Tangents])."""
     x, q, weight, _ = ctx.saved_tensors
