@@ -63,7 +63,8 @@ def draw_case(rng, kind, shape, dtype, option, device="cpu", expanded=False):
         kw["weight"] = random_weight(C, dtype, device)
     if "smoothing" in option:
         kw["label_smoothing"] = rng.choice([0.1, 0.35, 1.0])
-    desc = dict(kind=kind, shape=shape, layout=layout, dtype=dtype_name(dtype), option=option, device=device, **{k: v for k, v in kw.items() if k != "weight"})
+    desc = dict(kind=kind, shape=shape, layout=layout, dtype=dtype_name(dtype), option=option, device=device,
+                **{k: v for k, v in kw.items() if k != "weight"})
     return x, target, kw, desc
 
 
@@ -155,7 +156,8 @@ def test_forward_over_reverse(dtype, kind, reduction, device, rng, fresh_seed):
         with fwAD.dual_level():
             a = fwAD.make_dual(x.clone().requires_grad_(), v)
             loss = fn(a, target, reduction=reduction, **kw)
-            g = torch.randn(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(fresh_seed)).to(device)
+            g = torch.randn(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(fresh_seed))
+            g = g.to(device=device, dtype=loss.dtype)
             (da,) = torch.autograd.grad(loss, a, g)
             results.append((fwAD.unpack_dual(loss).tangent, fwAD.unpack_dual(da).primal, fwAD.unpack_dual(da).tangent))
     for what, got, want in zip(("loss tangent", "gradient", "gradient tangent"), *results):
@@ -296,7 +298,8 @@ def test_vmap(dtype, kind, in_dims, reduction, option, device, rng, fresh_seed):
     C = x.shape[0 if x.dim() == 1 else 1]
     xb, xs = _batched(x, batch, xd, torch.randn_like)
     if kind == "index":
-        tb, ts = _batched(target, batch, td, lambda t: make_index_target(shape, torch.int64, kw["ignore_index"], 0.3, device))
+        tb, ts = _batched(target, batch, td,
+                          lambda t: make_index_target(shape, torch.int64, kw["ignore_index"], 0.3, device))
     else:
         tb, ts = _batched(target, batch, td, lambda t: make_prob_target(shape, dtype, "randn", device))
     weight = kw.pop("weight", None)

@@ -24,12 +24,9 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch._C._functorch import TransformType
 
-REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Note [Accumulation dtype]: fp64 for fp64 logits, fp32 otherwise.
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# _ops imports this module while it is itself being imported; its names are
+# read at call time.
+from . import _ops
 
 
 # ---------------------------------------------------------------------------
@@ -118,10 +115,10 @@ def _class_sum(t: Tensor, weight: Optional[Tensor]) -> Tensor:
 
 
 def _reduce(rows: Tensor, reduction: int, denominator: Optional[Tensor]) -> Tensor:
-    if reduction == REDUCTION_NONE:
+    if reduction == _ops.REDUCTION_NONE:
         return rows
     total = rows.sum()
-    if reduction == REDUCTION_MEAN:
+    if reduction == _ops.REDUCTION_MEAN:
         # denominator None: the number of rows (0 / 0 = nan for no rows, as the loss).
         return total / (denominator if denominator is not None else rows.numel())
     return total
@@ -143,10 +140,11 @@ def index_jvp(ctx: Any, dx: Optional[Tensor], _dtarget: Any, dweight: Optional[T
             "to `weight` (as in torch); got a forward-mode tangent for the weight. Differentiate with respect "
             "to the input, or use probability targets."
         )
-    acc = _accumulation_dtype(x.dtype)
+    acc = _ops.accumulation_dtype(x.dtype)
     n, c, k = x.shape
     if dx is None:  # no tangent reached the loss (none for the logits, none possible for the target)
-        return _output_tangents(ctx, torch.zeros((n, k) if reduction == REDUCTION_NONE else (), dtype=acc, device=x.device))
+        shape = (n, k) if reduction == _ops.REDUCTION_NONE else ()
+        return _output_tangents(ctx, torch.zeros(shape, dtype=acc, device=x.device))
     dx = dx.to(acc)
     w = weight.to(acc) if weight is not None else None
     valid = target != ignore_index
@@ -169,7 +167,7 @@ def prob_jvp(ctx: Any, dx: Optional[Tensor], dq: Optional[Tensor], dweight: Opti
     """Tangent of the probability-target loss for tangents of the logits, target and weight (Note [Tangents])."""
     x, q, weight, _ = ctx.saved_tensors
     label_smoothing, reduction = ctx.xent_args[:2]
-    acc = _accumulation_dtype(x.dtype)
+    acc = _ops.accumulation_dtype(x.dtype)
     n, c, k = x.shape
     xa = x.to(acc)
     q = q.to(acc)
@@ -274,13 +272,13 @@ def vmap_rule(name: str, call: Callable[..., tuple]) -> Callable[..., Any]:
         k = input.shape[-1]
         folded = list(args)
         folded[0], folded[1] = _fold(input, x_dim, batch), _fold(target, t_dim, batch)
-        folded[reduction_arg] = REDUCTION_NONE
+        folded[reduction_arg] = _ops.REDUCTION_NONE
         has_loss_dtype = len(args) > loss_dtype_arg
         loss_dtype = (args[loss_dtype_arg] if has_loss_dtype else None) or input.dtype
-        if reduction != REDUCTION_NONE and has_loss_dtype:
+        if reduction != _ops.REDUCTION_NONE and has_loss_dtype:
             # The rows in the accumulation dtype, so each sample's sum is of the
             # unrounded rows, as the op's own reduction is.
-            folded[loss_dtype_arg] = _accumulation_dtype(input.dtype)
+            folded[loss_dtype_arg] = _ops.accumulation_dtype(input.dtype)
         outputs = call(*folded)
         if is_index:
             ignore_index = args[3]
@@ -299,12 +297,12 @@ def vmap_rule(name: str, call: Callable[..., tuple]) -> Callable[..., Any]:
         for kind, out in zip(kinds, outputs):
             if kind == LOSS:
                 rows = out.view(batch, n, k)
-                if reduction == REDUCTION_NONE:
+                if reduction == _ops.REDUCTION_NONE:
                     out = rows
                 else:
-                    acc = _accumulation_dtype(out.dtype)
+                    acc = _ops.accumulation_dtype(out.dtype)
                     out = rows.to(acc).sum((1, 2))
-                    if reduction == REDUCTION_MEAN:
+                    if reduction == _ops.REDUCTION_MEAN:
                         out = out / (denominator.to(acc) if denominator is not None else n * k)
                     out = out.to(loss_dtype)
                 result.append(out)
@@ -322,8 +320,8 @@ def vmap_rule(name: str, call: Callable[..., tuple]) -> Callable[..., Any]:
                     out_dims.append(None)
                     continue
                 out = _sample_rows(out, batch, n, 0)
-                if reduction == REDUCTION_MEAN:
-                    acc = _accumulation_dtype(out.dtype)
+                if reduction == _ops.REDUCTION_MEAN:
+                    acc = _ops.accumulation_dtype(out.dtype)
                     if denominator is not None:
                         scale: Any = (1.0 / denominator.to(acc)).view(-1, *([1] * (out.dim() - 1)))
                     else:
