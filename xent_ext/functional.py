@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _ops
+from . import _ops, _torchscript
 from ._C import build_info as _build_info
 
 __all__ = ["cross_entropy"]
@@ -480,3 +480,7 @@ def _uint8_smoothing_like_torch(
         return None
     return torch._C._nn.cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing)
 
+
+# Note [TorchScript] (_torchscript.py): scripted code that calls cross_entropy
+# compiles to the operator xent_ext::cross_entropy, whose kernel is this function.
+_torchscript.register(cross_entropy)
