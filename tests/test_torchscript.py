@@ -59,7 +59,8 @@ def _scripted_loss(x, t, weight=None, reduction="mean", ignore_index=-100, label
 @pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
 def test_scripted_module_calls_the_operator(weighted):
     w = random_weight(5) if weighted else None
-    for scripted in (torch.jit.script(xent_ext.CrossEntropyLoss(w)), torch.jit.script(Net(xent_ext.CrossEntropyLoss(w)))):
+    for module in (xent_ext.CrossEntropyLoss(w), Net(xent_ext.CrossEntropyLoss(w))):
+        scripted = torch.jit.script(module)
         ops = _graph_ops(scripted)
         assert OP in ops, ops
         assert not any(k.startswith("prim::Python") for k in ops), ops
@@ -98,7 +99,7 @@ def test_scripted_equals_eager_bitwise(device, fresh_seed):
     eager = xent_ext.CrossEntropyLoss(w, label_smoothing=0.1)
     net = Net(eager).to(device)
     scripted = torch.jit.script(net)
-    inp = torch.randn(9, 6, device=device)
+    inp = torch.randn(9, 6).to(device)
     results = []
     for model in (net, scripted):
         model.zero_grad()
@@ -155,7 +156,7 @@ def test_save_and_load(device, fresh_seed, tmp_path):
     buf.seek(0)
     loaded = torch.jit.load(buf, map_location=device)
     assert OP in _graph_ops(loaded)
-    inp = torch.randn(8, 6, device=device)
+    inp = torch.randn(8, 6).to(device)
     t = make_index_target((8, 5), device=device)
     for model in (net, loaded):
         model.zero_grad()

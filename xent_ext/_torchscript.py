@@ -11,6 +11,8 @@ TorchScript's table of builtins under that function. A scripted function or
 module (``xent_ext.CrossEntropyLoss`` included) that calls
 ``xent_ext.cross_entropy`` then compiles to a call of the operator, whatever
 its arguments, and ``torch.jit.save`` / ``torch.jit.load`` keep it by name.
+(``torch.jit.script(xent_ext.cross_entropy)`` itself still compiles the
+function's source, which is not TorchScript: script the code that calls it.)
 
 The operator's kernel is the Python front itself, registered for
 CompositeImplicitAutograd: the operator has no autograd formula of its own,
