@@ -447,3 +447,34 @@ def test_torch_compile_while_patched(fresh_seed):
     own_loss, own_grads = run_ce(xent_ext.cross_entropy, x, y, label_smoothing=0.05)
     torch.testing.assert_close(loss, own_loss, rtol=0, atol=0)
     torch.testing.assert_close(grads["input"], own_grads["input"])
+
+
+# ----------------------------------------------------------------------------------
+# autocast
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["functional", "module"])
+def test_patched_under_autocast_is_torchs_fp32_loss(kind, fresh_seed):
+    # torch's cross_entropy is on autocast's float32 list: bfloat16 logits give a
+    # float32 loss (and a bfloat16 gradient). Routed through xent_ext, the same.
+    x = make_logits((6, 50), dtype=torch.bfloat16)
+    y = make_index_target((6, 50), ignore_frac=0.2)
+    module = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    call = as_functional(module) if kind == "module" else (
+        lambda a, b, weight=None: F.cross_entropy(a, b, label_smoothing=0.1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = run_ce(call, x, y)  # unpatched: torch's
+        with xent_ext.patched():
+            (got, grads), seen = spy(lambda: run_ce(call, x, y))
+        own, own_grads = run_ce(xent_ext.cross_entropy, x, y, label_smoothing=0.1)
+    assert seen.xent > 0 and seen.torch_ce == 0, f"xent_ext ops {seen.xent}, torch's {seen.torch_ce}"
+    assert got.dtype == expected.dtype == torch.float32
+    assert grads["input"].dtype == torch.bfloat16
+    assert_bitwise_equal(got, own, "loss")
+    assert_bitwise_equal(grads["input"], own_grads["input"], "grad")
+    # torch computes on a float32 copy of the logits: float32 rounding apart; the
+    # gradients, rounded to bfloat16 from float32 values that differ in the last
+    # bits, one bfloat16 rounding apart.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grads["input"], expected_grads["input"], rtol=1.6e-2, atol=1e-5)
