@@ -6,9 +6,11 @@ checks and repairs it): the rest of the suite compares against
 """
 
 import io
+import os
+import subprocess
 import sys
+import textwrap
 import threading
-import warnings
 
 import pytest
 import torch
@@ -441,12 +443,73 @@ def test_torch_compile_while_patched(fresh_seed):
     x = make_logits((6, 9))
     y = make_index_target((6, 9), ignore_frac=0.2)
     module = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
+    graphs = []
     with xent_ext.patched():
-        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(module, backend=recording_backend(graphs), fullgraph=True)
         loss, grads = run_ce(as_functional(compiled), x, y)
+    assert graphs and all("xent_ext" in g for g in graphs), graphs  # forward, backward
     own_loss, own_grads = run_ce(xent_ext.cross_entropy, x, y, label_smoothing=0.05)
     torch.testing.assert_close(loss, own_loss, rtol=0, atol=0)
     torch.testing.assert_close(grads["input"], own_grads["input"])
+
+
+def recording_backend(graphs):
+    """aot_eager, recording the text of each graph it compiles (forward, then backward) in `graphs`."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+
+
+COMPILE_PATCHED_FIRST = textwrap.dedent("""
+    import torch, torch.nn.functional as F, xent_ext
+    from test_patch import recording_backend
+    torch.random.default_generator.manual_seed({seed})
+    x, y = torch.randn(6, 9, dtype=torch.float64).float(), torch.randint(9, (6,))
+    torch_fn = F.cross_entropy
+
+    def run(fn):
+        xi = x.clone().requires_grad_()
+        loss = fn(xi, y, label_smoothing=0.05)
+        return loss.detach(), torch.autograd.grad(loss, xi)[0]
+
+    def compiled():
+        graphs = []
+        backend = recording_backend(graphs)
+        return torch.compile(lambda a, b, **kw: F.cross_entropy(a, b, **kw), backend=backend, fullgraph=True), graphs
+
+    with xent_ext.patched():  # the first torch.compile of the process, while patched
+        fn, graphs = compiled()
+        got = run(fn)
+    assert graphs and all("xent_ext" in g for g in graphs), graphs
+    own = run(xent_ext.cross_entropy)
+    assert torch.equal(got[0], own[0]), (got[0], own[0])
+    torch.testing.assert_close(got[1], own[1])
+    # Unpatched again, a new compile computes torch's loss.
+    fn, graphs = compiled()
+    again, ref = run(fn), run(torch_fn)
+    assert graphs and not any("xent_ext" in g for g in graphs), graphs
+    torch.testing.assert_close(again[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(again[1], ref[1])
+    print("CHILD-OK")
+""")
+
+
+@pytest.mark.slow
+def test_torch_compile_first_used_while_patched(fresh_seed):
+    # Note [torch.compile of a patched function]: Dynamo builds its table of
+    # torch functions on first use, here while patched. A fresh process makes
+    # sure that is the order.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xent_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_parent, os.path.dirname(os.path.abspath(__file__))]))
+    code = COMPILE_PATCHED_FIRST.format(seed=fresh_seed)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "CHILD-OK" in proc.stdout, (
+        f"seed={fresh_seed}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
 
 
 # ----------------------------------------------------------------------------------

@@ -49,8 +49,8 @@ C++ entry point (``torch._C._nn.cross_entropy_loss``), never to
 TorchScript: scripting code that calls the patched function (torch's own
 ``CrossEntropyLoss`` included) compiles the function the patch replaced, so a
 scripted module is the same with or without the patch (and loads without
-xent_ext); only eager calls (and ``torch.compile``, which traces the Python)
-are routed. Note [Scripting a patched function].
+xent_ext); only eager calls and ``torch.compile`` are routed. Note [Scripting
+a patched function], Note [torch.compile of a patched function].
 """
 
 from __future__ import annotations
@@ -131,6 +131,17 @@ def _point_torchscript_at(forwarder: Callable[..., Any], original: Any) -> None:
         "default": False,
         "arg_name": "_xent_ext_torchscript_original",
     }
+
+
+# Note [torch.compile of a patched function]
+# Dynamo keeps a table of torch functions it puts into graphs whole, built
+# once by looking each one up by name (torch.nn.functional.cross_entropy among
+# them) and rebuilt when torch.distributed starts a process group. Built while
+# patched, it holds the forwarder: Dynamo then records the forwarder as one
+# call, which AOTAutograd traces into xent_ext's ops. Built before, it doesn't:
+# Dynamo inlines the forwarder and records xent_ext's ops itself. Either way
+# the compiled code computes xent_ext's loss; torch's function, unpatched
+# again, is inlined or kept whole, and computes torch's. Nothing to do here.
 
 
 def _targets() -> list[tuple[Any, str]]:
