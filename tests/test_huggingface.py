@@ -10,7 +10,8 @@ of it unpatched: loss, every parameter's gradient, a few optimizer steps, and
 a ``Trainer`` run, plain and under CPU autocast (bfloat16).
 
 Skipped when ``transformers`` is not installed (the ``test`` extra installs
-it); the ``Trainer`` test also needs ``accelerate``.
+it, 4.46 or later: the release that brought ``ForCausalLMLoss``; written
+against 5.x); the ``Trainer`` test also needs ``accelerate``.
 """
 
 import contextlib
