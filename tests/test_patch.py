@@ -415,7 +415,8 @@ def test_errors_are_torchs():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 def test_torchscript_of_torch_module_while_patched(fresh_seed):
-    # Note [Scripting a patched function]: TorchScript compiles torch's function.
+    # Note [Scripting a patched function]: while patched, scripted code that
+    # calls torch's cross_entropy compiles to xent_ext's operator.
     x = make_logits((5, 7))
     y = make_index_target((5, 7))
     with xent_ext.patched():
@@ -428,14 +429,20 @@ def test_torchscript_of_torch_module_while_patched(fresh_seed):
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer)
         got_module, got_fn = scripted(x, y), fn(x, y)
+    for graph in (scripted.graph, fn.graph):
+        kinds = {node.kind() for node in graph.nodes()}
+        assert "xent_ext::cross_entropy" in kinds and "aten::cross_entropy_loss" not in kinds, kinds
     buffer.seek(0)
     loaded = torch.jit.load(buffer)
-    expected = TORCH_CROSS_ENTROPY(x, y, label_smoothing=0.1)
+    expected = xent_ext.cross_entropy(x, y, label_smoothing=0.1)
     for got in (got_module, loaded(x, y)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    torch.testing.assert_close(got_fn, TORCH_CROSS_ENTROPY(x, y, reduction="sum"), rtol=0, atol=0)
-    # Scripting still works after unpatch.
-    torch.testing.assert_close(torch.jit.script(torch.nn.CrossEntropyLoss())(x, y), TORCH_CROSS_ENTROPY(x, y))
+    torch.testing.assert_close(got_fn, xent_ext.cross_entropy(x, y, reduction="sum"), rtol=0, atol=0)
+    torch.testing.assert_close(got_module, TORCH_CROSS_ENTROPY(x, y, label_smoothing=0.1))
+    # After unpatch, newly scripted torch code compiles to torch's operator again.
+    unpatched = torch.jit.script(torch.nn.CrossEntropyLoss())
+    assert "aten::cross_entropy_loss" in {node.kind() for node in unpatched.inlined_graph.nodes()}
+    torch.testing.assert_close(unpatched(x, y), TORCH_CROSS_ENTROPY(x, y))
 
 
 @pytest.mark.slow

@@ -114,16 +114,30 @@ def _make_forwarder(name: str) -> Callable[..., Any]:
 
 # Note [Scripting a patched function]
 # TorchScript compiles a Python function it meets in scripted code from its
-# source; xent_ext's Python front end is not TorchScript (module-level tuples,
-# torch.compiler checks), so scripting torch.nn.CrossEntropyLoss while patched
-# would fail. TorchScript consults torch._jit_internal.boolean_dispatched before
-# compiling a function (the table behind torch's own boolean-dispatched
-# functionals, e.g. F.max_pool2d): an entry maps the function to two candidates
-# chosen by a constant boolean argument. The forwarder's entry names an
-# argument no caller passes, whose default picks the original both ways, so
-# TorchScript compiles exactly what it compiled before the patch. Eager calls
-# never read the table.
-def _point_torchscript_at(forwarder: Callable[..., Any], original: Any) -> None:
+# source, unless the function is in its table of builtins (function ->
+# operator). xent_ext.cross_entropy is there, as xent_ext::cross_entropy
+# (Note [TorchScript], _torchscript.py); the forwarder is entered under the same
+# operator, so scripting torch.nn.CrossEntropyLoss while patched compiles to
+# xent_ext's operator, as its eager calls use xent_ext. The table is keyed by
+# id(), so every forwarder ever entered is kept alive (a few per process): a
+# later object at a freed address must not inherit the entry. A function
+# without an operator would fail to script from its source; for those the
+# forwarder is entered in torch._jit_internal.boolean_dispatched instead (the
+# table behind torch's own boolean-dispatched functionals, e.g.
+# F.max_pool2d), naming an argument no caller passes, whose default picks the
+# original both ways: TorchScript then compiles what it compiled before the
+# patch. Eager calls never read either table.
+_scripted_forwarders: list[Callable[..., Any]] = []
+
+
+def _point_torchscript_at(forwarder: Callable[..., Any], name: str, original: Any) -> None:
+    from torch.jit import _builtins
+
+    operator = _builtins._find_builtin(getattr(_functional, name))
+    if operator is not None:
+        _scripted_forwarders.append(forwarder)
+        _builtins._register_builtin(forwarder, operator)
+        return
     _jit_internal.boolean_dispatched[forwarder] = {
         "if_true": original,
         "if_false": original,
@@ -163,7 +177,7 @@ def _patch_locked() -> None:
     for module, name in _targets():
         original = getattr(module, name)
         forwarder = _make_forwarder(name)
-        _point_torchscript_at(forwarder, original)
+        _point_torchscript_at(forwarder, name, original)
         _saved[(module, name)] = (original, forwarder)
         setattr(module, name, forwarder)
 
