@@ -39,16 +39,18 @@ using namespace ops;
 // the CPU and CUDA ops (ops_common.h), with symbolic sizes. No argument
 // checks: a traced call is checked when it runs.
 
-std::tuple<Tensor, Tensor, Tensor> index_forward_meta(
-    const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction) {
-  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/false);
-  return {out.loss, out.lse, out.total_weight};
+std::tuple<Tensor, Tensor, Tensor> index_forward_meta(const Tensor& input, const Tensor&,
+                                                      const std::optional<Tensor>&, int64_t, double, int64_t reduction,
+                                                      std::optional<at::ScalarType> loss_dtype) {
+  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/false, loss_dtype);
+  return {out.loss, out.row_stats, out.total_weight};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_meta(
-    const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction) {
-  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/true);
-  return {out.loss, out.lse, out.total_weight, out.grad_input};
+    const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction,
+    std::optional<at::ScalarType> loss_dtype) {
+  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/true, loss_dtype);
+  return {out.loss, out.row_stats, out.total_weight, out.grad_input};
 }
 
 Tensor index_backward_meta(const Tensor&, const Tensor& input, const Tensor&, const std::optional<Tensor>&,
@@ -56,10 +58,20 @@ Tensor index_backward_meta(const Tensor&, const Tensor& input, const Tensor&, co
   return empty_gradient(input);
 }
 
-std::tuple<Tensor, Tensor, Tensor> prob_forward_meta(
-    const Tensor& input, const Tensor&, const std::optional<Tensor>&, double, int64_t reduction) {
-  const ProbForwardOutputs out = prob_forward_outputs(input, reduction);
-  return {out.loss, out.lse, out.coef_sum};
+std::tuple<Tensor, Tensor, Tensor> prob_forward_meta(const Tensor& input, const Tensor&,
+                                                     const std::optional<Tensor>&, double, int64_t reduction,
+                                                     std::optional<at::ScalarType> loss_dtype) {
+  const ProbForwardOutputs out = prob_forward_outputs(input, reduction, loss_dtype);
+  return {out.loss, out.row_stats, out.coef_sum};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prob_forward_with_grad_meta(
+    const Tensor& input, const Tensor& target, const std::optional<Tensor>&, double, int64_t reduction,
+    bool input_grad, bool target_grad, std::optional<at::ScalarType> loss_dtype) {
+  const ProbForwardOutputs out = prob_forward_outputs(input, reduction, loss_dtype);
+  const auto [grad_input, grad_target] =
+      prob_backward_result(prob_backward_outputs(input, target, input_grad, target_grad), input);
+  return {out.loss, out.row_stats, out.coef_sum, grad_input, grad_target};
 }
 
 std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input, const Tensor& target,
@@ -75,10 +87,18 @@ std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input
 // Inputs are canonical: logits (N, C, K) with any strides, class-index
 // targets (N, K), probability targets (N, C, K). The Python layer reshapes
 // every torch-accepted shape to this. `reduction` uses torch's enum (0 none,
-// 1 mean, 2 sum). Forwards return (loss, lse, aux): lse (N, K) float64 is
-// what the backward recomputes softmax from; aux is the weighted-mean
-// denominator (index) or the per-row Σ w q (probability). The *_with_grad
-// forward also returns the input gradient for an upstream gradient of 1.
+// 1 mean, 2 sum). Forwards return (loss, row_stats, aux): row_stats (2, N, K)
+// float64 holds each row's max and log Σ exp(x - max) (Note [Row max and
+// log-sum apart], common/xent_math.h), what the backward forms softmax
+// from; aux is the weighted-mean denominator (index) or the per-row Σ w q
+// (probability). The *_with_grad forwards also return the gradients for an
+// upstream gradient of 1 (of 1 on every row for 'none': the gradient of the
+// sum of the rows' losses); the probability one, as
+// cross_entropy_prob_backward, those asked for by input_grad and target_grad,
+// and empty tensors for the others.
+// loss_dtype, on every forward: None for a loss in the input's dtype, the
+// accumulation dtype for one in that (autocast; Note [Loss dtype],
+// ops_common.h); the backward ops take a grad_loss of either dtype.
 // Room to grow without breaking callers: new options (z_loss, logit_softcap,
 // logit_scale) are appended as trailing arguments with defaults that mean
 // "off", which keeps old call sites valid; an in-place gradient is a
@@ -87,19 +107,25 @@ std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input
 TORCH_LIBRARY(xent_ext, m) {
   m.def(
       "cross_entropy_index_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction) -> (Tensor loss, Tensor lse, Tensor total_weight)");
+      "float label_smoothing, int reduction, ScalarType? loss_dtype=None) "
+      "-> (Tensor loss, Tensor row_stats, Tensor total_weight)");
   m.def(
       "cross_entropy_index_forward_with_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction) -> (Tensor loss, Tensor lse, Tensor total_weight, Tensor grad_input)");
+      "float label_smoothing, int reduction, ScalarType? loss_dtype=None) "
+      "-> (Tensor loss, Tensor row_stats, Tensor total_weight, Tensor grad_input)");
   m.def(
       "cross_entropy_index_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor lse, Tensor total_weight, int ignore_index, float label_smoothing, int reduction) -> Tensor");
+      "Tensor row_stats, Tensor total_weight, int ignore_index, float label_smoothing, int reduction) -> Tensor");
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
-      "int reduction) -> (Tensor loss, Tensor lse, Tensor coef_sum)");
+      "int reduction, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor row_stats, Tensor coef_sum)");
+  m.def(
+      "cross_entropy_prob_forward_with_grad(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
+      "int reduction, bool input_grad, bool target_grad, ScalarType? loss_dtype=None) "
+      "-> (Tensor loss, Tensor row_stats, Tensor coef_sum, Tensor grad_input, Tensor grad_target)");
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor lse, Tensor coef_sum, float label_smoothing, int reduction, bool input_grad, bool target_grad) "
+      "Tensor row_stats, Tensor coef_sum, float label_smoothing, int reduction, bool input_grad, bool target_grad) "
       "-> (Tensor grad_input, Tensor grad_target)");
 }
 
@@ -109,4 +135,5 @@ TORCH_LIBRARY_IMPL(xent_ext, Meta, m) {
   m.impl("cross_entropy_index_backward", &xent_ext::index_backward_meta);
   m.impl("cross_entropy_prob_forward", &xent_ext::prob_forward_meta);
   m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_meta);
+  m.impl("cross_entropy_prob_forward_with_grad", &xent_ext::prob_forward_with_grad_meta);
 }

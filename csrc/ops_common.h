@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 
 #include <atomic>
 #include <optional>
@@ -31,6 +32,28 @@ inline void check_input(const Tensor& input, const char* op) {
   const at::ScalarType t = input.scalar_type();
   TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
               ": expected float64, float32, bfloat16 or float16 input, got ", t);
+}
+
+// Note [Loss dtype]
+// Every forward takes loss_dtype: None (or the input's own dtype) writes the
+// loss in the input's dtype; the accumulation dtype (Note [Accumulation
+// dtype]) writes it in that, straight from the kernels' accumulators. That is
+// what autocast asks of cross-entropy (torch runs it in fp32): bf16 or fp16
+// logits are read as they are and give an fp32 loss, with no fp32 copy of the
+// logits. The gradient is always in the input's dtype, and the backward ops
+// take an upstream gradient of either dtype.
+inline at::ScalarType loss_dtype_of(const Tensor& input, std::optional<at::ScalarType> loss_dtype) {
+  return loss_dtype.value_or(input.scalar_type());
+}
+
+inline void check_loss_dtype(const Tensor& input, std::optional<at::ScalarType> loss_dtype, const char* op) {
+  if (!loss_dtype.has_value()) {
+    return;
+  }
+  const at::ScalarType t = input.scalar_type();
+  TORCH_CHECK(*loss_dtype == t || *loss_dtype == accumulation_dtype(t), op,
+              ": loss_dtype must be None, the input's dtype (", t, ") or its accumulation dtype (",
+              accumulation_dtype(t), "), got ", *loss_dtype);
 }
 
 inline void check_reduction(int64_t reduction, const char* op) {
@@ -68,10 +91,14 @@ inline void check_same_device(const Tensor& t, const Tensor& input, const char* 
               input.device());
 }
 
+// grad_loss: of the input's dtype or of the accumulation dtype (the loss's
+// under autocast, Note [Loss dtype]).
 inline void check_grad_loss(const Tensor& grad_loss, const Tensor& input, int64_t reduction, const char* op) {
   check_same_device(grad_loss, input, "grad_loss", op);
-  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss has dtype ",
-              grad_loss.scalar_type(), " but input has ", input.scalar_type());
+  const at::ScalarType t = input.scalar_type();
+  TORCH_CHECK(grad_loss.scalar_type() == t || grad_loss.scalar_type() == accumulation_dtype(t), op,
+              ": expected grad_loss of the input's dtype (", t, ") or its accumulation dtype (",
+              accumulation_dtype(t), "), got ", grad_loss.scalar_type());
   if (reduction == kReductionNone) {
     TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == input.size(0) && grad_loss.size(1) == input.size(2),
                 op, ": expected grad_loss of shape [", input.size(0), ", ", input.size(2), "], got ",
@@ -79,6 +106,16 @@ inline void check_grad_loss(const Tensor& grad_loss, const Tensor& input, int64_
   } else {
     TORCH_CHECK(grad_loss.numel() == 1, op, ": expected a scalar grad_loss, got shape ", grad_loss.sizes());
   }
+}
+
+// row_stats: the (2, N, K) float64 statistics the forward returned (Note [Row
+// max and log-sum apart], common/xent_math.h).
+inline void check_row_stats(const Tensor& row_stats, const Tensor& input, const char* op) {
+  check_same_device(row_stats, input, "row_stats", op);
+  TORCH_CHECK(row_stats.scalar_type() == at::kDouble && row_stats.dim() == 3 && row_stats.size(0) == 2 &&
+                  row_stats.size(1) == input.size(0) && row_stats.size(2) == input.size(2),
+              op, ": expected row_stats of dtype Double and shape [2, ", input.size(0), ", ", input.size(2),
+              "] (as returned by the forward), got ", row_stats.scalar_type(), " ", row_stats.sizes());
 }
 
 inline void check_row_stat(const Tensor& t, const Tensor& input, at::ScalarType dtype, const char* name, const char* op) {
@@ -111,25 +148,25 @@ inline void check_forward_args(const Tensor& input, int64_t reduction, const cha
   check_reduction(reduction, op);
 }
 
-inline void check_fused_reduction(int64_t reduction, const char* op) {
-  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum, op,
-              ": reduction must be 1 (mean) or 2 (sum): with 'none' the upstream gradient differs per row, got ",
-              reduction);
+inline void check_forward_args(const Tensor& input, int64_t reduction, std::optional<at::ScalarType> loss_dtype,
+                               const char* op) {
+  check_forward_args(input, reduction, op);
+  check_loss_dtype(input, loss_dtype, op);
 }
 
-inline void check_index_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& lse,
+inline void check_index_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& row_stats,
                                       const Tensor& total_weight, int64_t reduction, const char* op) {
   check_forward_args(input, reduction, op);
   check_grad_loss(grad_loss, input, reduction, op);
-  check_row_stat(lse, input, at::kDouble, "lse", op);
+  check_row_stats(row_stats, input, op);
   check_total_weight(total_weight, input, op);
 }
 
-inline void check_prob_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& lse,
+inline void check_prob_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& row_stats,
                                      const Tensor& coef_sum, int64_t reduction, const char* op) {
   check_forward_args(input, reduction, op);
   check_grad_loss(grad_loss, input, reduction, op);
-  check_row_stat(lse, input, at::kDouble, "lse", op);
+  check_row_stats(row_stats, input, op);
   check_row_stat(coef_sum, input, accumulation_dtype(input.scalar_type()), "coef_sum", op);
 }
 
@@ -154,27 +191,34 @@ inline Tensor row_output(const Tensor& input, at::ScalarType dtype) {
   return at::empty_symint({input.sym_size(0), input.sym_size(2)}, input.options().dtype(dtype));
 }
 
-// 'none': (N, K); 'mean' and 'sum': 0-d; the input's dtype.
-inline Tensor loss_output(const Tensor& input, int64_t reduction) {
+// (2, N, K) float64: row_stats[0] the row max, row_stats[1] the log-sum
+// (Note [Row max and log-sum apart], common/xent_math.h).
+inline Tensor row_stats_output(const Tensor& input) {
+  return at::empty_symint({2, input.sym_size(0), input.sym_size(2)}, input.options().dtype(at::kDouble));
+}
+
+// 'none': (N, K); 'mean' and 'sum': 0-d; of dtype `dtype` (loss_dtype_of).
+inline Tensor loss_output(const Tensor& input, int64_t reduction, at::ScalarType dtype) {
   if (reduction == kReductionNone) {
-    return row_output(input, input.scalar_type());
+    return row_output(input, dtype);
   }
-  return at::empty({}, input.options());
+  return at::empty({}, input.options().dtype(dtype));
 }
 
 struct IndexForwardOutputs {
-  Tensor loss;          // 'none': (N, K) contiguous; else 0-d; the input's dtype
-  Tensor lse;           // (N, K) float64, contiguous
+  Tensor loss;          // 'none': (N, K) contiguous; else 0-d; loss_dtype (Note [Loss dtype])
+  Tensor row_stats;     // (2, N, K) float64, contiguous: [row max, log Σ exp(x - max)]
   Tensor total_weight;  // 0-d accumulation dtype: Σ w[y] over the rows not ignored
-  Tensor grad_input;    // the *_with_grad forward only ('mean'/'sum'): d(loss)/d(input)
-                        // for an upstream gradient of 1, (N, C, K); else undefined
+  Tensor grad_input;    // the *_with_grad forward only: d(loss)/d(input) for an upstream
+                        // gradient of 1 ('none': d(Σ_rows loss)/d(input)), (N, C, K); else undefined
 };
 
 inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t reduction, bool with_grad,
+                                                 std::optional<at::ScalarType> loss_dtype,
                                                  GradientAllocator gradient = empty_gradient) {
   IndexForwardOutputs out;
-  out.loss = loss_output(input, reduction);
-  out.lse = row_output(input, at::kDouble);
+  out.loss = loss_output(input, reduction, loss_dtype_of(input, loss_dtype));
+  out.row_stats = row_stats_output(input);
   out.total_weight = at::empty({}, input.options().dtype(accumulation_dtype(input.scalar_type())));
   if (with_grad) {
     out.grad_input = gradient(input);
@@ -184,12 +228,13 @@ inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t re
 
 struct ProbForwardOutputs {
   Tensor loss;      // as IndexForwardOutputs::loss
-  Tensor lse;       // (N, K) float64, contiguous
+  Tensor row_stats;  // as IndexForwardOutputs::row_stats
   Tensor coef_sum;  // (N, K) accumulation dtype, contiguous: Σ_c w_c q_c
 };
 
-inline ProbForwardOutputs prob_forward_outputs(const Tensor& input, int64_t reduction) {
-  return {loss_output(input, reduction), row_output(input, at::kDouble),
+inline ProbForwardOutputs prob_forward_outputs(const Tensor& input, int64_t reduction,
+                                               std::optional<at::ScalarType> loss_dtype) {
+  return {loss_output(input, reduction, loss_dtype_of(input, loss_dtype)), row_stats_output(input),
           row_output(input, accumulation_dtype(input.scalar_type()))};
 }
 
@@ -225,19 +270,18 @@ struct IndexForwardCall {
   int64_t ignore_index;
   double label_smoothing;  // <= 0 means off
   int64_t reduction;       // torch's enum (Reduction in common/xent_math.h)
+  at::ScalarType loss_dtype;  // the loss's: the input's or the accumulation dtype (Note [Loss dtype])
   IndexForwardOutputs out;
 };
 
-// with_grad: the *_with_grad forward (mean or sum only), which also writes the
-// input gradient for an upstream gradient of 1.
+// with_grad: the *_with_grad forward, which also writes the input gradient
+// for an upstream gradient of 1 (for 'none', of 1 on every row).
 inline IndexForwardCall index_forward_prologue(const Tensor& input, const Tensor& target,
                                                const std::optional<Tensor>& weight, int64_t ignore_index,
-                                               double label_smoothing, int64_t reduction, bool with_grad,
+                                               double label_smoothing, int64_t reduction,
+                                               std::optional<at::ScalarType> loss_dtype, bool with_grad,
                                                const char* op, GradientAllocator gradient = empty_gradient) {
-  if (with_grad) {
-    check_fused_reduction(reduction, op);
-  }
-  check_forward_args(input, reduction, op);
+  check_forward_args(input, reduction, loss_dtype, op);
   IndexForwardCall c;
   c.input = input;
   c.target = canonical_index_target(target, input, op);
@@ -245,16 +289,17 @@ inline IndexForwardCall index_forward_prologue(const Tensor& input, const Tensor
   c.ignore_index = ignore_index;
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
-  c.out = index_forward_outputs(input, reduction, with_grad, gradient);
+  c.loss_dtype = loss_dtype_of(input, loss_dtype);
+  c.out = index_forward_outputs(input, reduction, with_grad, loss_dtype, gradient);
   return c;
 }
 
 struct IndexBackwardCall {
-  Tensor grad_loss;  // 'none': (N, K) any strides; else 0-d
+  Tensor grad_loss;  // 'none': (N, K) any strides; else 0-d; the input's or the accumulation dtype
   Tensor input;
   Tensor target;
   Tensor weight;
-  Tensor lse;  // contiguous
+  Tensor row_stats;  // (2, N, K) float64, contiguous
   Tensor total_weight;
   int64_t ignore_index;
   double label_smoothing;
@@ -263,17 +308,17 @@ struct IndexBackwardCall {
 };
 
 inline IndexBackwardCall index_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
-                                                 const std::optional<Tensor>& weight, const Tensor& lse,
+                                                 const std::optional<Tensor>& weight, const Tensor& row_stats,
                                                  const Tensor& total_weight, int64_t ignore_index,
                                                  double label_smoothing, int64_t reduction, const char* op,
                                                  GradientAllocator gradient = empty_gradient) {
-  check_index_backward_args(grad_loss, input, lse, total_weight, reduction, op);
+  check_index_backward_args(grad_loss, input, row_stats, total_weight, reduction, op);
   IndexBackwardCall c;
   c.grad_loss = grad_loss;
   c.input = input;
   c.target = canonical_index_target(target, input, op);
   c.weight = canonical_weight(weight, input, op);
-  c.lse = lse.contiguous();
+  c.row_stats = row_stats.contiguous();
   c.total_weight = total_weight;
   c.ignore_index = ignore_index;
   c.label_smoothing = label_smoothing;
@@ -288,20 +333,23 @@ struct ProbForwardCall {
   Tensor weight;
   double label_smoothing;
   int64_t reduction;
+  at::ScalarType loss_dtype;  // as IndexForwardCall::loss_dtype
   ProbForwardOutputs out;
 };
 
 inline ProbForwardCall prob_forward_prologue(const Tensor& input, const Tensor& target,
                                              const std::optional<Tensor>& weight, double label_smoothing,
-                                             int64_t reduction, const char* op) {
-  check_forward_args(input, reduction, op);
+                                             int64_t reduction, std::optional<at::ScalarType> loss_dtype,
+                                             const char* op) {
+  check_forward_args(input, reduction, loss_dtype, op);
   ProbForwardCall c;
   c.input = input;
   c.target = canonical_prob_target(target, input, op);
   c.weight = canonical_weight(weight, input, op);
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
-  c.out = prob_forward_outputs(input, reduction);
+  c.loss_dtype = loss_dtype_of(input, loss_dtype);
+  c.out = prob_forward_outputs(input, reduction, loss_dtype);
   return c;
 }
 
@@ -310,29 +358,49 @@ struct ProbBackwardCall {
   Tensor input;
   Tensor target;
   Tensor weight;
-  Tensor lse;       // contiguous
-  Tensor coef_sum;  // contiguous
+  Tensor row_stats;  // (2, N, K) float64, contiguous
+  Tensor coef_sum;   // contiguous
   double label_smoothing;
   int64_t reduction;
   ProbBackwardOutputs out;
 };
 
 inline ProbBackwardCall prob_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
-                                               const std::optional<Tensor>& weight, const Tensor& lse,
+                                               const std::optional<Tensor>& weight, const Tensor& row_stats,
                                                const Tensor& coef_sum, double label_smoothing, int64_t reduction,
                                                bool input_grad, bool target_grad, const char* op,
                                                GradientAllocator gradient = empty_gradient) {
-  check_prob_backward_args(grad_loss, input, lse, coef_sum, reduction, op);
+  check_prob_backward_args(grad_loss, input, row_stats, coef_sum, reduction, op);
   ProbBackwardCall c;
   c.grad_loss = grad_loss;
   c.input = input;
   c.target = canonical_prob_target(target, input, op);
   c.weight = canonical_weight(weight, input, op);
-  c.lse = lse.contiguous();
+  c.row_stats = row_stats.contiguous();
   c.coef_sum = coef_sum.contiguous();
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
   c.out = prob_backward_outputs(input, c.target, input_grad, target_grad, gradient);
+  return c;
+}
+
+// The gradients the probability forward with gradient
+// (cross_entropy_prob_forward_with_grad) returns, as the backward computes
+// them from the forward's results for an upstream gradient of 1: for 'none'
+// that of the sum of the rows' losses, which is the gradient of each row's
+// loss for an upstream gradient of 1 on every row.
+inline ProbBackwardCall prob_unit_backward_call(const ProbForwardCall& f, bool input_grad, bool target_grad,
+                                                GradientAllocator gradient = empty_gradient) {
+  ProbBackwardCall c;
+  c.grad_loss = at::ones({}, f.input.options());
+  c.input = f.input;
+  c.target = f.target;
+  c.weight = f.weight;
+  c.row_stats = f.out.row_stats;
+  c.coef_sum = f.out.coef_sum;
+  c.label_smoothing = f.label_smoothing;
+  c.reduction = f.reduction == kReductionNone ? kReductionSum : f.reduction;
+  c.out = prob_backward_outputs(f.input, f.target, input_grad, target_grad, gradient);
   return c;
 }
 

@@ -8,6 +8,9 @@
 //   static void prob_forward(const ProbForwardCall&);
 //   static void prob_backward(const ProbBackwardCall&);
 //
+// (cross_entropy_prob_forward_with_grad runs prob_forward, then
+// prob_backward for an upstream gradient of 1.)
+//
 // and registers the ops with `register_device_ops<Device>(m)` in its
 // TORCH_LIBRARY_IMPL block (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp). Include it
 // from one translation unit per device, inside no namespace of its own: the
@@ -35,11 +38,13 @@ struct DeviceOps {
       const std::optional<Tensor>& weight,
       int64_t ignore_index,
       double label_smoothing,
-      int64_t reduction) {
-    const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
-                                                      /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
+      int64_t reduction,
+      std::optional<at::ScalarType> loss_dtype) {
+    const IndexForwardCall c =
+        index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype,
+                               /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
     Device::index_forward(c);
-    return {c.out.loss, c.out.lse, c.out.total_weight};
+    return {c.out.loss, c.out.row_stats, c.out.total_weight};
   }
 
   // The forward that also writes the gradient for an upstream gradient of 1
@@ -50,12 +55,13 @@ struct DeviceOps {
       const std::optional<Tensor>& weight,
       int64_t ignore_index,
       double label_smoothing,
-      int64_t reduction) {
+      int64_t reduction,
+      std::optional<at::ScalarType> loss_dtype) {
     const IndexForwardCall c =
-        index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true,
-                               "xent_ext::cross_entropy_index_forward_with_grad", Device::gradient);
+        index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype,
+                               /*with_grad=*/true, "xent_ext::cross_entropy_index_forward_with_grad", Device::gradient);
     Device::index_forward(c);
-    return {c.out.loss, c.out.lse, c.out.total_weight, c.out.grad_input};
+    return {c.out.loss, c.out.row_stats, c.out.total_weight, c.out.grad_input};
   }
 
   static Tensor index_backward(
@@ -63,13 +69,13 @@ struct DeviceOps {
       const Tensor& input,
       const Tensor& target,
       const std::optional<Tensor>& weight,
-      const Tensor& lse,
+      const Tensor& row_stats,
       const Tensor& total_weight,
       int64_t ignore_index,
       double label_smoothing,
       int64_t reduction) {
     const IndexBackwardCall c =
-        index_backward_prologue(grad_loss, input, target, weight, lse, total_weight, ignore_index, label_smoothing,
+        index_backward_prologue(grad_loss, input, target, weight, row_stats, total_weight, ignore_index, label_smoothing,
                                 reduction, "xent_ext::cross_entropy_index_backward", Device::gradient);
     Device::index_backward(c);
     return c.grad_input;
@@ -80,11 +86,37 @@ struct DeviceOps {
       const Tensor& target,
       const std::optional<Tensor>& weight,
       double label_smoothing,
-      int64_t reduction) {
-    const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction,
+      int64_t reduction,
+      std::optional<at::ScalarType> loss_dtype) {
+    const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction, loss_dtype,
                                                     "xent_ext::cross_entropy_prob_forward");
     Device::prob_forward(c);
-    return {c.out.loss, c.out.lse, c.out.coef_sum};
+    return {c.out.loss, c.out.row_stats, c.out.coef_sum};
+  }
+
+  // The probability forward, then the backward's kernel for an upstream
+  // gradient of 1 on the forward's results (ops_common.h,
+  // prob_unit_backward_call): two passes over the logits, one op, so that the
+  // first backward of autograd reads only its results (Note [Gradient in the
+  // forward], xent_ext/_ops.py).
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prob_forward_with_grad(
+      const Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      double label_smoothing,
+      int64_t reduction,
+      bool input_grad,
+      bool target_grad,
+      std::optional<at::ScalarType> loss_dtype) {
+    const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction, loss_dtype,
+                                                    "xent_ext::cross_entropy_prob_forward_with_grad");
+    Device::prob_forward(c);
+    const ProbBackwardCall b = prob_unit_backward_call(c, input_grad, target_grad, Device::gradient);
+    if (input_grad || target_grad) {
+      Device::prob_backward(b);
+    }
+    const auto [grad_input, grad_target] = prob_backward_result(b.out, c.input);
+    return {c.out.loss, c.out.row_stats, c.out.coef_sum, grad_input, grad_target};
   }
 
   static std::tuple<Tensor, Tensor> prob_backward(
@@ -92,14 +124,14 @@ struct DeviceOps {
       const Tensor& input,
       const Tensor& target,
       const std::optional<Tensor>& weight,
-      const Tensor& lse,
+      const Tensor& row_stats,
       const Tensor& coef_sum,
       double label_smoothing,
       int64_t reduction,
       bool input_grad,
       bool target_grad) {
     const ProbBackwardCall c =
-        prob_backward_prologue(grad_loss, input, target, weight, lse, coef_sum, label_smoothing, reduction, input_grad,
+        prob_backward_prologue(grad_loss, input, target, weight, row_stats, coef_sum, label_smoothing, reduction, input_grad,
                                target_grad, "xent_ext::cross_entropy_prob_backward", Device::gradient);
     if (input_grad || target_grad) {
       Device::prob_backward(c);
@@ -115,6 +147,7 @@ void register_device_ops(torch::Library& m) {
   m.impl("cross_entropy_index_backward", &DeviceOps<Device>::index_backward);
   m.impl("cross_entropy_prob_forward", &DeviceOps<Device>::prob_forward);
   m.impl("cross_entropy_prob_backward", &DeviceOps<Device>::prob_backward);
+  m.impl("cross_entropy_prob_forward_with_grad", &DeviceOps<Device>::prob_forward_with_grad);
 }
 
 }  // namespace ops

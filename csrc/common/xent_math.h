@@ -72,7 +72,7 @@ XENT_HD acc_t neg_inf() {
 // there, and 0 * -inf is nan). Shifting it by ref = -inf would make every
 // x - ref a nan, so such a chunk is accumulated with shift 0 (see
 // `accumulation_shift`) and merged without rescaling. A row of only -inf
-// ends with lse = -inf and a nan loss, as in torch.
+// ends with m = log_sum = -inf and a nan loss, as in torch.
 template <typename acc_t>
 XENT_HD acc_t accumulation_shift(acc_t ref) {
   return ref == neg_inf<acc_t>() ? acc_t(0) : ref;
@@ -105,52 +105,81 @@ XENT_HD void merge(RowStats<acc_t>& a, const RowStats<acc_t>& b) {
   a.ref = m;
 }
 
-// Note [lse in float64]
-// The saved log-sum-exp is kept in double for every input dtype. The backward
-// forms softmax as exp((x - lse_hi) - lse_lo) with lse_hi = float(lse) and
-// lse_lo = float(lse - lse_hi): x - lse_hi is exact near the row's maximum
-// (Sterbenz), so softmax keeps full fp32 accuracy even for logits around 1e4,
-// where a single fp32 lse would be off by up to half an ulp of 1e4 (5e-4).
-// It costs 8 bytes per row.
+// Note [Row max and log-sum apart]
+// What the backward (and the gradient computed in the forward) forms softmax
+// from is kept per row as two float64 numbers, row_stats = (m, log_sum): m
+// the row's largest logit (an input value, so exact in the accumulation
+// type; -inf for a row of only -inf, nan when the row holds a nan) and
+// log_sum = log Σ exp(x - m). Softmax is then exp((x - m) - log_sum), in
+// that order and in the accumulation type, as torch's log_softmax forms its
+// output (x - max - log(sum)). Folding the two into one lse = m + log_sum
+// would lose log_sum to rounding as soon as |m| is large against it: the sum
+// of a large m and a number of order log(C) keeps only the bits of log_sum
+// above m's last place, so a row [M, M, 0] would get softmax [0, 1, 0] rather
+// than [1/2, 1/2, 0] once M is large enough, in any precision. Kept apart,
+// x - m is exact near the maximum (Sterbenz) and log_sum keeps all its bits,
+// whatever the offset of the row. The loss already uses the same split,
+// (m - x_y) + log_sum (index_row_nll).
 //
 // Note [One log per row]
-// Both the loss and the saved lse need log(sum_exp). It is taken once per row,
-// in double: lse = ref + log_sum, and the loss uses acc_t(log_sum), which is
-// at least as accurate as a log in acc_t. sum_exp is in [1, C] for any row
-// with a finite maximum, so log_sum is small and exact enough either way.
-// Taking it once matters for short rows, where two scalar logs per row
-// are a large share of the CPU forward, so the CPU's column walks take it for
-// a group of rows with one vector log (csrc/cpu/kernel/stats.h, row_logs).
+// Both the loss and the saved log_sum need log(sum_exp). It is taken once per
+// row, in double: the saved log_sum is it, and the loss uses
+// acc_t(log_sum), which is at least as accurate as a log in acc_t. sum_exp is
+// in [1, C] for any row with a finite maximum, so log_sum is small and exact
+// enough either way. Taking it once matters for short rows, where two scalar
+// logs per row are a large share of the CPU forward, so the CPU's column
+// walks take it for a group of rows with one vector log
+// (csrc/cpu/kernel/stats.h, row_logs).
 //
 // Note [Log in the accumulation type]
 // Those column walks take the log in acc_t: for fp32 that is eight rows per
 // AVX2 instruction sequence instead of four in double, and a vector log in
 // double still shows in a short-row forward. sum_exp is itself an
 // fp32 sum, so its log in fp32 (Sleef: within 1 ulp) adds at most an ulp of
-// log(C) to a loss already rounded to fp32; the lse built from it stays
-// within that of the double path's, so the gradient's exp(x - lse) moves by
-// a relative 1e-7 at most. Rows walked one at a time (long rows) keep the
-// double log: one per row costs nothing there.
+// log(C) to a loss already rounded to fp32, and the softmax exp((x - m) -
+// log_sum) moves by about as much, relative. Rows walked one at a time (long
+// rows) keep the double log: one per row costs nothing there.
 XENT_HD double row_log(double sum_exp) {
   return std::log(sum_exp);
 }
 
-XENT_HD double log_sum_exp(double ref, double log_sum) {
-  return ref + log_sum;
-}
-
+// A row's saved statistics (Note [Row max and log-sum apart]) in the
+// accumulation type, as the backward reads them.
 template <typename acc_t>
-struct SplitLse {
-  acc_t hi;
-  acc_t lo;
+struct SoftmaxShift {
+  acc_t max;      // m
+  acc_t log_sum;  // log Σ exp(x - m)
 };
 
 template <typename acc_t>
-XENT_HD SplitLse<acc_t> split_lse(double lse) {
-  const acc_t hi = static_cast<acc_t>(lse);
-  // Subtracting inf from inf would give nan; a non-finite lse has no low part.
-  const acc_t lo = std::isfinite(lse) ? static_cast<acc_t>(lse - static_cast<double>(hi)) : acc_t(0);
-  return {hi, lo};
+XENT_HD SoftmaxShift<acc_t> softmax_shift(double max, double log_sum) {
+  return {static_cast<acc_t>(max), static_cast<acc_t>(log_sum)};
+}
+
+// log softmax of one logit: (x - m) - log_sum, in this order.
+template <typename acc_t>
+XENT_HD acc_t log_softmax(acc_t x, const SoftmaxShift<acc_t>& s) {
+  return (x - s.max) - s.log_sum;
+}
+
+// Whether every softmax value of the row is finite (so 0 * softmax is 0).
+XENT_HD bool finite_softmax(double max, double log_sum) {
+  return std::isfinite(max) && std::isfinite(log_sum);
+}
+
+// Note [Kept exps and the row statistics]
+// A gradient formed from exps kept over a chunk, e_c = exp(x_c - shift) with
+// shift the chunk's accumulation_shift, reaches softmax as e_c times this
+// factor, exp((shift - m) - log_sum): the same split as log_softmax, with
+// shift - m exact whenever it is small. A chunk of only -inf logits (shift 0)
+// kept e_c = 0; its softmax is 0 when the row has a finite maximum, and the
+// factor must then be 0 too, not exp(-m - log_sum), which overflows for a
+// very negative m and would make 0 * inf a nan.
+XENT_HD double kept_exp_factor(double chunk_ref, double max, double log_sum) {
+  if (chunk_ref == neg_inf<double>() && std::isfinite(max)) {
+    return 0.0;
+  }
+  return std::exp((accumulation_shift(chunk_ref) - max) - log_sum);
 }
 
 // Loss of one row with a class-index target (torch's nll + label smoothing,
@@ -228,8 +257,8 @@ XENT_HD SmoothedTarget<acc_t> smoothed_target(acc_t label_smoothing, int64_t num
 //   a = s Σ_c w_c q_c,  b = 0,  d = s,  coef_c = w_c q_c.
 // An ignored row has a = b = d = 0 and still evaluates 0 * softmax, so a nan
 // or +inf logit gives a nan gradient there, exactly as torch's
-// log_softmax_backward does; kernels may write zeros directly when lse is
-// finite (then every softmax value is finite).
+// log_softmax_backward does; kernels may write zeros directly when
+// finite_softmax holds.
 template <typename acc_t>
 struct GradCoefs {
   acc_t a;

@@ -337,8 +337,8 @@ void case_fp64() {
   run_reductions(c);
 }
 
-// The gradient computed in the forward, scaled by an upstream gradient other
-// than 1 (in place for fp32 or a power of two, recomputed for bf16 otherwise).
+// The gradient computed in the forward, scaled in place by an upstream
+// gradient other than 1.
 void case_upstream_scale() {
   uint64_t seed = 700;
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
@@ -371,11 +371,15 @@ void case_raw_ops() {
   const Tensor w = (at::rand({C}, gen, f64) + 0.5).to(at::kFloat);
   const Tolerance tol = tolerance_for(at::kFloat);
 
-  // lse is log-sum-exp over classes, in float64.
-  auto [loss_none, lse, total_weight] = xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, kNone);
-  EXPECT(lse.scalar_type() == at::kDouble && lse.sizes() == at::IntArrayRef({N, K}), "lse ", lse.scalar_type(), " ",
-         lse.sizes());
-  expect_close(lse, at::logsumexp(x.to(at::kDouble), 1), tol, "raw: lse");
+  // row_stats: each row's max and log Σ exp(x - max), in float64.
+  auto [loss_none, row_stats, total_weight] =
+      xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, kNone);
+  EXPECT(row_stats.scalar_type() == at::kDouble && row_stats.sizes() == at::IntArrayRef({2, N, K}), "row_stats ",
+         row_stats.scalar_type(), " ", row_stats.sizes());
+  const Tensor x64 = x.to(at::kDouble);
+  const Tensor row_max = std::get<0>(x64.max(1));
+  EXPECT(at::equal(row_stats[0], row_max), "raw: row_stats[0] is not the row max");
+  expect_close(row_stats[1], at::log(at::exp(x64 - row_max.unsqueeze(1)).sum(1)), tol, "raw: row_stats[1]");
   EXPECT(loss_none.sizes() == at::IntArrayRef({N, K}), "raw: 'none' loss shape ", loss_none.sizes());
 
   // Per-row loss against torch (K-dim input: torch takes (N, C, K) as is).
@@ -385,37 +389,54 @@ void case_raw_ops() {
   // backward with a random upstream gradient for 'none', against autograd.
   const Tensor g = at::randn({N, K}, gen, f64).to(at::kFloat);
   const Tensor grad =
-      xent_ext::cross_entropy_index_backward(g, x, y, w, lse, total_weight, ignore_index, smoothing, kNone);
+      xent_ext::cross_entropy_index_backward(g, x, y, w, row_stats, total_weight, ignore_index, smoothing, kNone);
   Tensor x_ref = x.detach().requires_grad_(true);
   torch::autograd::backward({F::cross_entropy(x_ref, y, options.reduction(torch::kNone))}, {g});
   expect_close(grad, x_ref.grad(), tol, "raw: index backward ('none')");
 
   // forward_with_grad: the same loss as the forward, and the gradient the
   // backward computes for an upstream gradient of 1.
-  for (int64_t r : {kMean, kSum}) {
-    auto [loss, lse1, tw] = xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, r);
-    auto [loss2, lse2, tw2, grad2] =
+  for (int64_t r : {kNone, kMean, kSum}) {
+    auto [loss, stats1, tw] = xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, r);
+    auto [loss2, stats2, tw2, grad2] =
         xent_ext::cross_entropy_index_forward_with_grad(x, y, w, ignore_index, smoothing, r);
-    EXPECT(at::equal(loss, loss2) && at::equal(lse1, lse2) && at::equal(tw, tw2), "raw: forward_with_grad (",
-           reduction_name(r), ") differs from forward: ", loss.item<double>(), " vs ", loss2.item<double>());
-    const Tensor one = at::ones({}, x.options());
-    const Tensor grad1 = xent_ext::cross_entropy_index_backward(one, x, y, w, lse1, tw, ignore_index, smoothing, r);
-    expect_close(grad2, grad1, {1e-6, 1e-7}, std::string("raw: forward_with_grad gradient (") + reduction_name(r) + ")");
+    EXPECT(at::equal(loss, loss2) && at::equal(stats1, stats2) && at::equal(tw, tw2), "raw: forward_with_grad (",
+           reduction_name(r), ") differs from forward");
+    // 'none': the gradient for an upstream gradient of 1 on every row.
+    const Tensor one = at::ones(loss.sizes(), x.options());
+    const Tensor grad1 = xent_ext::cross_entropy_index_backward(one, x, y, w, stats1, tw, ignore_index, smoothing, r);
+    EXPECT(at::equal(grad2, grad1), "raw: forward_with_grad gradient (", reduction_name(r),
+           ") differs from the backward's");
     Tensor xr = x.detach().requires_grad_(true);
-    F::cross_entropy(xr, y, options.reduction(torch_reduction(r))).backward();
+    F::cross_entropy(xr, y, options.reduction(torch_reduction(r))).sum().backward();
     expect_close(grad2, xr.grad(), tol, std::string("raw: forward_with_grad vs torch (") + reduction_name(r) + ")");
   }
-  bool threw = false;
-  try {
-    xent_ext::cross_entropy_index_forward_with_grad(x, y, w, ignore_index, smoothing, kNone);
-  } catch (const c10::Error&) {
-    threw = true;
+
+  // loss_dtype: the loss in the accumulation dtype, the same number before its
+  // last rounding; the backward takes grad_loss in either dtype.
+  {
+    const Tensor xb = x.to(at::kBFloat16);
+    auto [lb, sb, twb] = xent_ext::cross_entropy_index_forward(xb, y, w, ignore_index, smoothing, kNone);
+    auto [lf, sf, twf] = xent_ext::cross_entropy_index_forward(xb, y, w, ignore_index, smoothing, kNone, at::kFloat);
+    EXPECT(lb.scalar_type() == at::kBFloat16 && lf.scalar_type() == at::kFloat, "raw: loss_dtype ", lf.scalar_type());
+    EXPECT(at::equal(lf.to(at::kBFloat16), lb) && at::equal(sb, sf), "raw: loss_dtype changes the values");
+    const Tensor gb = xent_ext::cross_entropy_index_backward(g.to(at::kBFloat16), xb, y, w, sb, twb, ignore_index,
+                                                             smoothing, kNone);
+    const Tensor gf = xent_ext::cross_entropy_index_backward(g.to(at::kBFloat16).to(at::kFloat), xb, y, w, sb, twb,
+                                                             ignore_index, smoothing, kNone);
+    EXPECT(gf.scalar_type() == at::kBFloat16 && at::equal(gb, gf), "raw: grad_loss dtype changes the gradient");
+    bool bad_dtype = false;
+    try {
+      xent_ext::cross_entropy_index_forward(xb, y, w, ignore_index, smoothing, kNone, at::kDouble);
+    } catch (const c10::Error&) {
+      bad_dtype = true;
+    }
+    EXPECT(bad_dtype, "raw: loss_dtype float64 accepted for bfloat16 input");
   }
-  EXPECT(threw, "raw: forward_with_grad accepted reduction 'none'");
 
   // Probability targets: gradients only where asked for.
   const Tensor q = at::softmax(at::randn({N, C, K}, gen, f64), 1).to(at::kFloat);
-  auto [ploss, plse, coef_sum] = xent_ext::cross_entropy_prob_forward(x, q, w, smoothing, kMean);
+  auto [ploss, pstats, coef_sum] = xent_ext::cross_entropy_prob_forward(x, q, w, smoothing, kMean);
   auto popt = F::CrossEntropyFuncOptions().weight(w).label_smoothing(smoothing);
   Tensor xr = x.detach().requires_grad_(true);
   Tensor qr = q.detach().requires_grad_(true);
@@ -423,12 +444,121 @@ void case_raw_ops() {
   pref.backward();
   expect_close(ploss, pref, tol, "raw: prob forward");
   const Tensor one = at::ones({}, x.options());
-  auto [gi, gt] = xent_ext::cross_entropy_prob_backward(one, x, q, w, plse, coef_sum, smoothing, kMean, true, true);
+  auto [gi, gt] = xent_ext::cross_entropy_prob_backward(one, x, q, w, pstats, coef_sum, smoothing, kMean, true, true);
   expect_close(gi, xr.grad(), tol, "raw: prob backward input");
   expect_close(gt, qr.grad(), tol, "raw: prob backward target");
-  auto [gi2, gt2] = xent_ext::cross_entropy_prob_backward(one, x, q, w, plse, coef_sum, smoothing, kMean, true, false);
+  auto [gi2, gt2] = xent_ext::cross_entropy_prob_backward(one, x, q, w, pstats, coef_sum, smoothing, kMean, true, false);
   EXPECT(gt2.numel() == 0, "raw: target gradient not asked for, got shape ", gt2.sizes());
   EXPECT(at::equal(gi, gi2), "raw: input gradient depends on target_grad");
+  // The probability forward with gradient: the forward's results and the
+  // backward's gradients for an upstream gradient of 1, those asked for.
+  auto [floss, fstats, fcoef, fgi, fgt] =
+      xent_ext::cross_entropy_prob_forward_with_grad(x, q, w, smoothing, kMean, true, false);
+  EXPECT(at::equal(floss, ploss) && at::equal(fstats, pstats) && at::equal(fcoef, coef_sum) && at::equal(fgi, gi) &&
+             fgt.numel() == 0,
+         "raw: prob forward with gradient differs from forward + backward");
+}
+
+// Under autocast (at::autocast on the CPU), as torch: a float32 loss from
+// bfloat16 logits (read without a float32 copy), the gradient in bfloat16; the
+// values those of torch's float32 computation.
+void case_autocast() {
+  at::Generator gen = make_gen(950);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t N = 12, C = 257;
+  const Tensor x = (at::randn({N, C}, gen, f64) * 3).to(at::kBFloat16);
+  const Tensor y = at::randint(0, C, {N}, gen, at::TensorOptions().dtype(at::kLong));
+  const Tensor q = at::softmax(at::randn({N, C}, gen, f64), 1).to(at::kBFloat16);
+  const Tensor w = (at::rand({C}, gen, f64) + 0.5).to(at::kBFloat16);
+  struct AutocastOn {
+    bool was = at::autocast::is_autocast_enabled(at::kCPU);
+    at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCPU);
+    AutocastOn() {
+      at::autocast::set_autocast_enabled(at::kCPU, true);
+      at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    }
+    ~AutocastOn() {
+      at::autocast::set_autocast_enabled(at::kCPU, was);
+      at::autocast::set_autocast_dtype(at::kCPU, dtype);
+      at::autocast::clear_cache();
+    }
+  };
+  for (bool prob : {false, true}) {
+    for (int64_t r : {kNone, kMean, kSum}) {
+      const std::string what = std::string("autocast ") + (prob ? "prob " : "index ") + reduction_name(r);
+      Tensor xo = x.detach().requires_grad_(true);
+      Tensor xt = x.detach().requires_grad_(true);
+      Tensor loss, ref;
+      {
+        AutocastOn on;
+        loss = xent_ext::cross_entropy(xo, prob ? q : y, w, -100, 0.1, r);
+        ref = F::cross_entropy(xt, prob ? q : y,
+                               F::CrossEntropyFuncOptions().weight(w).label_smoothing(0.1).reduction(torch_reduction(r)));
+      }
+      EXPECT(loss.scalar_type() == at::kFloat && ref.scalar_type() == at::kFloat, what, ": loss dtype ",
+             loss.scalar_type(), ", torch's ", ref.scalar_type());
+      expect_close(loss, ref, tolerance_for(at::kFloat), what + ": loss");
+      const Tensor g = at::randn(loss.sizes(), gen, f64).to(at::kFloat);
+      torch::autograd::backward({loss}, {g});
+      torch::autograd::backward({ref}, {g});
+      EXPECT(xo.grad().scalar_type() == at::kBFloat16, what, ": gradient dtype ", xo.grad().scalar_type());
+      expect_close(xo.grad(), xt.grad(), {2.0 / 128, 1e-3}, what + ": input gradient");
+    }
+  }
+}
+
+// Logits modified in place after the forward: the first backward does not
+// read them (torch's log_softmax keeps its output), so its gradient is
+// torch's; a second backward would read them, and autograd throws.
+void case_inplace_edit() {
+  at::Generator gen = make_gen(960);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t N = 9, C = 40;
+  const Tensor h = at::randn({N, C}, gen, f64).to(at::kFloat);
+  const Tensor y = at::randint(0, C, {N}, gen, at::TensorOptions().dtype(at::kLong));
+  const Tensor q = at::softmax(at::randn({N, C}, gen, f64), 1).to(at::kFloat);
+  for (bool prob : {false, true}) {
+    for (int64_t r : {kNone, kMean, kSum}) {
+      const std::string what = std::string("inplace ") + (prob ? "prob " : "index ") + reduction_name(r);
+      Tensor leaf = h.detach().requires_grad_(true);
+      Tensor leaf_ref = h.detach().requires_grad_(true);
+      Tensor logits = leaf * 2.0, logits_ref = leaf_ref * 2.0;
+      Tensor loss = xent_ext::cross_entropy(logits, prob ? q : y, std::nullopt, -100, 0.1, r);
+      Tensor ref = F::cross_entropy(logits_ref, prob ? q : y,
+                                    F::CrossEntropyFuncOptions().label_smoothing(0.1).reduction(torch_reduction(r)));
+      logits.mul_(3.0);
+      logits_ref.mul_(3.0);
+      const Tensor g = at::randn(loss.sizes(), gen, f64).to(at::kFloat);
+      torch::autograd::backward({loss}, {g}, /*retain_graph=*/true);
+      torch::autograd::backward({ref}, {g});
+      expect_close(leaf.grad(), leaf_ref.grad(), tolerance_for(at::kFloat), what + ": gradient after the edit");
+      bool threw = false;
+      try {
+        torch::autograd::backward({loss}, {g});
+      } catch (const c10::Error& e) {
+        threw = std::string(e.what()).find("modified by an inplace operation") != std::string::npos;
+      }
+      EXPECT(threw, what, ": a second backward after the edit did not throw autograd's in-place error");
+    }
+  }
+}
+
+// Large logits: softmax from the row max and the log-sum kept apart, so
+// x = [[M, M, 0]] with target 0 has the gradient [-1/2, 1/2, 0] at any M.
+void case_magnitude() {
+  for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kBFloat16}) {
+    for (double M : {1e4, 1e16, 1e30}) {
+      for (int64_t r : {kNone, kMean, kSum}) {
+        const Tensor x = at::tensor({M, M, 0.0}, at::TensorOptions().dtype(at::kDouble)).view({1, 3}).to(dtype);
+        const Tensor xr = x.detach().requires_grad_(true);
+        const Tensor loss = xent_ext::cross_entropy(xr, at::zeros({1}, at::kLong), std::nullopt, -100, 0.0, r);
+        loss.sum().backward();
+        const Tensor expect = at::tensor({-0.5, 0.5, 0.0}, at::TensorOptions().dtype(at::kDouble)).view({1, 3});
+        EXPECT(at::equal(xr.grad().to(at::kDouble), expect), "magnitude ", dtype, " M=", M, " ", reduction_name(r),
+               ": gradient ", xr.grad());
+      }
+    }
+  }
 }
 
 // A class index outside [0, C) that is not ignore_index: c10::IndexError,
@@ -487,6 +617,9 @@ const std::vector<std::pair<std::string, void (*)()>>& cases() {
       {"fp64", case_fp64},
       {"upstream_scale", case_upstream_scale},
       {"raw_ops", case_raw_ops},
+      {"autocast", case_autocast},
+      {"magnitude", case_magnitude},
+      {"inplace_edit", case_inplace_edit},
       {"bad_target", case_bad_target},
   };
   return all;

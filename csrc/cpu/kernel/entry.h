@@ -32,11 +32,13 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Upstream gradient of row r: per-row for 'none', the scalar otherwise.
+// Upstream gradient of row r: per-row for 'none', the scalar otherwise; of
+// the input's dtype T or of the accumulation dtype (Note [Loss dtype]).
 template <typename T>
 struct GradOut {
   using acc_t = acc_type<T>;
   const T* per_row = nullptr;
+  const acc_t* per_row_acc = nullptr;
   int64_t sn = 0, sk = 0, K = 1;
   acc_t scalar = 0;
 
@@ -44,17 +46,38 @@ struct GradOut {
   explicit GradOut(double scalar_) : scalar(static_cast<acc_t>(scalar_)) {}
 
   GradOut(const at::Tensor& grad_loss, int64_t reduction, int64_t K_, double scale) : K(K_) {
+    const bool in_acc = grad_loss.scalar_type() != c10::CppTypeToScalarType<T>::value;
     if (reduction == kReductionNone) {
-      per_row = grad_loss.data_ptr<T>();
+      if (in_acc) {
+        per_row_acc = grad_loss.data_ptr<acc_t>();
+      } else {
+        per_row = grad_loss.data_ptr<T>();
+      }
       sn = grad_loss.stride(0);
       sk = grad_loss.stride(1);
     } else {
-      scalar = static_cast<acc_t>(static_cast<double>(*grad_loss.data_ptr<T>()) * scale);
+      const double g = in_acc ? static_cast<double>(*grad_loss.data_ptr<acc_t>())
+                              : static_cast<double>(*grad_loss.data_ptr<T>());
+      scalar = static_cast<acc_t>(g * scale);
     }
   }
   acc_t operator()(int64_t r) const {
-    return per_row ? static_cast<acc_t>(per_row[row_offset(r, K, sn, sk)]) : scalar;
+    if (per_row) {
+      return static_cast<acc_t>(per_row[row_offset(r, K, sn, sk)]);
+    }
+    return per_row_acc ? per_row_acc[row_offset(r, K, sn, sk)] : scalar;
   }
+};
+
+// The (2, N, K) float64 row statistics (Note [Row max and log-sum apart]):
+// max[r] = row_stats[0] of row r, log_sum[r] = row_stats[1].
+template <typename P>
+struct RowStatsOf {
+  P* max;
+  P* log_sum;
+
+  explicit RowStatsOf(const at::Tensor& row_stats)
+      : max(row_stats.data_ptr<double>()), log_sum(max + row_stats.size(1) * row_stats.size(2)) {}
 };
 
 // ---------------------------------------------------------------------------
@@ -89,22 +112,24 @@ struct IndexRows {
   int64_t y(int64_t r) const {
     return target[row_offset(r, K, tn, tk)];
   }
-  GradPlan<acc_t> plan(int64_t r, acc_t grad_scaled, double lse) const {
+  GradPlan<acc_t> plan(int64_t r, acc_t grad_scaled, const RowStatsOf<const double>& stats) const {
     const int64_t t = y(r);
     const bool valid = t != ignore_index;
     const acc_t w_y = valid && w ? w[t] : acc_t(1);
-    return {math::index_grad_coefs<acc_t>(grad_scaled, valid, w_y, weight_sum, eps, C), lse, valid ? t : -1};
+    return {math::index_grad_coefs<acc_t>(grad_scaled, valid, w_y, weight_sum, eps, C), stats.max[r],
+            stats.log_sum[r], valid ? t : -1};
   }
 };
 
 // Note [Gradient in the forward]
-// When the loss is about to be differentiated (input requires grad, reduction
-// 'mean' or 'sum'), the forward also writes the gradient for an upstream
-// gradient of 1, row by row, right after each row's statistics, while the
-// row is still in cache: the logits are read from memory once for forward
-// and backward together (1R + 1W instead of 2R + 1W), and the backward only
-// rescales when the upstream gradient is not 1 (xent_ext/_ops.py). The mean's
-// denominator, needed for that scale, is summed from the targets first.
+// When the loss is about to be differentiated (input requires grad), the
+// forward also writes the gradient for an upstream gradient of 1 (of 1 on
+// every row for 'none'), row by row, right after each row's statistics, while
+// the row is still in cache: the logits are read from memory once for forward
+// and backward together (1R + 1W instead of 2R + 1W), and the first backward
+// only rescales when the upstream gradient is not 1, without reading the
+// logits again (xent_ext/_ops.py). The mean's denominator, needed for that
+// scale, is summed from the targets first.
 template <typename T, Coef kCoef>
 void index_forward_typed(const ops::IndexForwardCall& args) {
   using acc_t = acc_type<T>;
@@ -115,7 +140,7 @@ void index_forward_typed(const ops::IndexForwardCall& args) {
   const T* x = input.data_ptr<T>();
   const IndexRows<T> rows(input, args.target, args.weight, args.ignore_index, args.label_smoothing);
   const bool smoothing = args.label_smoothing > 0;
-  double* lse = args.out.lse.data_ptr<double>();
+  const RowStatsOf<double> stats(args.out.row_stats);
   const CoefSource<T> coef = weight_source<T>(args.weight);
   const Layout<T> L = make_layout<T>(input, nullptr);
 
@@ -146,14 +171,16 @@ void index_forward_typed(const ops::IndexForwardCall& args) {
     const acc_t* const w = rows.w;
     const acc_t eps = rows.eps;
     const T* const xp = x;
-    double* const lse_out = lse;
+    double* const max_out = stats.max;
+    double* const log_sum_out = stats.log_sum;
     acc_t* const loss = loss_out;
     acc_t* const smooth = smooth_out;
     int64_t y[kMaxFinishRows];
     acc_t x_y[kMaxFinishRows];
     TORCH_INTERNAL_ASSERT(n <= kMaxFinishRows);
     for (int64_t j = 0; j < n; ++j) {
-      lse_out[r0 + j] = math::log_sum_exp(st[j].ref, log_sum[j]);
+      max_out[r0 + j] = static_cast<double>(st[j].ref);
+      log_sum_out[r0 + j] = log_sum[j];
       y[j] = target[row_offset(r0 + j, K, tn, tk)];
     }
     for (int64_t j = 0; j < n; ++j) {
@@ -188,7 +215,8 @@ void index_forward_typed(const ops::IndexForwardCall& args) {
         ? static_cast<double>(*args.out.total_weight.data_ptr<acc_t>())
         : 1.0;
     const GradOut<T> unit(1.0 / stored_denominator);
-    const auto plan_of = [&](int64_t r) { return rows.plan(r, unit(r), lse[r]); };
+    const RowStatsOf<const double> saved(args.out.row_stats);
+    const auto plan_of = [&](int64_t r) { return rows.plan(r, unit(r), saved); };
     const auto walker = make_grad_walker<T, kCoef>(L, args.out.grad_input, coef, plan_of);
     for_each_row_stats<T, kCoef>(L, coef, finish, [&](int64_t r0, int64_t n, const auto* exps) {
       walker.rows(r0, n, exps);
@@ -212,12 +240,12 @@ void index_backward_typed(const ops::IndexBackwardCall& args) {
   using acc_t = acc_type<T>;
   const at::Tensor& input = args.input;
   const IndexRows<T> rows(input, args.target, args.weight, args.ignore_index, args.label_smoothing);
-  const double* lse = args.lse.data_ptr<double>();
+  const RowStatsOf<const double> stats(args.row_stats);
   const double scale = args.reduction == kReductionMean
       ? 1.0 / static_cast<double>(*args.total_weight.data_ptr<acc_t>())
       : 1.0;
   const GradOut<T> grad_out(args.grad_loss, args.reduction, input.size(2), scale);
-  const auto plan_of = [&](int64_t r) { return rows.plan(r, grad_out(r), lse[r]); };
+  const auto plan_of = [&](int64_t r) { return rows.plan(r, grad_out(r), stats); };
   const Layout<T> L = make_layout<T>(input, nullptr);
   make_grad_walker<T, kCoef>(L, args.grad_input, weight_source<T>(args.weight), plan_of).run();
 }
@@ -232,7 +260,7 @@ void prob_forward_typed(const ops::ProbForwardCall& args) {
   const at::Tensor& target = args.target;
   const int64_t C = input.size(1);
   const int64_t R = input.size(0) * input.size(2);
-  double* lse = args.out.lse.data_ptr<double>();
+  const RowStatsOf<double> stats(args.out.row_stats);
   acc_t* coef_sum = args.out.coef_sum.data_ptr<acc_t>();
   const CoefSource<T> coef = prob_source<T>(args.weight, args.label_smoothing, C);
 
@@ -241,7 +269,8 @@ void prob_forward_typed(const ops::ProbForwardCall& args) {
       make_layout<T>(input, &target), coef,
       [&](int64_t r0, int64_t n, const RowStats<acc_t>* st, const double* log_sum) {
         for (int64_t j = 0; j < n; ++j) {
-          lse[r0 + j] = math::log_sum_exp(st[j].ref, log_sum[j]);
+          stats.max[r0 + j] = static_cast<double>(st[j].ref);
+          stats.log_sum[r0 + j] = log_sum[j];
           coef_sum[r0 + j] = st[j].coef_sum;
           row_loss[r0 + j] = math::coef_row_loss(st[j], static_cast<acc_t>(log_sum[j]));
         }
@@ -263,7 +292,7 @@ void prob_backward_typed(const ops::ProbBackwardCall& args) {
   const int64_t C = input.size(1), K = input.size(2);
   const Layout<T> L = make_layout<T>(input, &target);
   const int64_t R = L.rows();
-  const double* lse = args.lse.data_ptr<double>();
+  const RowStatsOf<const double> stats(args.row_stats);
   const acc_t* coef_sum = args.coef_sum.data_ptr<acc_t>();
   const CoefSource<T> coef = prob_source<T>(args.weight, args.label_smoothing, C);
   const double scale = args.reduction == kReductionMean ? 1.0 / static_cast<double>(R) : 1.0;
@@ -273,13 +302,13 @@ void prob_backward_typed(const ops::ProbBackwardCall& args) {
     // grad_c = s * (p_c * Σ_c' w q - w_c q_c): a = s Σ w q, d = s, no one-hot.
     const auto plan_of = [&](int64_t r) {
       const acc_t s = grad_out(r);
-      return GradPlan<acc_t>{{s * coef_sum[r], acc_t(0), s}, lse[r], -1};
+      return GradPlan<acc_t>{{s * coef_sum[r], acc_t(0), s}, stats.max[r], stats.log_sum[r], -1};
     };
     make_grad_walker<T, kCoef>(L, args.out.grad_input, coef, plan_of).run();
   }
   if (args.out.grad_target.defined()) {
-    // grad_target_c = -s (1 - eps) w_c (x_c - lse). Rare (targets that require
-    // grad), so a plain loop over rows.
+    // grad_target_c = -s (1 - eps) w_c log_softmax_c. Rare (targets that
+    // require grad), so a plain loop over rows.
     const at::Tensor& gt = args.out.grad_target;
     T* g = gt.data_ptr<T>();
     const int64_t gtc = gt.stride(1);
@@ -287,13 +316,13 @@ void prob_backward_typed(const ops::ProbBackwardCall& args) {
     at::parallel_for(0, R, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const RowView<T> row = L.row(r);
-        const math::SplitLse<acc_t> split = math::split_lse<acc_t>(lse[r]);
+        const math::SoftmaxShift<acc_t> shift = math::softmax_shift<acc_t>(stats.max[r], stats.log_sum[r]);
         const acc_t e = -grad_out(r) * coef.q_scale;
         T* grad_row = g + L.at(r, gts);
         for (int64_t c = 0; c < C; ++c) {
           const acc_t wc = coef.w ? coef.w[c] : acc_t(1);
           const acc_t xc = static_cast<acc_t>(row.x[c * row.x_stride]);
-          grad_row[c * gtc] = static_cast<T>(e * wc * ((xc - split.hi) - split.lo));
+          grad_row[c * gtc] = static_cast<T>(e * wc * math::log_softmax(xc, shift));
         }
       }
     });

@@ -24,7 +24,7 @@ namespace {
 // of t (the fma rounds to nearest), t - magic is n exactly, and t's bits
 // shifted left by 23 are 2^n's bits (valid for -126 <= n <= 127, which the
 // clamp ensures). Domain: the kernels only take exp(x - max) and
-// exp(x - lse), so x <= ~0; inputs above ln(FLT_MAX) saturate instead of
+// exp((x - max) - log_sum), so x <= ~0; inputs above ln(FLT_MAX) saturate instead of
 // giving inf. Inputs below ln(FLT_MIN), -inf included, give exactly 0 (the
 // true result would be subnormal: an absolute error under 1.2e-38), so -inf
 // logits get exactly zero probability and gradient, as in torch. nan stays

@@ -32,15 +32,15 @@ void chunk_grad(
     int64_t n,
     acc_type<T> a,
     acc_type<T> d,
-    math::SplitLse<acc_type<T>> lse) {
+    math::SoftmaxShift<acc_type<T>> shift) {
   using acc_t = acc_type<T>;
   using V = Vectorized<acc_t>;
   using IO = VecIO<T>;
   constexpr int64_t kStep = IO::kStep;
-  const V va(a), vd(d), hi(lse.hi), lo(lse.lo);
+  const V va(a), vd(d), vm(shift.max), vl(shift.log_sum);
   V xa, xb, ca, cb;
   const auto grad_of = [&](const V& xv, const V& cv) {
-    const V p = vexp((xv - hi) - lo);
+    const V p = vexp((xv - vm) - vl);  // math::log_softmax's order
     if constexpr (kCoef == Coef::kNone) {
       return va * p;
     } else {
@@ -75,27 +75,37 @@ void row_chunk_grad(
     int64_t len,
     acc_type<T> a,
     acc_type<T> d,
-    math::SplitLse<acc_type<T>> lse,
+    math::SoftmaxShift<acc_type<T>> shift,
     Scratch<acc_type<T>>& scratch) {
   using acc_t = acc_type<T>;
   if (grad_stride == 1 && classes_contiguous<kCoef>(row)) {
-    chunk_grad<T, kCoef>(row.x + c_begin, grad_row + c_begin, chunk_source<kCoef>(coef, row, c_begin), len, a, d, lse);
+    chunk_grad<T, kCoef>(row.x + c_begin, grad_row + c_begin, chunk_source<kCoef>(coef, row, c_begin), len, a, d, shift);
     return;
   }
   const CoefSource<acc_t> gathered = gather_chunk<kCoef>(row, coef, c_begin, len, scratch);
-  chunk_grad<acc_t, kCoef>(scratch.x, scratch.g, gathered, len, a, d, lse);
+  chunk_grad<acc_t, kCoef>(scratch.x, scratch.g, gathered, len, a, d, shift);
   for (int64_t i = 0; i < len; ++i) {
     grad_row[(c_begin + i) * grad_stride] = static_cast<T>(scratch.g[i]);
   }
 }
 
 // What the backward needs of row r: grad = a * softmax - d * coef, minus b at
-// class y (y < 0: no one-hot term), with softmax from the saved lse.
+// class y (y < 0: no one-hot term), with softmax from the saved row
+// statistics (Note [Row max and log-sum apart]).
 template <typename acc_t>
 struct GradPlan {
   math::GradCoefs<acc_t> k;
-  double lse;
+  double max;      // row_stats[0]
+  double log_sum;  // row_stats[1]
   int64_t y;
+
+  math::SoftmaxShift<acc_t> shift() const {
+    return math::softmax_shift<acc_t>(max, log_sum);
+  }
+  // Every gradient element is exactly 0 (an ignored row whose softmax is finite).
+  bool zero() const {
+    return k.a == 0 && k.b == 0 && k.d == 0 && math::finite_softmax(max, log_sum);
+  }
 };
 
 // The coefficient of class c of a row, one element (0 without coefficients).
@@ -123,12 +133,11 @@ acc_type<T> one_hot_grad(const RowView<T>& row, const CoefSource<T>& coef, const
   using acc_t = acc_type<T>;
   const acc_t x_y = static_cast<acc_t>(row.x[plan.y * row.x_stride]);
   const acc_t coef_y = coef_at<T, kCoef>(coef, row, plan.y);
-  const math::SplitLse<acc_t> lse = math::split_lse<acc_t>(plan.lse);
-  return plan.k.a * std::exp((x_y - lse.hi) - lse.lo) - plan.k.d * coef_y - plan.k.b;
+  return plan.k.a * std::exp(math::log_softmax(x_y, plan.shift())) - plan.k.d * coef_y - plan.k.b;
 }
 
 // Input gradient of npos <= kStep adjacent rows (see column_stats), with
-// per-row a, d and lse given lane by lane.
+// per-row a, d and the row statistics (math::SoftmaxShift) given lane by lane.
 template <typename T, Coef kCoef>
 void column_grad(
     const T* x,
@@ -142,19 +151,19 @@ void column_grad(
     int64_t npos,
     const acc_type<T>* a,
     const acc_type<T>* d,
-    const acc_type<T>* lse_hi,
-    const acc_type<T>* lse_lo) {
+    const acc_type<T>* max,
+    const acc_type<T>* log_sum) {
   using acc_t = acc_type<T>;
   using V = Vectorized<acc_t>;
   const V a0 = V::loadu(a), a1 = V::loadu(a + V::size());
   const V d0 = V::loadu(d), d1 = V::loadu(d + V::size());
-  const V h0 = V::loadu(lse_hi), h1 = V::loadu(lse_hi + V::size());
-  const V l0 = V::loadu(lse_lo), l1 = V::loadu(lse_lo + V::size());
+  const V m0 = V::loadu(max), m1 = V::loadu(max + V::size());
+  const V l0 = V::loadu(log_sum), l1 = V::loadu(log_sum + V::size());
   V xa, xb;
   for (int64_t c = 0; c < C; ++c) {
     load_upto(x + c * xc, npos, xa, xb);
-    V ga = a0 * vexp((xa - h0) - l0);
-    V gb = a1 * vexp((xb - h1) - l1);
+    V ga = a0 * vexp((xa - m0) - l0);  // math::log_softmax's order
+    V gb = a1 * vexp((xb - m1) - l1);
     if constexpr (kCoef != Coef::kNone) {
       V ca, cb;
       CoefLoader<T, kCoef>::load_column(coef, q, qc, c, npos, ca, cb);
@@ -170,14 +179,14 @@ template <typename acc_t, int64_t kLanes>
 struct LanePlans {
   acc_t a[kLanes] = {};
   acc_t d[kLanes] = {};
-  acc_t hi[kLanes] = {};
-  acc_t lo[kLanes] = {};
+  acc_t max[kLanes] = {};
+  acc_t log_sum[kLanes] = {};
   void set(int64_t j, const GradPlan<acc_t>& p) {
-    const math::SplitLse<acc_t> s = math::split_lse<acc_t>(p.lse);
+    const math::SoftmaxShift<acc_t> s = p.shift();
     a[j] = p.k.a;
     d[j] = p.k.d;
-    hi[j] = s.hi;
-    lo[j] = s.lo;
+    max[j] = s.max;
+    log_sum[j] = s.log_sum;
   }
 };
 
@@ -234,7 +243,7 @@ struct GradWalker {
     }
     const RowView<T> first = Lc.row(r0);
     T* g0 = grad + Lc.at(r0, gsc);
-    column_grad<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, g0, gc, coef, L.C, npos, lanes.a, lanes.d, lanes.hi, lanes.lo);
+    column_grad<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, g0, gc, coef, L.C, npos, lanes.a, lanes.d, lanes.max, lanes.log_sum);
     for (int64_t j = 0; j < npos; ++j) {
       const int64_t y = plans[j].y;
       if (y >= 0) {
@@ -275,7 +284,7 @@ struct GradWalker {
       }
       column_grad<acc_t, kCoef>(
           scratch.x + j0, kTileRows, scratch.q + j0, kTileRows, scratch.g + j0, kTileRows, gathered, C, npos,
-          lanes.a, lanes.d, lanes.hi, lanes.lo);
+          lanes.a, lanes.d, lanes.max, lanes.log_sum);
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t y = plans[j].y;
@@ -291,8 +300,8 @@ struct GradWalker {
   }
 
   // For rows r0 + j, j < n <= kMax: plans[j], d[j] and factor[j] =
-  // a * exp(shift[j] - lse), the exp a vector of rows at a time (Note [Kept
-  // exps in a tile]); factor and d past n, up to kMax, are 0.
+  // a * exp((shift[j] - m) - log_sum), the exp a vector of rows at a time
+  // (Note [Kept exps in a tile]); factor and d past n, up to kMax, are 0.
   template <int64_t kMax>
   void tile_factors(int64_t r0, int64_t n, const acc_t* shift, GradPlan<acc_t>* plans, acc_t* factor, acc_t* d) const {
     using V = Vectorized<acc_t>;
@@ -302,7 +311,7 @@ struct GradWalker {
       plans[j] = plan_of(r0 + j);
       a[j] = plans[j].k.a;
       d[j] = plans[j].k.d;
-      factor[j] = static_cast<acc_t>(static_cast<double>(shift[j]) - plans[j].lse);
+      factor[j] = static_cast<acc_t>((static_cast<double>(shift[j]) - plans[j].max) - plans[j].log_sum);
     }
     for (int64_t j = n; j < kMax; ++j) {  // only the tail: zeroing whole arrays showed in C = 10 profiles
       a[j] = factor[j] = d[j] = acc_t(0);
@@ -386,7 +395,7 @@ struct GradWalker {
     T* grad_row = grad + L.at(r, gs);
     const int64_t c_begin = chunk * kChunk;
     const int64_t len = chunk_len(L.C, chunk);
-    if (plan.k.a == 0 && plan.k.b == 0 && plan.k.d == 0 && std::isfinite(plan.lse)) {
+    if (plan.zero()) {
       // Every softmax value is finite, so a * p - d * coef - b is exactly 0.
       for (int64_t i = 0; i < len; ++i) {
         grad_row[(c_begin + i) * gc] = T(0);
@@ -398,10 +407,9 @@ struct GradWalker {
       // same row_chunk_stats), so the fused and the recomputed gradient agree
       // to the bit (Note [Recomputed equals fused]).
       const RowStats<acc_t> part = row_chunk_stats<T, kCoef>(row, coef, c_begin, len, scratch, scratch.g);
-      chunk_from_exps(plan, row, grad_row, chunk, scratch.g, math::accumulation_shift(part.ref));
+      chunk_from_exps(plan, row, grad_row, chunk, scratch.g, part.ref);
     } else {
-      row_chunk_grad<T, kCoef>(
-          row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, math::split_lse<acc_t>(plan.lse), scratch);
+      row_chunk_grad<T, kCoef>(row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, plan.shift(), scratch);
     }
     if (plan.y >= c_begin && plan.y < c_begin + len) {
       grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<T, kCoef>(row, coef, plan));
@@ -414,29 +422,30 @@ struct GradWalker {
     const RowView<T> row = L.row(r);
     T* grad_row = grad + L.at(r, gs);
     const int64_t C = L.C;
-    if (plan.k.a == 0 && plan.k.b == 0 && plan.k.d == 0 && std::isfinite(plan.lse)) {
+    if (plan.zero()) {
       for (int64_t c = 0; c < C; ++c) {
         grad_row[c * gc] = T(0);
       }
       return;
     }
     for (int64_t chunk = 0; chunk < num_chunks(C); ++chunk) {
-      chunk_from_exps(plan, row, grad_row, chunk, exps.e + chunk * kChunk, exps.shift[chunk]);
+      chunk_from_exps(plan, row, grad_row, chunk, exps.e + chunk * kChunk, exps.ref[chunk]);
     }
     if (plan.y >= 0) {
       grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<T, kCoef>(row, coef, plan));
     }
   }
 
-  // One chunk of a row's gradient from e = exp(x - shift) over the chunk
-  // (the one-hot element is the caller's).
+  // One chunk of a row's gradient from e = exp(x - accumulation_shift(ref))
+  // over the chunk, ref the chunk's max (the one-hot element is the caller's).
   void chunk_from_exps(
-      const GradPlan<acc_t>& plan, const RowView<T>& row, T* grad_row, int64_t chunk, const acc_t* e, acc_t shift) const {
+      const GradPlan<acc_t>& plan, const RowView<T>& row, T* grad_row, int64_t chunk, const acc_t* e, acc_t ref) const {
     using V = Vectorized<acc_t>;
     using IO = VecIO<T>;
     const V vd(plan.k.d);
-    // softmax = kept * exp(shift - lse); the factor is formed in double.
-    const acc_t a = plan.k.a * static_cast<acc_t>(std::exp(static_cast<double>(shift) - plan.lse));
+    // softmax = kept * factor, the factor formed in double (Note [Kept exps
+    // and the row statistics]).
+    const acc_t a = plan.k.a * static_cast<acc_t>(math::kept_exp_factor(ref, plan.max, plan.log_sum));
     const V va(a);
     const int64_t c_begin = chunk * kChunk;
     const int64_t len = chunk_len(L.C, chunk);

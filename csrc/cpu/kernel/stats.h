@@ -31,7 +31,7 @@ using math::RowStats;
 // chunk's stats then mark ref nan too (`nan_if_sum_is`), so math::merge
 // cannot drop a chunk of only nans as one without probability mass (Note
 // [Rows of -inf]), and a row's stats read as before: ref and sum_exp nan,
-// hence a nan lse, loss and gradient, as in torch. The column walks keep
+// hence nan row statistics, loss and gradient, as in torch. The column walks keep
 // at::vec::maximum: there the same change measured slower, for reasons not
 // found.
 template <typename V>
@@ -240,13 +240,14 @@ constexpr int64_t kMaxFinishRows = kTileRows;
 // Note [Kept exps]
 // In the fused forward+backward (Note [Gradient in the forward]) the exp pass
 // can keep exp(x - shift) for the whole row (fp32, in L2 for LLM rows), so
-// the gradient becomes (a * exp(shift - lse)) * kept - d * coef: one exp per
-// logit for forward and backward together instead of two. Only for the rows
+// the gradient becomes (a * exp((shift - m) - log_sum)) * kept - d * coef
+// (Note [Kept exps and the row statistics]): one exp per logit for forward
+// and backward together instead of two. Only for the rows
 // walk with C <= kMaxKeptExps (the kept row must stay in cache to pay off).
 template <typename acc_t>
 struct RowExps {
-  const acc_t* e;      // exp(x_c - shift of c's chunk), c in [0, C)
-  const acc_t* shift;  // accumulation shift of each chunk
+  const acc_t* e;    // exp(x_c - accumulation_shift(ref of c's chunk)), c in [0, C)
+  const acc_t* ref;  // each chunk's max (RowStats::ref)
 };
 
 constexpr int64_t kMaxKeptExps = 1 << 18;
@@ -260,9 +261,9 @@ inline bool keeps_column_exps(int64_t C, int64_t step) {
 
 // Note [Recomputed equals fused]
 // The backward of index targets recomputes the gradient only when the fused
-// one cannot be used (reduction 'none', a second backward, a non-unit
-// upstream gradient in bf16/fp16). autograd.gradcheck runs the backward twice
-// and requires identical bits, so the recomputation takes its exps exactly as
+// one cannot be used (a second backward through the same graph, a double
+// backward, torch.compile). autograd.gradcheck runs the backward twice and
+// requires identical bits, so the recomputation takes its exps exactly as
 // the fused forward keeps them: the same stats function on the same chunk or
 // tile, then the same gradient function. It costs the recomputation a max
 // pass over each chunk, from L1.
@@ -274,10 +275,11 @@ inline bool keeps_column_exps(int64_t C, int64_t step) {
 // second exp per logit (both a large share of a short-row forward+backward);
 // for class-strided tiles (kColumns, NCHW) it keeps the exps when the tile's
 // are few (keeps_column_exps), which also spares the one-hot element its
-// scalar exp. The per-row factor a * exp(shift - lse) is taken a vector of
-// rows at a time, its exponent rounded to acc_t first: shift - lse is
-// -log(sum_exp), at most log(C) in size, so that rounding moves the gradient
-// by under 2 ulp of fp32.
+// scalar exp. The per-row factor a * exp((shift - m) - log_sum) is taken a
+// vector of rows at a time, its exponent rounded to acc_t first: a tile's
+// shift is its row's max m (or 0 for a row of only -inf), so the exponent is
+// -log_sum, at most log(C) in size, and that rounding moves the gradient by
+// under 2 ulp of fp32.
 //
 // What the column walks keep of a tile of rows for the fused gradient (Note
 // [Kept exps in a tile]): exp(x - shift), column-major, which the gradient
@@ -415,8 +417,8 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
     at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch;
       std::vector<acc_t> kept(keep ? static_cast<size_t>(C) : 0);
-      std::vector<acc_t> shifts(keep ? static_cast<size_t>(chunks) : 0);
-      const RowExps<acc_t> exps{kept.data(), shifts.data()};
+      std::vector<acc_t> refs(keep ? static_cast<size_t>(chunks) : 0);
+      const RowExps<acc_t> exps{kept.data(), refs.data()};
       for (int64_t r = begin; r < end; ++r) {
         const RowView<T> row = L.row(r);
         RowStats<acc_t> st = empty_stats<acc_t>();
@@ -424,7 +426,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           const RowStats<acc_t> part = row_chunk_stats<T, kCoef>(
               row, coef, c * kChunk, chunk_len(C, c), scratch, keep ? kept.data() + c * kChunk : nullptr);
           if (keep) {
-            shifts[c] = math::accumulation_shift(part.ref);
+            refs[c] = part.ref;
           }
           math::merge(st, part);
         }
@@ -439,7 +441,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
   // at most 4 x threads x kMaxKeptExps values.
   std::vector<RowStats<acc_t>> partial(static_cast<size_t>(R * chunks));
   std::vector<acc_t> kept(keep ? static_cast<size_t>(R * C) : 0);
-  std::vector<acc_t> shifts(keep ? static_cast<size_t>(R * chunks) : 0);
+  std::vector<acc_t> refs(keep ? static_cast<size_t>(R * chunks) : 0);
   at::parallel_for(0, R * chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> scratch;
     for (int64_t item = begin; item < end; ++item) {
@@ -448,7 +450,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
       partial[item] = row_chunk_stats<T, kCoef>(
           L.row(r), coef, c * kChunk, chunk_len(C, c), scratch, keep ? kept.data() + r * C + c * kChunk : nullptr);
       if (keep) {
-        shifts[item] = math::accumulation_shift(partial[item].ref);
+        refs[item] = partial[item].ref;
       }
     }
   });
@@ -462,7 +464,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
   }
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const RowExps<acc_t> exps{kept.data() + r * C, shifts.data() + r * chunks};
+      const RowExps<acc_t> exps{kept.data() + r * C, refs.data() + r * chunks};
       after(r, 1, keep ? &exps : nullptr);
     }
   });
