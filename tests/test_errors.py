@@ -12,6 +12,9 @@ torch's exception is taken on CPU copies of the same tensors (xent_ext raises th
 exception on every device), and the test then checks that the CUDA context still works.
 """
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -464,3 +467,142 @@ def test_module_invalid_args_raise_in_forward(case, device, fresh_seed):
     x, t = _idx(device) if kind == "index" else _prob(device)
     same_exception(lambda: ref_m(x, t), lambda: m(x, t))
 
+
+
+# ----------------------------------------------------------------------------------
+# argument types: torch's argument parser decides (Note [Argument types])
+# ----------------------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    ("ignore_index_true", {"ignore_index": True}),
+    ("ignore_index_false", {"ignore_index": False}),
+    ("ignore_index_float", {"ignore_index": 1.0}),
+    ("ignore_index_none", {"ignore_index": None}),
+    ("ignore_index_str", {"ignore_index": "a"}),
+    ("ignore_index_2pow63", {"ignore_index": 2**63}),
+    ("ignore_index_below_int64", {"ignore_index": -(2**63) - 1}),
+    ("ignore_index_np_float", {"ignore_index": np.float64(2.0)}),
+    ("ignore_index_np_bool", {"ignore_index": np.bool_(True)}),
+    ("ignore_index_float_tensor", {"ignore_index": torch.tensor(2.0)}),
+    ("label_smoothing_str", {"label_smoothing": "a"}),
+    ("label_smoothing_none", {"label_smoothing": None}),
+    ("label_smoothing_complex", {"label_smoothing": 1j}),
+    ("label_smoothing_1d_tensor", {"label_smoothing": torch.tensor([0.1])}),
+    ("both_bad", {"ignore_index": 1.5, "label_smoothing": "a"}),
+]
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("case", BAD_ARGUMENTS, ids=[c[0] for c in BAD_ARGUMENTS])
+def test_bad_argument_types(case, kind, device, fresh_seed):
+    x, t = _idx(device) if kind == "index" else _prob(device)
+    kw = case[1]
+    same_exception(lambda: F.cross_entropy(x, t, **kw), lambda: ours(x, t, **kw))
+    # the module takes the same values (its constructor accepts anything)
+    same_exception(lambda: torch.nn.CrossEntropyLoss(**kw)(x, t), lambda: xent_ext.CrossEntropyLoss(**kw)(x, t))
+
+
+# What the parser accepts beyond plain ints and floats is computed, with torch's numbers.
+GOOD_ARGUMENTS = [
+    ("ignore_index_np_int64", {"ignore_index": np.int64(2)}),
+    ("ignore_index_np_int32", {"ignore_index": np.int32(2)}),
+    ("ignore_index_tensor", {"ignore_index": torch.tensor(2)}),
+    ("ignore_index_1elem_tensor", {"ignore_index": torch.tensor([2])}),
+    ("ignore_index_int64_max", {"ignore_index": 2**63 - 1}),
+    ("ignore_index_int64_min", {"ignore_index": -(2**63)}),
+    ("label_smoothing_int", {"label_smoothing": 1}),
+    ("label_smoothing_bool", {"label_smoothing": True}),
+    ("label_smoothing_np_float32", {"label_smoothing": np.float32(0.1)}),
+    ("label_smoothing_tensor", {"label_smoothing": torch.tensor(0.1)}),
+]
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("case", GOOD_ARGUMENTS, ids=[c[0] for c in GOOD_ARGUMENTS])
+def test_argument_types_torch_accepts(case, kind, device, fresh_seed):
+    x, t = _idx(device) if kind == "index" else _prob(device)
+    kw = case[1]
+    try:
+        ref = F.cross_entropy(x, t, **kw)
+    except Exception:  # noqa: BLE001  (e.g. ignore_index >= 0 with probabilities)
+        same_exception(lambda: F.cross_entropy(x, t, **kw), lambda: ours(x, t, **kw))
+        return
+    torch.testing.assert_close(ours(x, t, **kw), ref)
+
+
+NOT_TENSORS = [
+    ("input_list", lambda x, t, w: (x.tolist(), t, None)),
+    ("input_none", lambda x, t, w: (None, t, None)),
+    ("input_numpy", lambda x, t, w: (x.cpu().numpy(), t, None)),
+    ("input_int", lambda x, t, w: (3, t, None)),
+    ("target_list", lambda x, t, w: (x, t.tolist(), None)),
+    ("target_none", lambda x, t, w: (x, None, None)),
+    ("target_numpy", lambda x, t, w: (x, t.cpu().numpy(), None)),
+    ("target_int", lambda x, t, w: (x, 1, None)),
+    ("weight_list", lambda x, t, w: (x, t, w.tolist())),
+    ("weight_numpy", lambda x, t, w: (x, t, w.cpu().numpy())),
+    ("both_lists", lambda x, t, w: (x.tolist(), t.tolist(), None)),
+]
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("case", NOT_TENSORS, ids=[c[0] for c in NOT_TENSORS])
+def test_arguments_that_are_not_tensors(case, kind, device, fresh_seed):
+    x, t = _idx(device) if kind == "index" else _prob(device)
+    x, t, w = case[1](x, t, random_weight(5, device=device))
+    same_exception(lambda: F.cross_entropy(x, t, weight=w), lambda: ours(x, t, weight=w))
+    # a bad reduction is reported first, as torch does
+    same_exception(lambda: F.cross_entropy(x, t, weight=w, reduction="avg"),
+                   lambda: ours(x, t, weight=w, reduction="avg"))
+
+
+def _all_dtypes():
+    found = []
+    for name in dir(torch):
+        dt = getattr(torch, name)
+        if isinstance(dt, torch.dtype) and dt not in found:
+            found.append(dt)
+    return sorted(found, key=str)
+
+
+def test_every_dtype_is_named_as_torch_names_it():
+    # c10's names in the messages: Long, Byte, UInt16, Float8_e4m3fn, QInt8, ComplexHalf, ...
+    x = _x(3, 5)
+    checked = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental / deprecated dtypes warn when created
+        for dt in _all_dtypes():
+            try:
+                t = torch.empty(3, dtype=dt)
+                t_same_shape = torch.empty(3, 5, dtype=dt)
+                w = torch.empty(5, dtype=dt)
+            except Exception:  # noqa: BLE001  (a dtype this torch cannot allocate)
+                continue
+            if dt not in (torch.int64, torch.uint8):
+                same_exception(lambda: F.cross_entropy(x, t), lambda: ours(x, t), ctx=str(dt))
+            if not dt.is_floating_point:
+                same_exception(lambda: F.cross_entropy(x, t_same_shape), lambda: ours(x, t_same_shape), ctx=str(dt))
+            if dt != torch.float32 and not w.is_quantized:  # (a quantized weight is another backend)
+                same_exception(lambda: F.cross_entropy(x, T(0, 1, 2), weight=w), lambda: ours(x, T(0, 1, 2), weight=w),
+                               ctx=str(dt))
+            checked += 1
+    assert checked >= 30
+
+
+# ----------------------------------------------------------------------------------
+# no classes with 3 or more dims
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(2, 0, 3), (2, 0, 1, 1, 1), (3, 0, 2, 2, 2)], ids=str)
+def test_zero_classes_3d_size_mismatch(shape, reduction, ls, device):
+    # torch views logits without elements as (N, C, 0, 0) and the target as (N, 1, K): a
+    # size mismatch, for every target (all ignored, or a class, int64 or uint8)
+    x = torch.randn(shape).to(device)
+    tshape = (shape[0],) + shape[2:]
+    for t in (torch.full(tshape, -100), torch.zeros(tshape, dtype=L), torch.zeros(tshape, dtype=torch.uint8)):
+        t = t.to(device)
+        kw = dict(reduction=reduction, label_smoothing=ls)
+        same_exception(lambda: F.cross_entropy(x, t, **kw), lambda: ours(x, t, **kw), ctx=f"{t.dtype}")

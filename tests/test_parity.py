@@ -33,6 +33,8 @@ from helpers import (
     random_weight,
     restride,
     run_ce,
+    same_exception,
+    same_outcome,
 )
 
 ours = xent_ext.cross_entropy
@@ -463,8 +465,8 @@ def test_empty_batch_or_spatial(shape, reduction, kind, dtype, device, fresh_see
 
 # C = 0 with every row ignored is valid: torch gives 0 per row ('none', 'sum') and 0/0 = nan
 # ('mean'). No logit exists, so no kernel may read one (the finish skips ignored rows).
-# Left out: label smoothing, where torch's 'none' rows are 0 * (eps / 0) = nan and ours 0,
-# and 3-D inputs, where torch itself raises a size mismatch for C = 0.
+# With smoothing: test_zero_classes_all_ignored_with_smoothing; 3-D inputs, where torch
+# itself raises a size mismatch for C = 0: test_errors.py.
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(3, 0), (1, 0, 2, 3)], ids=str)
 def test_zero_classes_all_ignored(shape, reduction, device, fresh_seed):
@@ -833,3 +835,177 @@ def test_result_is_not_shared_between_calls(device, fresh_seed):
     assert torch.equal(a, b)
     a.add_(1)
     assert not torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------
+# inputs the kernels hand back to torch, and torch's own quirks matched
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_probability_target(layout, reduction, ls, device, fresh_seed):
+    # torch densifies a sparse target (and fails its own way with smoothing): handed to torch
+    x = make_logits((4, 5), device=device)
+    dense = make_prob_target((4, 5), device=device)
+    dense[dense < 0.1] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta state"
+        t = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+        same_outcome(lambda: F.cross_entropy(x, t, reduction=reduction, label_smoothing=ls),
+                     lambda: ours(x, t, reduction=reduction, label_smoothing=ls), ctx=f"{layout} {reduction} ls={ls}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_complex_weight_probability_target(reduction, device, fresh_seed):
+    # the probability path promotes over the weight's dtype: complex in, complex loss out (torch's)
+    x = make_logits((4, 5), device=device)
+    t = make_prob_target((4, 5), device=device)
+    w = torch.randn(5, dtype=torch.complex64).to(device)
+    ref = F.cross_entropy(x, t, weight=w, reduction=reduction)
+    got = ours(x, t, weight=w, reduction=reduction)
+    assert got.dtype == ref.dtype == torch.complex64
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(0, 5, 3), (2, 5, 0), (0, 5, 2, 2), (2, 5, 0, 3), (0, 5, 1, 1, 1)], ids=str)
+def test_empty_uint8_target_with_3_or_more_dims(shape, ls, weighted, device, fresh_seed):
+    # torch's nll_loss2d reads uint8 targets nowhere for an empty 'mean'/'sum' (nan / 0), and
+    # rejects them for 'none'. Its backward then rejects them too; ours gives the empty
+    # gradient (docs/semantics.md, section 16).
+    if is_cuda(device):
+        pytest.skip("a CPU rule: xent_ext follows torch's CUDA nll_loss2d, which reads int64 targets only")
+    x = make_logits(shape, device=device)
+    t = torch.zeros((shape[0],) + shape[2:], dtype=torch.uint8, device=device)
+    w = random_weight(5, device=device) if weighted else None
+    for reduction in ("mean", "sum"):
+        kw = dict(weight=w, reduction=reduction, label_smoothing=ls)
+        ref = F.cross_entropy(x, t, **kw)
+        xi = x.detach().requires_grad_()
+        got = ours(xi, t, **kw)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, equal_nan=True)
+        (g,) = torch.autograd.grad(got, xi)
+        assert g.shape == x.shape
+    with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+        F.cross_entropy(x, t, weight=w, reduction="none", label_smoothing=ls)
+    with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+        ours(x, t, weight=w, reduction="none", label_smoothing=ls)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(3, 0), (0,), (1, 0, 2, 3)], ids=str)
+def test_zero_classes_all_ignored_with_smoothing(shape, reduction, device, fresh_seed):
+    # torch's smoothing term is 0 * (eps / C) = nan with no classes, 'none' rows included
+    x = make_logits(shape, device=device)
+    t = torch.full(index_target_shape(shape), -100, dtype=torch.int64, device=device)
+    check_against_torch(ours, x, t, None, reduction=reduction, label_smoothing=0.2, wrt=("input",),
+                        ctx=f"C=0 all ignored ls=0.2 shape={shape} reduction={reduction} device={device}")
+
+
+# Note [uint8 targets with smoothing] (functional.py): torch's smoothing mask compares uint8
+# targets with ignore_index's low byte. C = 300 so that the byte is a valid class.
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore_index", [-100, -1, 300, 2**40, 7])
+def test_uint8_smoothing_mask(ignore_index, reduction, weighted, device, rng, fresh_seed):
+    C = 300
+    byte = ignore_index & 0xFF
+    shape = rng.choice([(6, C), (C,)])
+    x = make_logits(shape, torch.float64, device=device)
+    w = random_weight(C, torch.float64, device) if weighted else None
+    n = 1 if len(shape) == 1 else shape[0]
+    for variant in ("some", "all", "none"):
+        if variant == "none":
+            values = torch.randint(0, 100, (n,))  # the byte (>= 127 here, or 7 = ignore_index) absent
+            values[values == byte] = byte + 1
+        else:
+            values = torch.randint(0, C if C < 256 else 256, (n,))
+            values[0] = byte
+            if variant == "all":
+                values[:] = byte
+        t = values.to(torch.uint8).reshape(index_target_shape(shape)).to(device)
+        ctx = f"uint8 ii={ignore_index} {variant} {reduction} weighted={weighted} shape={shape} device={device}"
+        kw = dict(weight=w, reduction=reduction, ignore_index=ignore_index, label_smoothing=0.2)
+        try:
+            F.cross_entropy(x, t, **kw)
+        except RuntimeError:
+            # a weighted 'mean' gathers the weights with uint8 indices: torch's error, ours
+            same_exception(lambda: F.cross_entropy(x, t, **kw), lambda: ours(x, t, **kw), ctx=ctx)
+            continue
+        check_against_torch(ours, x, t, w, reduction=reduction, ignore_index=ignore_index, label_smoothing=0.2,
+                            wrt=("input",), ctx=ctx)
+
+
+# ----------------------------------------------------------------------------------
+# documented differences (docs/semantics.md, section 16)
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tdtype", [torch.bfloat16, torch.float16], ids=dtype_name)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float64], ids=dtype_name)
+def test_low_precision_probability_target_smoothed_exactly(xdtype, tdtype, device, fresh_seed):
+    # torch smooths the target in its own dtype (target * (1 - eps) + eps / C rounded to
+    # bf16/fp16); ours smooths in the computation dtype, the float64 answer
+    ls, shape = 0.1, (64, 7)
+    x = make_logits(shape, xdtype, device=device)
+    t = make_prob_target(shape, tdtype, device=device)
+    got = ours(x, t, label_smoothing=ls, reduction="none")
+    exact = F.cross_entropy(x.double(), t.double(), label_smoothing=ls, reduction="none")
+    rtol = 1e-5 if xdtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), exact, rtol=rtol, atol=rtol)
+    # torch's answer is the loss of the target smoothed and rounded first
+    q = (t * (1 - ls) + ls / shape[1]).to(tdtype)
+    torch.testing.assert_close(F.cross_entropy(x, t, label_smoothing=ls, reduction="none"),
+                               F.cross_entropy(x, q, reduction="none"))
+    assert not torch.allclose(F.cross_entropy(x, t, label_smoothing=ls, reduction="none").double(), exact,
+                              rtol=rtol, atol=rtol), "torch smooths exactly now: update section 16"
+
+
+def _nan_where_torch_is_inf(got, ref, ctx):
+    """Equal to torch, except that ours may be nan where torch's is +-inf."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    ok = (got == ref) | (got.isnan() & ref.isnan()) | (got.isnan() & ref.isinf())
+    close = torch.isclose(got, ref, rtol=1e-9, atol=1e-12)
+    assert bool((ok | close).all()), f"{ctx}: ours {got} torch {ref}"
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("what", ["prob_target", "prob_weight", "index_weight"])
+def test_infinite_weight_or_target_at_the_row_max(what, reduction, ls, device, fresh_seed):
+    # +inf at the row's largest logit: the kernels' (m - x_c) is 0 there and 0 * inf = nan,
+    # where torch's -q_c * logp_c is +inf
+    x = make_logits((4, 5), torch.float64, device=device)
+    top = x.argmax(1)
+    t = make_prob_target((4, 5), torch.float64, device=device) if what.startswith("prob") else torch.tensor(
+        [0, 1, 2, 3], device=device)
+    w = random_weight(5, torch.float64, device)
+    if what == "prob_target":
+        t[1, top[1]] = INF
+    else:
+        w[top[1]] = INF
+    kw = dict(weight=w if what != "prob_target" else None, reduction=reduction, label_smoothing=ls)
+    _nan_where_torch_is_inf(ours(x, t, **kw), F.cross_entropy(x, t, **kw), f"{what} {reduction} ls={ls}")
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("g", [INF, -INF], ids=["+inf", "-inf"])
+def test_infinite_upstream_gradient(g, reduction, ls, device, fresh_seed):
+    # torch's two-step backward (nll, then log_softmax) forms inf - inf = nan at the target
+    # (everywhere with smoothing); ours scales g * (softmax - one_hot) and keeps the signed inf
+    x = make_logits((3, 5), torch.float64, device=device)
+    t = torch.tensor([0, 1, 4], device=device)
+    xt, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    go = torch.tensor(g, dtype=torch.float64, device=device)
+    (gt,) = torch.autograd.grad(F.cross_entropy(xt, t, reduction=reduction, label_smoothing=ls), xt, go)
+    (got,) = torch.autograd.grad(ours(xo, t, reduction=reduction, label_smoothing=ls), xo, go)
+    # d(loss)/dx = softmax - (1 - eps) one_hot - eps / C (times 1 / N for 'mean'), and its signed limit
+    slope = torch.softmax(x, 1) - (1 - ls) * F.one_hot(t, 5).double() - ls / 5
+    limit = torch.sign(slope) * g
+    agree = (got == gt) | (got.isnan() & gt.isnan()) | (gt.isnan() & (got == limit))
+    assert bool(agree.all()), f"ours {got} torch {gt}"

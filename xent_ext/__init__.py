@@ -5,6 +5,10 @@ replacements for :func:`torch.nn.functional.cross_entropy` and
 :class:`torch.nn.CrossEntropyLoss`: same arguments, same numbers, same errors,
 computed by fused C++ kernels (OpenMP + SIMD on the CPU) registered as
 ``torch.ops.xent_ext.*`` operators, so ``torch.compile`` sees through them.
+``xent_ext.patch()`` (or ``with xent_ext.patched():``) routes torch's own
+``torch.nn.functional.cross_entropy`` and ``torch.nn.CrossEntropyLoss`` through
+them, for code that calls torch's (a Hugging Face ``Trainer``, for one);
+``xent_ext.unpatch()`` puts torch's back.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ._C import cuda_target_check as _cuda_target_check
 from ._C import set_cuda_target_check as _set_cuda_target_check
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
+from ._patch import patch, patched, unpatch
 
 from ._compat import build_identity as _build_identity
 
@@ -26,6 +31,9 @@ __version__ = _build_identity().version if _build_identity() is not None else "0
 __all__ = [
     "cross_entropy",
     "CrossEntropyLoss",
+    "patch",
+    "unpatch",
+    "patched",
     "build_info",
     "cpu_capability",
     "cuda_target_check",

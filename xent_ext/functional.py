@@ -9,14 +9,14 @@ exactly torch's result or error (Note [Handing over to torch]).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _ops
+from . import _ops, _torchscript
 from ._C import build_info as _build_info
 
 __all__ = ["cross_entropy"]
@@ -25,7 +25,9 @@ _KERNEL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # CUDA tensors go to the fused kernels only when this build compiled them.
 _KERNEL_DEVICES = ("cpu", "cuda") if _build_info()["cuda_version"] is not None else ("cpu",)
 
-# c10's ScalarType names, which torch's C++ error messages use.
+# c10's ScalarType names, which torch's C++ error messages use: the irregular
+# ones; the others follow _dtype_name's rule (uint16 -> UInt16, float8_e5m2 ->
+# Float8_e5m2, qint8 -> QInt8).
 _DTYPE_NAMES = {
     torch.float64: "Double",
     torch.float32: "Float",
@@ -37,13 +39,26 @@ _DTYPE_NAMES = {
     torch.int8: "Char",
     torch.uint8: "Byte",
     torch.bool: "Bool",
+    torch.complex32: "ComplexHalf",
     torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
 }
+_DTYPE_PREFIXES = (("quint", "QUInt"), ("qint", "QInt"), ("uint", "UInt"))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    name = _DTYPE_NAMES.get(dtype)
+    if name is not None:
+        return name
+    name = str(dtype).replace("torch.", "")
+    for prefix, c10_prefix in _DTYPE_PREFIXES:
+        if name.startswith(prefix):
+            return c10_prefix + name[len(prefix):]
+    return name[:1].upper() + name[1:]
+
+
+# The range of torch's `int` arguments (int64_t).
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def cross_entropy(
@@ -113,7 +128,23 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     reduction_enum = _Reduction.get_enum(reduction)  # torch's ValueError / deprecation warning
-    if _hand_over_to_torch(input, target, weight):
+    # Note [Argument types]: plain ints and floats pass on two type checks.
+    if (
+        type(ignore_index) is not int
+        or not _INT64_MIN <= ignore_index <= _INT64_MAX
+        or (type(label_smoothing) is not float and type(label_smoothing) is not int)
+    ):
+        ignore_index, label_smoothing = _parse_like_torch(
+            input, target, weight, reduction_enum, ignore_index, label_smoothing
+        )
+    try:
+        hand_over = _hand_over_to_torch(input, target, weight)
+    except AttributeError:
+        # Not a tensor (a list, None, a NumPy array): torch's TypeError if its
+        # parser rejects the argument, else our own error.
+        _parse_like_torch(input, target, weight, reduction_enum, ignore_index, label_smoothing)
+        raise
+    if hand_over:
         return torch._C._nn.cross_entropy_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
     if input.shape == target.shape:
         # torch tells probability targets from class indices by shape alone.
@@ -123,6 +154,8 @@ def cross_entropy(
             )
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
+        if _prob_target_needs_torch(target, weight):
+            return torch._C._nn.cross_entropy_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
         return _prob_target_loss(input, target, weight, reduction_enum, label_smoothing)
     _check_label_smoothing(label_smoothing)
     return _index_target_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
@@ -137,6 +170,10 @@ def cross_entropy(
 # - class weights that require grad (with grad enabled) on the index path:
 #   torch raises "not differentiable" there. (On the probability path they
 #   are differentiable; see _prob_loss_with_weight_grad.)
+# - sparse probability targets or weights, and complex weights with
+#   probability targets (_prob_target_needs_torch);
+# - uint8 targets with smoothing where torch's byte-wise ignore mask differs
+#   from ours (Note [uint8 targets with smoothing]).
 def _hand_over_to_torch(input: Tensor, target: Tensor, weight: Optional[Tensor]) -> bool:
     if input.dim() == 0 or input.dtype not in _KERNEL_DTYPES or input.device.type not in _KERNEL_DEVICES:
         return True
@@ -150,6 +187,60 @@ def _hand_over_to_torch(input: Tensor, target: Tensor, weight: Optional[Tensor])
         return True
     # Probability targets with zero classes: torch's empty-sum conventions.
     return input.shape == target.shape and target.is_floating_point() and input.shape[_class_dim(input)] == 0
+
+
+def _prob_target_needs_torch(target: Tensor, weight: Optional[Tensor]) -> bool:
+    """Probability targets the kernels don't take (Note [Handing over to torch]).
+
+    A sparse target or weight (torch densifies it, or raises its own error with
+    smoothing), and a complex weight (torch promotes the loss to complex).
+    """
+    if target.layout != torch.strided:
+        return True
+    return weight is not None and (weight.layout != torch.strided or weight.is_complex())
+
+
+# Note [Argument types]
+# torch's C++ argument parser decides which Python objects its cross_entropy_loss
+# takes, with rules of its own: ignore_index may be a NumPy integer or an
+# integer tensor of one element but not a bool, a float or an int beyond int64;
+# label_smoothing may be an int or a 0-d tensor but not a 1-element 1-d one;
+# input, target and weight must be tensors. Anything else is its TypeError
+# ("argument 'ignore_index' (position 5) must be int, not bool") or ValueError
+# ("Overflow when unpacking long long"). Rather than restate those rules, an
+# ignore_index or label_smoothing that is not a plain int / float, and a tensor
+# argument that turns out not to be a tensor, is put to the parser itself:
+# torch's cross_entropy_loss on tiny meta tensors standing in for the real
+# ones, which parses every argument in torch's order and computes nothing real.
+# The common call pays two type checks and a range check.
+_STAND_IN_INPUT = torch.empty(1, 1, device="meta")
+_STAND_IN_TARGET = torch.empty(1, dtype=torch.int64, device="meta")
+_STAND_IN_WEIGHT = torch.empty(1, device="meta")
+
+
+def _parse_like_torch(
+    input: Any, target: Any, weight: Any, reduction: int, ignore_index: Any, label_smoothing: Any
+) -> tuple[int, float]:
+    """torch's parser's verdict on the arguments (Note [Argument types]).
+
+    Raises torch's exception for an argument of the wrong type; otherwise
+    returns ignore_index and label_smoothing as a Python int and float.
+    """
+    try:
+        torch._C._nn.cross_entropy_loss(
+            _STAND_IN_INPUT if isinstance(input, Tensor) else input,
+            _STAND_IN_TARGET if isinstance(target, Tensor) else target,
+            _STAND_IN_WEIGHT if isinstance(weight, Tensor) else weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+        )
+    except RuntimeError as e:
+        # Parsed; the stand-ins then fail only on a label_smoothing above 1,
+        # which the real inputs report in torch's order.
+        if not str(e).startswith("label_smoothing must be between"):
+            raise
+    return int(ignore_index), float(label_smoothing)
 
 
 def _weight_needs_grad(weight: Optional[Tensor]) -> bool:
@@ -236,7 +327,7 @@ def _prob_loss_with_weight_grad(x: Tensor, q: Tensor, w: Tensor, reduction: int,
     return rows.to(x.dtype)
 
 
-def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor]) -> None:
+def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int) -> None:
     """torch's checks for class-index targets, in torch's order, with its messages."""
     dim = input.dim()
     if dim != 1:
@@ -271,6 +362,16 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor])
             )
         if weight is not None and weight.numel() != num_classes:
             raise RuntimeError("weight tensor should be defined either for all or no classes")
+        if dim != 4 and num_classes == 0 and target.numel() > 0:
+            # nll_loss_nd views logits without elements as (N, C, 0, 0), and the
+            # target as (N, 1, K): a mismatch torch reports.
+            n = input.shape[0]
+            got_input, got_target = [n, 0, 0, 0], [n, 1, target.numel() // n]
+            if cuda:
+                raise RuntimeError(
+                    f"input and target batch or spatial sizes don't match: target {got_target}, input {got_input}"
+                )
+            raise RuntimeError(f"size mismatch (got input: {got_input} , target: {got_target}")
         if dim == 4 and (input.shape[0], *input.shape[2:]) != tuple(target.shape):
             if cuda:
                 raise RuntimeError(
@@ -283,8 +384,9 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor])
             raise RuntimeError(f"expected scalar type Long but found {_dtype_name(target.dtype)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
-    if target.dtype == torch.uint8 and dim >= 3:
-        # torch's nll_loss2d (every input of 3 or more dims) reads targets as int64 only.
+    if target.dtype == torch.uint8 and dim >= 3 and (reduction == _ops.REDUCTION_NONE or target.numel() > 0):
+        # torch's nll_loss2d (every input of 3 or more dims) reads targets as int64
+        # only; for 'mean' and 'sum' it returns before reading an empty target.
         raise RuntimeError("expected scalar type Long but found Byte")
     # Under autocast torch compares the dtypes after its casts (Note [Autocast]).
     if weight is not None and _autocast_dtype(weight.dtype, input.device.type) != _autocast_dtype(
@@ -299,7 +401,7 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor])
 def _index_target_loss(
     input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int, label_smoothing: float
 ) -> Tensor:
-    _check_index_target(input, target, weight)
+    _check_index_target(input, target, weight, reduction)
     x = _as_ncK(input)
     if input.dim() == 1:
         y = target.reshape(1, 1)
@@ -318,14 +420,26 @@ def _index_target_loss(
         loss = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction, loss_dtype)[0]
     else:
         loss = _ops.index_loss(x, y, w, ignore_index, smoothing, reduction, loss_dtype)[0]
-    if target.dtype == torch.uint8 and w is not None and smoothing > 0 and reduction == _ops.REDUCTION_MEAN:
-        _raise_like_torch_uint8_smoothing(input, target, ignore_index)
-    if input.dim() == 1 and input.is_cuda and reduction == _ops.REDUCTION_MEAN and smoothing == 0:
+    if target.dtype == torch.uint8 and smoothing > 0:
+        torch_loss = _uint8_smoothing_like_torch(input, target, weight, reduction, ignore_index, label_smoothing)
+        if torch_loss is not None:
+            return torch_loss
+    if (
+        input.dim() == 1
+        and input.is_cuda
+        and reduction == _ops.REDUCTION_MEAN
+        and smoothing == 0
+        and (target.dtype == torch.int64 or 0 <= ignore_index <= 255)
+    ):
         # torch's CUDA kernel for a single (C,) input returns 0, not 0/0 = nan
         # (the CPU's answer), when its one target is ignored. Selected on the
-        # device: no host sync.
+        # device: no host sync. (A uint8 target can equal only an ignore_index
+        # in [0, 255]; the tensor comparison would wrap any other.)
         loss = torch.where(y.reshape(()) == ignore_index, torch.zeros_like(loss), loss)
     if reduction == _ops.REDUCTION_NONE:
+        if smoothing > 0 and x.shape[1] == 0:
+            # torch's smoothing term is 0 * (eps / C): nan for every row when C = 0.
+            loss = loss + float("nan")
         loss = loss.reshape(target.shape if input.dim() > 1 else ())
     return loss
 
@@ -381,13 +495,38 @@ def _gradient_in_forward(*tensors: Tensor) -> bool:
     )
 
 
-def _raise_like_torch_uint8_smoothing(input: Tensor, target: Tensor, ignore_index: int) -> None:
-    """torch cannot do a weighted 'mean' with label smoothing and uint8 targets.
-
-    Its denominator gathers the weights with the uint8 targets as indices, which
-    raises once any target is not ignored. We raise the same error (after the
-    same range check) rather than return a number torch does not give. (Inputs
-    of 3 or more dims reject uint8 targets earlier, in _check_index_target.)
-    """
-    if bool((target != ignore_index).any()):
+# Note [uint8 targets with smoothing]
+# torch's smoothing term masks ignored positions with `target == ignore_index`,
+# a tensor comparison that converts ignore_index to the target's dtype: for
+# uint8 targets it compares with ignore_index's low byte (-100 becomes 156),
+# while its nll term compares the targets as integers. So with uint8 targets a
+# class equal to that byte loses its smoothing term (and, for an unweighted
+# 'mean', its place in the smoothing term's denominator), and a weighted 'mean'
+# gathers the weights with the uint8 targets as indices, which raises. The
+# kernels compare as integers. Where that differs (a target holds the wrapped
+# byte, a valid class), the result is torch's own, computed by torch after the
+# forward above has checked the class indices: rare (uint8 targets, smoothing,
+# more than 156 classes for the default ignore_index), exact, and it costs the
+# common call one dtype comparison.
+def _uint8_smoothing_like_torch(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int, label_smoothing: float
+) -> Optional[Tensor]:
+    """torch's result where its uint8 smoothing mask differs from ours, else None (raises torch's
+    error for a weighted 'mean'); Note [uint8 targets with smoothing]."""
+    wrapped = ignore_index & 0xFF
+    if weight is not None and reduction == _ops.REDUCTION_MEAN and bool((target != wrapped).any()):
         raise RuntimeError("gather(): Expected dtype int32/int64 for index")
+    num_classes = input.shape[_class_dim(input)]
+    if wrapped == ignore_index or wrapped >= num_classes or not bool((target == wrapped).any()):
+        return None
+    # Every class index is valid (torch's CUDA kernels assert on a bad one): the
+    # forward checked them, unless the CUDA check is off. (Compared as a Python
+    # int: a uint8 tensor comparison would wrap num_classes too.)
+    if int(target.max()) >= num_classes:
+        return None
+    return torch._C._nn.cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing)
+
+
+# Note [TorchScript] (_torchscript.py): scripted code that calls cross_entropy
+# compiles to the operator xent_ext::cross_entropy, whose kernel is this function.
+_torchscript.register(cross_entropy)

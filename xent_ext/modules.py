@@ -21,6 +21,11 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     invalid values are accepted by the constructor and rejected by
     ``forward``. Only the computation differs.
 
+    ``torch.jit.script`` works on it (and on models holding it): the scripted
+    ``forward`` calls the operator ``xent_ext::cross_entropy``, whose kernel is
+    :func:`xent_ext.cross_entropy`, where torch's calls ``aten::cross_entropy_loss``.
+    A saved script needs ``import xent_ext`` before ``torch.jit.load``.
+
     Example::
 
         >>> criterion = xent_ext.CrossEntropyLoss(label_smoothing=0.1)

@@ -22,8 +22,12 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC" numpy pytest expecttest
-"$VENV/bin/python" -m pip install --quiet "$WHEEL"
+"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+# The wheel with its test extra (pyproject.toml: pytest, numpy, expecttest, and
+# transformers/accelerate for the Hugging Face test), as the Quick start
+# installs the clone with ".[test]".
+"$VENV/bin/python" -m pip install --quiet "$WHEEL[test]"
+"$VENV/bin/python" -c "import transformers, accelerate; print('transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
