@@ -20,8 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from . import _functorch
 from ._compat import load_compiled_module
 
 _C = load_compiled_module()  # registers the operators; a build for another torch raises a clear ImportError
@@ -287,6 +289,20 @@ torch.library.register_autograd(
 # for torch.compile and export (traced calls use the ops), opcheck and
 # direct callers of torch.ops.xent_ext. The wrapper also cannot run under
 # torch.func transforms; these can.
+#
+# Note [Transforms and forward-mode AD]
+# Each caller has a second autograd.Function for torch.func transforms and
+# forward-mode AD: the same forward, setup_context and backward, plus a jvp
+# and a vmap staticmethod (xent_ext/_functorch.py), and a backward that
+# always takes the composite path (Note [Double backward]): under a
+# transform the saved tensors may be batched or carry tangents, which the
+# fused backward ops would neither batch nor differentiate. The hot path
+# keeps the reverse-only Function, whose setup_context saves nothing extra.
+# A dual tensor does not require grad, so the no-grad shortcut would drop its
+# tangent: while a forward-AD level is open (torch.autograd.forward_ad keeps
+# its count in a module global, one attribute read) every call goes through
+# the transform Function, whose apply gives each dual input's tangent to the
+# jvp.
 
 
 def _eager_function(op: Any, setup_context: Any, backward: Any, name: str) -> Any:
@@ -302,7 +318,8 @@ def _eager_function(op: Any, setup_context: Any, backward: Any, name: str) -> An
     as Function.apply itself then does, after the same unwrapping of dead
     functorch wrappers; under transforms, through Function.apply. When no
     argument requires grad (or grad mode is off) it calls the op below
-    autograd directly (the dispatcher handles dead wrappers there).
+    autograd directly (the dispatcher handles dead wrappers there), unless a
+    forward-AD level is open (Note [Transforms and forward-mode AD]).
     """
 
     def forward(*args: Any) -> Any:
@@ -314,17 +331,40 @@ def _eager_function(op: Any, setup_context: Any, backward: Any, name: str) -> An
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
     })
+
+    def transform_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        setup_context(ctx, inputs, output)
+        # Only the loss is differentiable. (One call: each mark_non_differentiable
+        # replaces the previous set.)
+        ctx.mark_non_differentiable(*output[1:])
+        _functorch.save_for_forward(ctx, inputs, output)
+
+    def composite_backward(ctx: Any, *grads: Any) -> Any:
+        # Grad mode on selects the composite formulas (Note [Double backward]).
+        with torch.enable_grad():
+            return backward(ctx, *grads)
+
+    transform_function = type(name + "_transformable", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(transform_setup_context),
+        "backward": staticmethod(composite_backward),
+        "jvp": staticmethod(_functorch.CALLERS[name].jvp),
+    })
     apply_in_cpp = super(torch.autograd.Function, function).apply
+    apply_transformable_in_cpp = super(torch.autograd.Function, transform_function).apply
     unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
     def call(*args: Any) -> Any:
         if torch._C._are_functorch_transforms_active():
-            return function.apply(*args)
+            return transform_function.apply(*args)
+        if _forward_ad._current_level >= 0:
+            return apply_transformable_in_cpp(*[unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return apply_in_cpp(*[unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
         # Nothing to differentiate: no graph node, no setup_context (half the cost).
         return forward(*args)
 
+    transform_function.vmap = staticmethod(_functorch.vmap_rule(name, call))
     call.__name__ = call.__qualname__ = name
     return call
 
