@@ -61,7 +61,12 @@ def _index_grad_composite(grad_loss, input, target, weight, total_weight, ignore
     w_target = weight.to(acc)[safe_target] if weight is not None else torch.ones_like(safe_target, dtype=acc)
     w_target = torch.where(valid, w_target, torch.zeros_like(w_target))
     g = _rows_grad(grad_loss, reduction, n, k, 1.0 / total_weight.to(acc), acc)
-    one_hot = torch.nn.functional.one_hot(safe_target, c).permute(0, 2, 1).to(acc)
+    # Ignored rows get no upstream gradient, as in the kernels (math::index_grad_coefs):
+    # with every row ignored the mean's 1/denominator is inf, and inf * 0 would be nan.
+    g = torch.where(valid, g, torch.zeros((), dtype=acc, device=g.device))
+    # A comparison, not F.one_hot: one_hot reads the largest target to size its
+    # result, a data-dependent read that vmap (per-sample gradients) refuses.
+    one_hot = (torch.arange(c, device=input.device).view(1, c, 1) == safe_target.unsqueeze(1)).to(acc)
     if label_smoothing > 0:
         weight_c = weight.to(acc).view(1, c, 1) if weight is not None else torch.ones((), dtype=acc)
         weight_sum = weight.to(acc).sum() if weight is not None else c

@@ -485,13 +485,18 @@ def _gradient_in_forward(*tensors: Tensor) -> bool:
     torch. Not while torch.compile traces: the compiled graph keeps forward
     and backward as separate ops. Not while a CUDA graph is being captured:
     the backward then recomputes from the logits, and keeps no buffer from
-    the forward's capture alive until its own.
+    the forward's capture alive until its own. Not under transforms whose
+    backward does not use it.
     """
     return (
         any(t.requires_grad for t in tensors)
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
+        # Under grad/jvp transforms or forward-mode AD the backward is the
+        # composite one (Note [Transforms and forward-mode AD], _ops.py): a
+        # gradient formed here would go unused.
+        and not _ops._functorch.gradient_in_forward_unused()
     )
 
 
