@@ -39,15 +39,17 @@ using namespace ops;
 // the CPU and CUDA ops (ops_common.h), with symbolic sizes. No argument
 // checks: a traced call is checked when it runs.
 
-std::tuple<Tensor, Tensor, Tensor> index_forward_meta(
-    const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction) {
-  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/false);
+std::tuple<Tensor, Tensor, Tensor> index_forward_meta(const Tensor& input, const Tensor&,
+                                                      const std::optional<Tensor>&, int64_t, double, int64_t reduction,
+                                                      std::optional<at::ScalarType> loss_dtype) {
+  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/false, loss_dtype);
   return {out.loss, out.row_stats, out.total_weight};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_meta(
-    const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction) {
-  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/true);
+    const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction,
+    std::optional<at::ScalarType> loss_dtype) {
+  const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/true, loss_dtype);
   return {out.loss, out.row_stats, out.total_weight, out.grad_input};
 }
 
@@ -56,9 +58,10 @@ Tensor index_backward_meta(const Tensor&, const Tensor& input, const Tensor&, co
   return empty_gradient(input);
 }
 
-std::tuple<Tensor, Tensor, Tensor> prob_forward_meta(
-    const Tensor& input, const Tensor&, const std::optional<Tensor>&, double, int64_t reduction) {
-  const ProbForwardOutputs out = prob_forward_outputs(input, reduction);
+std::tuple<Tensor, Tensor, Tensor> prob_forward_meta(const Tensor& input, const Tensor&,
+                                                     const std::optional<Tensor>&, double, int64_t reduction,
+                                                     std::optional<at::ScalarType> loss_dtype) {
+  const ProbForwardOutputs out = prob_forward_outputs(input, reduction, loss_dtype);
   return {out.loss, out.row_stats, out.coef_sum};
 }
 
@@ -81,6 +84,9 @@ std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input
 // from; aux is the weighted-mean denominator (index) or the per-row Σ w q
 // (probability). The *_with_grad
 // forward also returns the input gradient for an upstream gradient of 1.
+// loss_dtype, on every forward: None for a loss in the input's dtype, the
+// accumulation dtype for one in that (autocast; Note [Loss dtype],
+// ops_common.h); the backward ops take a grad_loss of either dtype.
 // Room to grow without breaking callers: new options (z_loss, logit_softcap,
 // logit_scale) are appended as trailing arguments with defaults that mean
 // "off", which keeps old call sites valid; an in-place gradient is a
@@ -89,16 +95,18 @@ std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input
 TORCH_LIBRARY(xent_ext, m) {
   m.def(
       "cross_entropy_index_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction) -> (Tensor loss, Tensor row_stats, Tensor total_weight)");
+      "float label_smoothing, int reduction, ScalarType? loss_dtype=None) "
+      "-> (Tensor loss, Tensor row_stats, Tensor total_weight)");
   m.def(
       "cross_entropy_index_forward_with_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction) -> (Tensor loss, Tensor row_stats, Tensor total_weight, Tensor grad_input)");
+      "float label_smoothing, int reduction, ScalarType? loss_dtype=None) "
+      "-> (Tensor loss, Tensor row_stats, Tensor total_weight, Tensor grad_input)");
   m.def(
       "cross_entropy_index_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor row_stats, Tensor total_weight, int ignore_index, float label_smoothing, int reduction) -> Tensor");
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
-      "int reduction) -> (Tensor loss, Tensor row_stats, Tensor coef_sum)");
+      "int reduction, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor row_stats, Tensor coef_sum)");
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor row_stats, Tensor coef_sum, float label_smoothing, int reduction, bool input_grad, bool target_grad) "

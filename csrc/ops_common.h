@@ -33,6 +33,28 @@ inline void check_input(const Tensor& input, const char* op) {
               ": expected float64, float32, bfloat16 or float16 input, got ", t);
 }
 
+// Note [Loss dtype]
+// Every forward takes loss_dtype: None (or the input's own dtype) writes the
+// loss in the input's dtype; the accumulation dtype (Note [Accumulation
+// dtype]) writes it in that, straight from the kernels' accumulators. That is
+// what autocast asks of cross-entropy (torch runs it in fp32): bf16 or fp16
+// logits are read as they are and give an fp32 loss, with no fp32 copy of the
+// logits. The gradient is always in the input's dtype, and the backward ops
+// take an upstream gradient of either dtype.
+inline at::ScalarType loss_dtype_of(const Tensor& input, std::optional<at::ScalarType> loss_dtype) {
+  return loss_dtype.value_or(input.scalar_type());
+}
+
+inline void check_loss_dtype(const Tensor& input, std::optional<at::ScalarType> loss_dtype, const char* op) {
+  if (!loss_dtype.has_value()) {
+    return;
+  }
+  const at::ScalarType t = input.scalar_type();
+  TORCH_CHECK(*loss_dtype == t || *loss_dtype == accumulation_dtype(t), op,
+              ": loss_dtype must be None, the input's dtype (", t, ") or its accumulation dtype (",
+              accumulation_dtype(t), "), got ", *loss_dtype);
+}
+
 inline void check_reduction(int64_t reduction, const char* op) {
   TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
               op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
@@ -68,10 +90,14 @@ inline void check_same_device(const Tensor& t, const Tensor& input, const char* 
               input.device());
 }
 
+// grad_loss: of the input's dtype or of the accumulation dtype (the loss's
+// under autocast, Note [Loss dtype]).
 inline void check_grad_loss(const Tensor& grad_loss, const Tensor& input, int64_t reduction, const char* op) {
   check_same_device(grad_loss, input, "grad_loss", op);
-  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss has dtype ",
-              grad_loss.scalar_type(), " but input has ", input.scalar_type());
+  const at::ScalarType t = input.scalar_type();
+  TORCH_CHECK(grad_loss.scalar_type() == t || grad_loss.scalar_type() == accumulation_dtype(t), op,
+              ": expected grad_loss of the input's dtype (", t, ") or its accumulation dtype (",
+              accumulation_dtype(t), "), got ", grad_loss.scalar_type());
   if (reduction == kReductionNone) {
     TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == input.size(0) && grad_loss.size(1) == input.size(2),
                 op, ": expected grad_loss of shape [", input.size(0), ", ", input.size(2), "], got ",
@@ -119,6 +145,12 @@ inline Tensor canonical_prob_target(const Tensor& target, const Tensor& input, c
 inline void check_forward_args(const Tensor& input, int64_t reduction, const char* op) {
   check_input(input, op);
   check_reduction(reduction, op);
+}
+
+inline void check_forward_args(const Tensor& input, int64_t reduction, std::optional<at::ScalarType> loss_dtype,
+                               const char* op) {
+  check_forward_args(input, reduction, op);
+  check_loss_dtype(input, loss_dtype, op);
 }
 
 inline void check_fused_reduction(int64_t reduction, const char* op) {
@@ -170,16 +202,16 @@ inline Tensor row_stats_output(const Tensor& input) {
   return at::empty_symint({2, input.sym_size(0), input.sym_size(2)}, input.options().dtype(at::kDouble));
 }
 
-// 'none': (N, K); 'mean' and 'sum': 0-d; the input's dtype.
-inline Tensor loss_output(const Tensor& input, int64_t reduction) {
+// 'none': (N, K); 'mean' and 'sum': 0-d; of dtype `dtype` (loss_dtype_of).
+inline Tensor loss_output(const Tensor& input, int64_t reduction, at::ScalarType dtype) {
   if (reduction == kReductionNone) {
-    return row_output(input, input.scalar_type());
+    return row_output(input, dtype);
   }
-  return at::empty({}, input.options());
+  return at::empty({}, input.options().dtype(dtype));
 }
 
 struct IndexForwardOutputs {
-  Tensor loss;          // 'none': (N, K) contiguous; else 0-d; the input's dtype
+  Tensor loss;          // 'none': (N, K) contiguous; else 0-d; loss_dtype (Note [Loss dtype])
   Tensor row_stats;     // (2, N, K) float64, contiguous: [row max, log Σ exp(x - max)]
   Tensor total_weight;  // 0-d accumulation dtype: Σ w[y] over the rows not ignored
   Tensor grad_input;    // the *_with_grad forward only ('mean'/'sum'): d(loss)/d(input)
@@ -187,9 +219,10 @@ struct IndexForwardOutputs {
 };
 
 inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t reduction, bool with_grad,
+                                                 std::optional<at::ScalarType> loss_dtype,
                                                  GradientAllocator gradient = empty_gradient) {
   IndexForwardOutputs out;
-  out.loss = loss_output(input, reduction);
+  out.loss = loss_output(input, reduction, loss_dtype_of(input, loss_dtype));
   out.row_stats = row_stats_output(input);
   out.total_weight = at::empty({}, input.options().dtype(accumulation_dtype(input.scalar_type())));
   if (with_grad) {
@@ -204,8 +237,9 @@ struct ProbForwardOutputs {
   Tensor coef_sum;  // (N, K) accumulation dtype, contiguous: Σ_c w_c q_c
 };
 
-inline ProbForwardOutputs prob_forward_outputs(const Tensor& input, int64_t reduction) {
-  return {loss_output(input, reduction), row_stats_output(input),
+inline ProbForwardOutputs prob_forward_outputs(const Tensor& input, int64_t reduction,
+                                               std::optional<at::ScalarType> loss_dtype) {
+  return {loss_output(input, reduction, loss_dtype_of(input, loss_dtype)), row_stats_output(input),
           row_output(input, accumulation_dtype(input.scalar_type()))};
 }
 
@@ -241,6 +275,7 @@ struct IndexForwardCall {
   int64_t ignore_index;
   double label_smoothing;  // <= 0 means off
   int64_t reduction;       // torch's enum (Reduction in common/xent_math.h)
+  at::ScalarType loss_dtype;  // the loss's: the input's or the accumulation dtype (Note [Loss dtype])
   IndexForwardOutputs out;
 };
 
@@ -248,12 +283,13 @@ struct IndexForwardCall {
 // input gradient for an upstream gradient of 1.
 inline IndexForwardCall index_forward_prologue(const Tensor& input, const Tensor& target,
                                                const std::optional<Tensor>& weight, int64_t ignore_index,
-                                               double label_smoothing, int64_t reduction, bool with_grad,
+                                               double label_smoothing, int64_t reduction,
+                                               std::optional<at::ScalarType> loss_dtype, bool with_grad,
                                                const char* op, GradientAllocator gradient = empty_gradient) {
   if (with_grad) {
     check_fused_reduction(reduction, op);
   }
-  check_forward_args(input, reduction, op);
+  check_forward_args(input, reduction, loss_dtype, op);
   IndexForwardCall c;
   c.input = input;
   c.target = canonical_index_target(target, input, op);
@@ -261,12 +297,13 @@ inline IndexForwardCall index_forward_prologue(const Tensor& input, const Tensor
   c.ignore_index = ignore_index;
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
-  c.out = index_forward_outputs(input, reduction, with_grad, gradient);
+  c.loss_dtype = loss_dtype_of(input, loss_dtype);
+  c.out = index_forward_outputs(input, reduction, with_grad, loss_dtype, gradient);
   return c;
 }
 
 struct IndexBackwardCall {
-  Tensor grad_loss;  // 'none': (N, K) any strides; else 0-d
+  Tensor grad_loss;  // 'none': (N, K) any strides; else 0-d; the input's or the accumulation dtype
   Tensor input;
   Tensor target;
   Tensor weight;
@@ -304,20 +341,23 @@ struct ProbForwardCall {
   Tensor weight;
   double label_smoothing;
   int64_t reduction;
+  at::ScalarType loss_dtype;  // as IndexForwardCall::loss_dtype
   ProbForwardOutputs out;
 };
 
 inline ProbForwardCall prob_forward_prologue(const Tensor& input, const Tensor& target,
                                              const std::optional<Tensor>& weight, double label_smoothing,
-                                             int64_t reduction, const char* op) {
-  check_forward_args(input, reduction, op);
+                                             int64_t reduction, std::optional<at::ScalarType> loss_dtype,
+                                             const char* op) {
+  check_forward_args(input, reduction, loss_dtype, op);
   ProbForwardCall c;
   c.input = input;
   c.target = canonical_prob_target(target, input, op);
   c.weight = canonical_weight(weight, input, op);
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
-  c.out = prob_forward_outputs(input, reduction);
+  c.loss_dtype = loss_dtype_of(input, loss_dtype);
+  c.out = prob_forward_outputs(input, reduction, loss_dtype);
   return c;
 }
 

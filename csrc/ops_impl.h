@@ -35,9 +35,11 @@ struct DeviceOps {
       const std::optional<Tensor>& weight,
       int64_t ignore_index,
       double label_smoothing,
-      int64_t reduction) {
-    const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
-                                                      /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
+      int64_t reduction,
+      std::optional<at::ScalarType> loss_dtype) {
+    const IndexForwardCall c =
+        index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype,
+                               /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
     Device::index_forward(c);
     return {c.out.loss, c.out.row_stats, c.out.total_weight};
   }
@@ -50,10 +52,11 @@ struct DeviceOps {
       const std::optional<Tensor>& weight,
       int64_t ignore_index,
       double label_smoothing,
-      int64_t reduction) {
+      int64_t reduction,
+      std::optional<at::ScalarType> loss_dtype) {
     const IndexForwardCall c =
-        index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, /*with_grad=*/true,
-                               "xent_ext::cross_entropy_index_forward_with_grad", Device::gradient);
+        index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype,
+                               /*with_grad=*/true, "xent_ext::cross_entropy_index_forward_with_grad", Device::gradient);
     Device::index_forward(c);
     return {c.out.loss, c.out.row_stats, c.out.total_weight, c.out.grad_input};
   }
@@ -80,8 +83,9 @@ struct DeviceOps {
       const Tensor& target,
       const std::optional<Tensor>& weight,
       double label_smoothing,
-      int64_t reduction) {
-    const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction,
+      int64_t reduction,
+      std::optional<at::ScalarType> loss_dtype) {
+    const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction, loss_dtype,
                                                     "xent_ext::cross_entropy_prob_forward");
     Device::prob_forward(c);
     return {c.out.loss, c.out.row_stats, c.out.coef_sum};

@@ -161,10 +161,13 @@ def test_opcheck_prob_backward(dtype, reduction, device, fresh_seed):
 def test_ops_registered_with_expected_schemas():
     ops = _ops()
     expect = {
-        "cross_entropy_index_forward": ["input", "target", "weight", "ignore_index", "label_smoothing", "reduction"],
+        "cross_entropy_index_forward": ["input", "target", "weight", "ignore_index", "label_smoothing", "reduction",
+                                        "loss_dtype"],
+        "cross_entropy_index_forward_with_grad": ["input", "target", "weight", "ignore_index", "label_smoothing",
+                                                  "reduction", "loss_dtype"],
         "cross_entropy_index_backward": ["grad_loss", "input", "target", "weight", "row_stats", "total_weight",
                                          "ignore_index", "label_smoothing", "reduction"],
-        "cross_entropy_prob_forward": ["input", "target", "weight", "label_smoothing", "reduction"],
+        "cross_entropy_prob_forward": ["input", "target", "weight", "label_smoothing", "reduction", "loss_dtype"],
         "cross_entropy_prob_backward": ["grad_loss", "input", "target", "weight", "row_stats", "coef_sum",
                                         "label_smoothing", "reduction", "input_grad", "target_grad"],
     }

@@ -99,8 +99,15 @@ def _prob_grads_composite(grad_loss, input, target, weight, label_smoothing, red
 # must agree.
 
 
+def _input_grads(ctx: Any, *grads: Any) -> tuple:
+    """`grads` for the op's first inputs, None for the rest (one per input the op was called with)."""
+    return grads + (None,) * (ctx.num_inputs - len(grads))
+
+
 def _index_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    input, target, weight, ignore_index, label_smoothing, reduction = inputs
+    # inputs: the op's arguments; loss_dtype, the last, may be left out by a caller.
+    input, target, weight, ignore_index, label_smoothing, reduction = inputs[:6]
+    ctx.num_inputs = len(inputs)
     _, row_stats, total_weight = output
     ctx.save_for_backward(input, target, weight, row_stats, total_weight)
     # row_stats and total_weight get no gradient; without this autograd would
@@ -114,14 +121,14 @@ def _index_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _index_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_total_weight: Tensor):
     if grad_loss is None:  # the loss itself got no gradient (grads are not materialized)
-        return None, None, None, None, None, None
+        return _input_grads(ctx)
     input, target, weight, row_stats, total_weight = ctx.saved_tensors
     args = (ctx.ignore_index, ctx.label_smoothing, ctx.reduction)
     if torch.is_grad_enabled():
         grad_input = _index_grad_composite(grad_loss, input, target, weight, total_weight, *args)
     else:
         grad_input = _ops.cross_entropy_index_backward(grad_loss, input, target, weight, row_stats, total_weight, *args)
-    return grad_input, None, None, None, None, None
+    return _input_grads(ctx, grad_input)
 
 
 # Note [Gradient in the forward] (Python side)
@@ -148,24 +155,25 @@ def _index_fused_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, 
     if type(grad_loss) is not torch.Tensor:
         # Traced (fake/functional tensors, e.g. opcheck or AOTAutograd): no
         # data-dependent branch and no mutation of a forward output.
-        return fused * grad_loss, None, None, None, None, None
+        return _input_grads(ctx, fused * grad_loss)
     if fused.is_cuda and torch.cuda.is_current_stream_capturing():
         # Reading g would be a host sync, illegal while a CUDA graph is being
         # captured: recompute from the saved logits (exact, one more read).
         return _index_backward(ctx, grad_loss, _grad_row_stats, _grad_tw)
     g = float(grad_loss)  # on CUDA, one host sync (Note [Gradient in the forward])
     if g == 1.0:
-        return fused, None, None, None, None, None
+        return _input_grads(ctx, fused)
     # Scaling the stored gradient rounds twice. Exact for a power of two (the
     # usual GradScaler factor), harmless in fp32/fp64; for bf16/fp16 with any
     # other factor, recompute with one rounding instead.
     if math.frexp(g)[0] in (0.5, -0.5) or fused.dtype in (torch.float32, torch.float64):
-        return fused.mul_(grad_loss), None, None, None, None, None
+        return _input_grads(ctx, fused.mul_(grad_loss))
     return _index_backward(ctx, grad_loss, _grad_row_stats, _grad_tw)
 
 
 def _prob_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    input, target, weight, label_smoothing, reduction = inputs
+    input, target, weight, label_smoothing, reduction = inputs[:5]  # loss_dtype may be left out
+    ctx.num_inputs = len(inputs)
     _, row_stats, coef_sum = output
     ctx.save_for_backward(input, target, weight, row_stats, coef_sum)
     ctx.set_materialize_grads(False)
@@ -176,7 +184,7 @@ def _prob_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_coef_sum: Tensor):
     if grad_loss is None:
-        return None, None, None, None, None
+        return _input_grads(ctx)
     input, target, weight, row_stats, coef_sum = ctx.saved_tensors
     want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if torch.is_grad_enabled():
@@ -189,7 +197,7 @@ def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_c
         )
         grad_input = grad_input if want_input else None
         grad_target = grad_target if want_target else None
-    return grad_input, grad_target, None, None, None
+    return _input_grads(ctx, grad_input, grad_target)
 
 
 torch.library.register_autograd(

@@ -188,19 +188,24 @@ def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], r
         )
     _check_label_smoothing(label_smoothing)
     # torch multiplies log_softmax(input) * target * weight: the result type is
-    # promoted over all three.
-    dtype = torch.promote_types(input.dtype, target.dtype)
+    # promoted over all three (over their autocast dtypes under autocast).
+    device_type = input.device.type
+    dtype = torch.promote_types(_autocast_dtype(input.dtype, device_type), _autocast_dtype(target.dtype, device_type))
     if weight is not None:
-        dtype = torch.promote_types(dtype, weight.dtype)
-    x = _as_ncK(input.to(dtype))
-    q = _as_ncK(target.to(dtype))
+        dtype = torch.promote_types(dtype, _autocast_dtype(weight.dtype, device_type))
     w = weight.to(dtype) if weight is not None else None
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
+    # Note [Autocast]: bf16/fp16 logits and a target of the same dtype are read
+    # as they are, with an fp32 loss; other mixes are copied to the promoted
+    # dtype, as autocast itself copies them.
+    loss_dtype = _autocast_loss_dtype(input) if target.dtype == input.dtype and dtype == torch.float32 else None
     if _weight_needs_grad(weight):
-        loss = _prob_loss_with_weight_grad(x, q, w, reduction, smoothing)
+        loss = _prob_loss_with_weight_grad(_as_ncK(input.to(dtype)), _as_ncK(target.to(dtype)), w, reduction, smoothing)
     else:
+        x = _as_ncK(input if loss_dtype is not None else input.to(dtype))
+        q = _as_ncK(target if loss_dtype is not None else target.to(dtype))
         op = torch.ops.xent_ext.cross_entropy_prob_forward if torch.compiler.is_compiling() else _ops.prob_loss
-        loss = op(x, q, w, smoothing, reduction)[0]
+        loss = op(x, q, w, smoothing, reduction, loss_dtype)[0]
     if reduction == _ops.REDUCTION_NONE:
         out_shape = input.shape[:_class_dim(input)] + input.shape[_class_dim(input) + 1:]
         loss = loss.reshape(out_shape)
@@ -277,9 +282,13 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor])
     if target.dtype == torch.uint8 and dim >= 3:
         # torch's nll_loss2d (every input of 3 or more dims) reads targets as int64 only.
         raise RuntimeError("expected scalar type Long but found Byte")
-    if weight is not None and weight.dtype != input.dtype:
+    # Under autocast torch compares the dtypes after its casts (Note [Autocast]).
+    if weight is not None and _autocast_dtype(weight.dtype, input.device.type) != _autocast_dtype(
+        input.dtype, input.device.type
+    ):
         raise RuntimeError(
-            f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(weight.dtype)}"
+            f"expected scalar type {_dtype_name(_autocast_dtype(input.dtype, input.device.type))} "
+            f"but found {_dtype_name(_autocast_dtype(weight.dtype, input.device.type))}"
         )
 
 
@@ -297,13 +306,14 @@ def _index_target_loss(
     w = weight.reshape(-1) if weight is not None else None
     # torch applies smoothing only for label_smoothing > 0 (negative and nan act as 0).
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
+    loss_dtype = _autocast_loss_dtype(input)
     # Note [Autograd on the hot path] (_ops.py): eager calls skip torch.library's wrapper.
     if _gradient_in_forward(x, reduction):
-        loss = _ops.fused_index_loss(x, y, w, ignore_index, smoothing, reduction)[0]
+        loss = _ops.fused_index_loss(x, y, w, ignore_index, smoothing, reduction, loss_dtype)[0]
     elif torch.compiler.is_compiling():
-        loss = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction)[0]
+        loss = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction, loss_dtype)[0]
     else:
-        loss = _ops.index_loss(x, y, w, ignore_index, smoothing, reduction)[0]
+        loss = _ops.index_loss(x, y, w, ignore_index, smoothing, reduction, loss_dtype)[0]
     if target.dtype == torch.uint8 and w is not None and smoothing > 0 and reduction == _ops.REDUCTION_MEAN:
         _raise_like_torch_uint8_smoothing(input, target, ignore_index)
     if input.dim() == 1 and input.is_cuda and reduction == _ops.REDUCTION_MEAN and smoothing == 0:
@@ -314,6 +324,37 @@ def _index_target_loss(
     if reduction == _ops.REDUCTION_NONE:
         loss = loss.reshape(target.shape if input.dim() > 1 else ())
     return loss
+
+
+# Note [Autocast]
+# cross_entropy is on autocast's fp32 list: under torch.autocast for the
+# input's device type, torch casts float32, bfloat16 and float16 arguments
+# (logits, probability targets, class weights) to float32, leaves float64
+# alone, and computes there, so the loss is float32 and each gradient flows
+# back in its argument's own dtype. The kernels read bf16/fp16 logits and
+# widen them in registers anyway (Note [Accumulation dtype], csrc), so the
+# same numbers come without torch's float32 copy of the logits: the ops are
+# called on the logits as they are with loss_dtype=float32 and write the
+# loss in float32 (Note [Loss dtype], csrc/ops_common.h); class weights are
+# widened by the ops (a (C,) copy). The autocast dtype (bf16 or fp16) plays
+# no part: torch ignores it for this op.
+
+
+def _autocast_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` takes part in cross_entropy with on
+    ``device_type``: float32 for float32/bfloat16/float16 under autocast
+    (Note [Autocast]), else its own."""
+    if dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.is_autocast_enabled(device_type):
+        return torch.float32
+    return dtype
+
+
+def _autocast_loss_dtype(input: Tensor) -> Optional[torch.dtype]:
+    """The ops' loss_dtype for these logits: float32 for bfloat16/float16 logits
+    under autocast (Note [Autocast]), else None (the loss in the logits' dtype)."""
+    if input.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return None
 
 
 def _gradient_in_forward(x: Tensor, reduction: int) -> bool:

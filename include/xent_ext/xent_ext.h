@@ -29,17 +29,21 @@
 // targets (N, C, K) of the logits' dtype; class weights (C,) or nullopt;
 // reduction 0 none / 1 mean / 2 sum (xent_ext::reduction). Forwards return
 // (loss, row_stats, aux): loss (N, K) for 'none', else 0-d, in the logits'
-// dtype; row_stats (2, N, K) float64, each row's max and log Σ exp(x - max),
+// dtype (or, with loss_dtype = the accumulation dtype, float32 for
+// float32/bfloat16/float16 logits: what autocast asks for); row_stats (2, N, K) float64, each row's max and log Σ exp(x - max),
 // which the backward forms softmax from (lse = row_stats[0] + row_stats[1]
 // where one is wanted); aux is the
 // weighted-mean denominator total_weight (index targets, 0-d) or coef_sum
 // (probability targets, (N, K)). A class index outside [0, C) that is not
-// ignore_index throws c10::IndexError("Target 7 is out of bounds.").
+// ignore_index throws c10::IndexError("Target 7 is out of bounds."). The
+// backward ops take grad_loss in the logits' dtype or the accumulation dtype
+// and return gradients in the logits' dtype.
 // These raw ops are not differentiable by autograd; xent_ext::cross_entropy is.
 //
 // Thread safety: as torch's own ops.
 #pragma once
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
@@ -74,36 +78,41 @@ inline c10::OperatorHandle find_op(const char* name) {
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
+using OptDtype = std::optional<at::ScalarType>;
 
 }  // namespace detail
 
 // ---------------------------------------------------------------------------
 // The five operators, typed.
 
-// -> (loss, row_stats, total_weight)
+// -> (loss, row_stats, total_weight). loss_dtype: nullopt for a loss in the
+// input's dtype, the accumulation dtype for one in that.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction,
+    std::optional<at::ScalarType> loss_dtype = std::nullopt) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_index_forward")
           .typed<detail::Tensor3(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, int64_t, double,
-                                 int64_t)>();
-  return op.call(input, target, weight, ignore_index, label_smoothing, reduction);
+                                 int64_t, detail::OptDtype)>();
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype);
 }
 
 // -> (loss, row_stats, total_weight, grad_input): also the input gradient for an
 // upstream gradient of 1, computed in the same pass. reduction must be mean or sum.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward_with_grad(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction,
+    std::optional<at::ScalarType> loss_dtype = std::nullopt) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_index_forward_with_grad")
           .typed<detail::Tensor4(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, int64_t, double,
-                                 int64_t)>();
-  return op.call(input, target, weight, ignore_index, label_smoothing, reduction);
+                                 int64_t, detail::OptDtype)>();
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype);
 }
 
-// -> grad_input (N, C, K). grad_loss: (N, K) for 'none', else a scalar, in the input's dtype.
+// -> grad_input (N, C, K). grad_loss: (N, K) for 'none', else a scalar, in the
+// input's dtype or the accumulation dtype.
 inline at::Tensor cross_entropy_index_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& row_stats, const at::Tensor& total_weight,
@@ -118,11 +127,12 @@ inline at::Tensor cross_entropy_index_backward(
 // -> (loss, row_stats, coef_sum)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    double label_smoothing, int64_t reduction) {
+    double label_smoothing, int64_t reduction, std::optional<at::ScalarType> loss_dtype = std::nullopt) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_prob_forward")
-          .typed<detail::Tensor3(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, double, int64_t)>();
-  return op.call(input, target, weight, label_smoothing, reduction);
+          .typed<detail::Tensor3(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, double, int64_t,
+                                 detail::OptDtype)>();
+  return op.call(input, target, weight, label_smoothing, reduction, loss_dtype);
 }
 
 // -> (grad_input, grad_target); a gradient not asked for is an empty tensor.
@@ -162,15 +172,15 @@ struct IndexCrossEntropy : public torch::autograd::Function<IndexCrossEntropy> {
   // fused: compute the gradient in the forward (Note [Gradient in the forward]).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                            int64_t reduction, bool fused) {
+                            int64_t reduction, std::optional<at::ScalarType> loss_dtype, bool fused) {
     at::Tensor loss, row_stats, total_weight, grad;
     if (fused) {
-      std::tie(loss, row_stats, total_weight, grad) =
-          cross_entropy_index_forward_with_grad(input, target, weight, ignore_index, label_smoothing, reduction);
+      std::tie(loss, row_stats, total_weight, grad) = cross_entropy_index_forward_with_grad(
+          input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype);
       ctx->saved_data["fused_grad"] = grad;
     } else {
       std::tie(loss, row_stats, total_weight) =
-          cross_entropy_index_forward(input, target, weight, ignore_index, label_smoothing, reduction);
+          cross_entropy_index_forward(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype);
     }
     ctx->save_for_backward({input, target, or_undefined(weight), row_stats, total_weight});
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -181,7 +191,7 @@ struct IndexCrossEntropy : public torch::autograd::Function<IndexCrossEntropy> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list grads(7);
+    variable_list grads(8);
     if (!grad_loss.defined()) {
       return grads;
     }
@@ -213,8 +223,10 @@ struct IndexCrossEntropy : public torch::autograd::Function<IndexCrossEntropy> {
 
 struct ProbCrossEntropy : public torch::autograd::Function<ProbCrossEntropy> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                            const std::optional<at::Tensor>& weight, double label_smoothing, int64_t reduction) {
-    auto [loss, row_stats, coef_sum] = cross_entropy_prob_forward(input, target, weight, label_smoothing, reduction);
+                            const std::optional<at::Tensor>& weight, double label_smoothing, int64_t reduction,
+                            std::optional<at::ScalarType> loss_dtype) {
+    auto [loss, row_stats, coef_sum] =
+        cross_entropy_prob_forward(input, target, weight, label_smoothing, reduction, loss_dtype);
     ctx->save_for_backward({input, target, or_undefined(weight), row_stats, coef_sum});
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = reduction;
@@ -223,7 +235,7 @@ struct ProbCrossEntropy : public torch::autograd::Function<ProbCrossEntropy> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list grads(5);
+    variable_list grads(6);
     const bool want_input = ctx->needs_input_grad(0), want_target = ctx->needs_input_grad(1);
     if (!grad_loss.defined() || !(want_input || want_target)) {
       return grads;
@@ -241,6 +253,14 @@ struct ProbCrossEntropy : public torch::autograd::Function<ProbCrossEntropy> {
     return grads;
   }
 };
+
+// Note [Autocast] (C++): torch.autocast runs cross-entropy in fp32 (its fp32
+// list): float32, bfloat16 and float16 tensors count as float32, float64 stays.
+// This is the dtype a tensor of dtype t computes in under autocast on `device`.
+inline at::ScalarType autocast_dtype(at::ScalarType t, c10::DeviceType device) {
+  const bool low = t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+  return low && at::autocast::is_autocast_enabled(device) ? at::kFloat : t;
+}
 
 // (C,), (N, C) or (N, C, d1, ..., dk) as (N, C, K): a view unless the strides can't be merged.
 // The twin of _as_ncK in xent_ext/functional.py: the two must agree.
@@ -268,6 +288,10 @@ inline at::Tensor as_nck(const at::Tensor& t) {
 //   negative with probability targets). label_smoothing: in [0, 1].
 // reduction: reduction::kNone (loss shaped like the target without the class
 //   dimension), kMean or kSum (0-d).
+// Under autocast (at::autocast, as torch.autocast), as torch: float32,
+// bfloat16 and float16 count as float32, so the loss is float32 (read from
+// bfloat16/float16 logits without a float32 copy) and the gradient comes back
+// in the logits' dtype.
 // Differentiable w.r.t. input (and probability targets) under autograd; when
 // input requires grad and the reduction is mean or sum, the gradient is
 // computed in the forward pass and handed to autograd by the backward.
@@ -289,22 +313,33 @@ inline at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& targe
     TORCH_CHECK(target.is_floating_point(), "Expected floating point type for target with class probabilities, got ",
                 target.scalar_type());
     TORCH_CHECK(ignore_index < 0, "ignore_index is not supported for floating point target");
-    at::ScalarType dtype = c10::promoteTypes(input.scalar_type(), target.scalar_type());
+    const c10::DeviceType device = input.device().type();
+    at::ScalarType dtype = c10::promoteTypes(detail::autocast_dtype(input.scalar_type(), device),
+                                             detail::autocast_dtype(target.scalar_type(), device));
     if (weight.has_value() && weight->defined()) {
-      dtype = c10::promoteTypes(dtype, weight->scalar_type());
+      dtype = c10::promoteTypes(dtype, detail::autocast_dtype(weight->scalar_type(), device));
     }
     const std::optional<at::Tensor> w =
         weight.has_value() && weight->defined() ? std::optional<at::Tensor>(weight->to(dtype)) : std::nullopt;
-    loss = detail::ProbCrossEntropy::apply(detail::as_nck(input.to(dtype)), detail::as_nck(target.to(dtype)), w,
-                                           smoothing, reduction);
+    // Under autocast, bfloat16/float16 logits and target of one dtype are read
+    // as they are, with a float32 loss; any other mix is copied to the
+    // computation's dtype, as autocast itself would.
+    const bool keep = dtype == at::kFloat && input.scalar_type() == target.scalar_type() &&
+                      input.scalar_type() != at::kFloat;
+    loss = detail::ProbCrossEntropy::apply(detail::as_nck(keep ? input : input.to(dtype)),
+                                           detail::as_nck(keep ? target : target.to(dtype)), w, smoothing, reduction,
+                                           keep ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
   } else {
     TORCH_CHECK(target.sizes() == at::IntArrayRef(rows_shape), "xent_ext::cross_entropy: expected target of shape ",
                 at::IntArrayRef(rows_shape), " (class indices) or ", input.sizes(),
                 " (class probabilities) for input of shape ", input.sizes(), ", got ", target.sizes());
     at::Tensor y = input.dim() == 1 ? target.reshape({1, 1}) : (input.dim() == 2 ? target.unsqueeze(-1) : target.flatten(1));
     const bool fused = reduction != reduction::kNone && input.requires_grad() && c10::GradMode::is_enabled();
+    const at::ScalarType compute = detail::autocast_dtype(input.scalar_type(), input.device().type());
+    const std::optional<at::ScalarType> loss_dtype =
+        compute != input.scalar_type() ? std::optional<at::ScalarType>(compute) : std::nullopt;
     loss = detail::IndexCrossEntropy::apply(detail::as_nck(input), y, weight, ignore_index, smoothing, reduction,
-                                            fused);
+                                            loss_dtype, fused);
   }
   if (reduction == reduction::kNone) {
     loss = loss.reshape(rows_shape);

@@ -418,6 +418,28 @@ void case_raw_ops() {
   }
   EXPECT(threw, "raw: forward_with_grad accepted reduction 'none'");
 
+  // loss_dtype: the loss in the accumulation dtype, the same number before its
+  // last rounding; the backward takes grad_loss in either dtype.
+  {
+    const Tensor xb = x.to(at::kBFloat16);
+    auto [lb, sb, twb] = xent_ext::cross_entropy_index_forward(xb, y, w, ignore_index, smoothing, kNone);
+    auto [lf, sf, twf] = xent_ext::cross_entropy_index_forward(xb, y, w, ignore_index, smoothing, kNone, at::kFloat);
+    EXPECT(lb.scalar_type() == at::kBFloat16 && lf.scalar_type() == at::kFloat, "raw: loss_dtype ", lf.scalar_type());
+    EXPECT(at::equal(lf.to(at::kBFloat16), lb) && at::equal(sb, sf), "raw: loss_dtype changes the values");
+    const Tensor gb = xent_ext::cross_entropy_index_backward(g.to(at::kBFloat16), xb, y, w, sb, twb, ignore_index,
+                                                             smoothing, kNone);
+    const Tensor gf = xent_ext::cross_entropy_index_backward(g.to(at::kBFloat16).to(at::kFloat), xb, y, w, sb, twb,
+                                                             ignore_index, smoothing, kNone);
+    EXPECT(gf.scalar_type() == at::kBFloat16 && at::equal(gb, gf), "raw: grad_loss dtype changes the gradient");
+    bool bad_dtype = false;
+    try {
+      xent_ext::cross_entropy_index_forward(xb, y, w, ignore_index, smoothing, kNone, at::kDouble);
+    } catch (const c10::Error&) {
+      bad_dtype = true;
+    }
+    EXPECT(bad_dtype, "raw: loss_dtype float64 accepted for bfloat16 input");
+  }
+
   // Probability targets: gradients only where asked for.
   const Tensor q = at::softmax(at::randn({N, C, K}, gen, f64), 1).to(at::kFloat);
   auto [ploss, pstats, coef_sum] = xent_ext::cross_entropy_prob_forward(x, q, w, smoothing, kMean);
@@ -434,6 +456,72 @@ void case_raw_ops() {
   auto [gi2, gt2] = xent_ext::cross_entropy_prob_backward(one, x, q, w, pstats, coef_sum, smoothing, kMean, true, false);
   EXPECT(gt2.numel() == 0, "raw: target gradient not asked for, got shape ", gt2.sizes());
   EXPECT(at::equal(gi, gi2), "raw: input gradient depends on target_grad");
+}
+
+// Under autocast (at::autocast on the CPU), as torch: a float32 loss from
+// bfloat16 logits (read without a float32 copy), the gradient in bfloat16; the
+// values those of torch's float32 computation.
+void case_autocast() {
+  at::Generator gen = make_gen(950);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t N = 12, C = 257;
+  const Tensor x = (at::randn({N, C}, gen, f64) * 3).to(at::kBFloat16);
+  const Tensor y = at::randint(0, C, {N}, gen, at::TensorOptions().dtype(at::kLong));
+  const Tensor q = at::softmax(at::randn({N, C}, gen, f64), 1).to(at::kBFloat16);
+  const Tensor w = (at::rand({C}, gen, f64) + 0.5).to(at::kBFloat16);
+  struct AutocastOn {
+    bool was = at::autocast::is_autocast_enabled(at::kCPU);
+    at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCPU);
+    AutocastOn() {
+      at::autocast::set_autocast_enabled(at::kCPU, true);
+      at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    }
+    ~AutocastOn() {
+      at::autocast::set_autocast_enabled(at::kCPU, was);
+      at::autocast::set_autocast_dtype(at::kCPU, dtype);
+      at::autocast::clear_cache();
+    }
+  };
+  for (bool prob : {false, true}) {
+    for (int64_t r : {kNone, kMean, kSum}) {
+      const std::string what = std::string("autocast ") + (prob ? "prob " : "index ") + reduction_name(r);
+      Tensor xo = x.detach().requires_grad_(true);
+      Tensor xt = x.detach().requires_grad_(true);
+      Tensor loss, ref;
+      {
+        AutocastOn on;
+        loss = xent_ext::cross_entropy(xo, prob ? q : y, w, -100, 0.1, r);
+        ref = F::cross_entropy(xt, prob ? q : y,
+                               F::CrossEntropyFuncOptions().weight(w).label_smoothing(0.1).reduction(torch_reduction(r)));
+      }
+      EXPECT(loss.scalar_type() == at::kFloat && ref.scalar_type() == at::kFloat, what, ": loss dtype ",
+             loss.scalar_type(), ", torch's ", ref.scalar_type());
+      expect_close(loss, ref, tolerance_for(at::kFloat), what + ": loss");
+      const Tensor g = at::randn(loss.sizes(), gen, f64).to(at::kFloat);
+      torch::autograd::backward({loss}, {g});
+      torch::autograd::backward({ref}, {g});
+      EXPECT(xo.grad().scalar_type() == at::kBFloat16, what, ": gradient dtype ", xo.grad().scalar_type());
+      expect_close(xo.grad(), xt.grad(), {2.0 / 128, 1e-3}, what + ": input gradient");
+    }
+  }
+}
+
+// Large logits: softmax from the row max and the log-sum kept apart, so
+// x = [[M, M, 0]] with target 0 has the gradient [-1/2, 1/2, 0] at any M.
+void case_magnitude() {
+  for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kBFloat16}) {
+    for (double M : {1e4, 1e16, 1e30}) {
+      for (int64_t r : {kNone, kMean, kSum}) {
+        const Tensor x = at::tensor({M, M, 0.0}, at::TensorOptions().dtype(at::kDouble)).view({1, 3}).to(dtype);
+        const Tensor xr = x.detach().requires_grad_(true);
+        const Tensor loss = xent_ext::cross_entropy(xr, at::zeros({1}, at::kLong), std::nullopt, -100, 0.0, r);
+        loss.sum().backward();
+        const Tensor expect = at::tensor({-0.5, 0.5, 0.0}, at::TensorOptions().dtype(at::kDouble)).view({1, 3});
+        EXPECT(at::equal(xr.grad().to(at::kDouble), expect), "magnitude ", dtype, " M=", M, " ", reduction_name(r),
+               ": gradient ", xr.grad());
+      }
+    }
+  }
 }
 
 // A class index outside [0, C) that is not ignore_index: c10::IndexError,
@@ -492,6 +580,8 @@ const std::vector<std::pair<std::string, void (*)()>>& cases() {
       {"fp64", case_fp64},
       {"upstream_scale", case_upstream_scale},
       {"raw_ops", case_raw_ops},
+      {"autocast", case_autocast},
+      {"magnitude", case_magnitude},
       {"bad_target", case_bad_target},
   };
   return all;

@@ -32,11 +32,13 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Upstream gradient of row r: per-row for 'none', the scalar otherwise.
+// Upstream gradient of row r: per-row for 'none', the scalar otherwise; of
+// the input's dtype T or of the accumulation dtype (Note [Loss dtype]).
 template <typename T>
 struct GradOut {
   using acc_t = acc_type<T>;
   const T* per_row = nullptr;
+  const acc_t* per_row_acc = nullptr;
   int64_t sn = 0, sk = 0, K = 1;
   acc_t scalar = 0;
 
@@ -44,16 +46,26 @@ struct GradOut {
   explicit GradOut(double scalar_) : scalar(static_cast<acc_t>(scalar_)) {}
 
   GradOut(const at::Tensor& grad_loss, int64_t reduction, int64_t K_, double scale) : K(K_) {
+    const bool in_acc = grad_loss.scalar_type() != c10::CppTypeToScalarType<T>::value;
     if (reduction == kReductionNone) {
-      per_row = grad_loss.data_ptr<T>();
+      if (in_acc) {
+        per_row_acc = grad_loss.data_ptr<acc_t>();
+      } else {
+        per_row = grad_loss.data_ptr<T>();
+      }
       sn = grad_loss.stride(0);
       sk = grad_loss.stride(1);
     } else {
-      scalar = static_cast<acc_t>(static_cast<double>(*grad_loss.data_ptr<T>()) * scale);
+      const double g = in_acc ? static_cast<double>(*grad_loss.data_ptr<acc_t>())
+                              : static_cast<double>(*grad_loss.data_ptr<T>());
+      scalar = static_cast<acc_t>(g * scale);
     }
   }
   acc_t operator()(int64_t r) const {
-    return per_row ? static_cast<acc_t>(per_row[row_offset(r, K, sn, sk)]) : scalar;
+    if (per_row) {
+      return static_cast<acc_t>(per_row[row_offset(r, K, sn, sk)]);
+    }
+    return per_row_acc ? per_row_acc[row_offset(r, K, sn, sk)] : scalar;
   }
 };
 

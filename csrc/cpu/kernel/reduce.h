@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace xent_ext {
@@ -74,20 +75,34 @@ std::unique_ptr<U[]> row_buffer(int64_t n) {
   return std::unique_ptr<U[]>(new U[static_cast<size_t>(n)]);
 }
 
-// Writes 'none' row losses.
+// Writes 'none' row losses, of the input's dtype T or of the accumulation
+// dtype, as the loss tensor is (Note [Loss dtype]).
 template <typename T>
 void write_rows(const at::Tensor& loss, const math::acc_type<T>* row_loss, int64_t R) {
-  T* out = loss.data_ptr<T>();
-  at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      out[r] = static_cast<T>(row_loss[r]);
-    }
-  });
+  using acc_t = math::acc_type<T>;
+  const auto write = [&](auto* out) {
+    using Out = std::remove_pointer_t<decltype(out)>;
+    at::parallel_for(0, R, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        out[r] = static_cast<Out>(row_loss[r]);
+      }
+    });
+  };
+  if (loss.scalar_type() == c10::CppTypeToScalarType<T>::value) {
+    write(loss.data_ptr<T>());
+  } else {
+    write(loss.data_ptr<acc_t>());
+  }
 }
 
+// The reduced loss, rounded once from double to the loss's dtype.
 template <typename T>
 void write_scalar(const at::Tensor& loss, double value) {
-  *loss.data_ptr<T>() = static_cast<T>(value);
+  if (loss.scalar_type() == c10::CppTypeToScalarType<T>::value) {
+    *loss.data_ptr<T>() = static_cast<T>(value);
+  } else {
+    *loss.data_ptr<math::acc_type<T>>() = static_cast<math::acc_type<T>>(value);
+  }
 }
 
 }  // namespace
