@@ -65,6 +65,15 @@ std::tuple<Tensor, Tensor, Tensor> prob_forward_meta(const Tensor& input, const 
   return {out.loss, out.row_stats, out.coef_sum};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prob_forward_with_grad_meta(
+    const Tensor& input, const Tensor& target, const std::optional<Tensor>&, double, int64_t reduction,
+    bool input_grad, bool target_grad, std::optional<at::ScalarType> loss_dtype) {
+  const ProbForwardOutputs out = prob_forward_outputs(input, reduction, loss_dtype);
+  const auto [grad_input, grad_target] =
+      prob_backward_result(prob_backward_outputs(input, target, input_grad, target_grad), input);
+  return {out.loss, out.row_stats, out.coef_sum, grad_input, grad_target};
+}
+
 std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input, const Tensor& target,
                                               const std::optional<Tensor>&, const Tensor&, const Tensor&, double,
                                               int64_t, bool input_grad, bool target_grad) {
@@ -82,8 +91,11 @@ std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input
 // float64 holds each row's max and log Σ exp(x - max) (Note [Row max and
 // log-sum apart], common/xent_math.h), what the backward forms softmax
 // from; aux is the weighted-mean denominator (index) or the per-row Σ w q
-// (probability). The *_with_grad
-// forward also returns the input gradient for an upstream gradient of 1.
+// (probability). The *_with_grad forwards also return the gradients for an
+// upstream gradient of 1 (of 1 on every row for 'none': the gradient of the
+// sum of the rows' losses); the probability one, as
+// cross_entropy_prob_backward, those asked for by input_grad and target_grad,
+// and empty tensors for the others.
 // loss_dtype, on every forward: None for a loss in the input's dtype, the
 // accumulation dtype for one in that (autocast; Note [Loss dtype],
 // ops_common.h); the backward ops take a grad_loss of either dtype.
@@ -108,6 +120,10 @@ TORCH_LIBRARY(xent_ext, m) {
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
       "int reduction, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor row_stats, Tensor coef_sum)");
   m.def(
+      "cross_entropy_prob_forward_with_grad(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
+      "int reduction, bool input_grad, bool target_grad, ScalarType? loss_dtype=None) "
+      "-> (Tensor loss, Tensor row_stats, Tensor coef_sum, Tensor grad_input, Tensor grad_target)");
+  m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor row_stats, Tensor coef_sum, float label_smoothing, int reduction, bool input_grad, bool target_grad) "
       "-> (Tensor grad_input, Tensor grad_target)");
@@ -119,4 +135,5 @@ TORCH_LIBRARY_IMPL(xent_ext, Meta, m) {
   m.impl("cross_entropy_index_backward", &xent_ext::index_backward_meta);
   m.impl("cross_entropy_prob_forward", &xent_ext::prob_forward_meta);
   m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_meta);
+  m.impl("cross_entropy_prob_forward_with_grad", &xent_ext::prob_forward_with_grad_meta);
 }

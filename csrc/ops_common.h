@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 
 #include <atomic>
 #include <optional>
@@ -153,12 +154,6 @@ inline void check_forward_args(const Tensor& input, int64_t reduction, std::opti
   check_loss_dtype(input, loss_dtype, op);
 }
 
-inline void check_fused_reduction(int64_t reduction, const char* op) {
-  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum, op,
-              ": reduction must be 1 (mean) or 2 (sum): with 'none' the upstream gradient differs per row, got ",
-              reduction);
-}
-
 inline void check_index_backward_args(const Tensor& grad_loss, const Tensor& input, const Tensor& row_stats,
                                       const Tensor& total_weight, int64_t reduction, const char* op) {
   check_forward_args(input, reduction, op);
@@ -214,8 +209,8 @@ struct IndexForwardOutputs {
   Tensor loss;          // 'none': (N, K) contiguous; else 0-d; loss_dtype (Note [Loss dtype])
   Tensor row_stats;     // (2, N, K) float64, contiguous: [row max, log Σ exp(x - max)]
   Tensor total_weight;  // 0-d accumulation dtype: Σ w[y] over the rows not ignored
-  Tensor grad_input;    // the *_with_grad forward only ('mean'/'sum'): d(loss)/d(input)
-                        // for an upstream gradient of 1, (N, C, K); else undefined
+  Tensor grad_input;    // the *_with_grad forward only: d(loss)/d(input) for an upstream
+                        // gradient of 1 ('none': d(Σ_rows loss)/d(input)), (N, C, K); else undefined
 };
 
 inline IndexForwardOutputs index_forward_outputs(const Tensor& input, int64_t reduction, bool with_grad,
@@ -279,16 +274,13 @@ struct IndexForwardCall {
   IndexForwardOutputs out;
 };
 
-// with_grad: the *_with_grad forward (mean or sum only), which also writes the
-// input gradient for an upstream gradient of 1.
+// with_grad: the *_with_grad forward, which also writes the input gradient
+// for an upstream gradient of 1 (for 'none', of 1 on every row).
 inline IndexForwardCall index_forward_prologue(const Tensor& input, const Tensor& target,
                                                const std::optional<Tensor>& weight, int64_t ignore_index,
                                                double label_smoothing, int64_t reduction,
                                                std::optional<at::ScalarType> loss_dtype, bool with_grad,
                                                const char* op, GradientAllocator gradient = empty_gradient) {
-  if (with_grad) {
-    check_fused_reduction(reduction, op);
-  }
   check_forward_args(input, reduction, loss_dtype, op);
   IndexForwardCall c;
   c.input = input;
@@ -389,6 +381,26 @@ inline ProbBackwardCall prob_backward_prologue(const Tensor& grad_loss, const Te
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
   c.out = prob_backward_outputs(input, c.target, input_grad, target_grad, gradient);
+  return c;
+}
+
+// The gradients the probability forward with gradient
+// (cross_entropy_prob_forward_with_grad) returns, as the backward computes
+// them from the forward's results for an upstream gradient of 1: for 'none'
+// that of the sum of the rows' losses, which is the gradient of each row's
+// loss for an upstream gradient of 1 on every row.
+inline ProbBackwardCall prob_unit_backward_call(const ProbForwardCall& f, bool input_grad, bool target_grad,
+                                                GradientAllocator gradient = empty_gradient) {
+  ProbBackwardCall c;
+  c.grad_loss = at::ones({}, f.input.options());
+  c.input = f.input;
+  c.target = f.target;
+  c.weight = f.weight;
+  c.row_stats = f.out.row_stats;
+  c.coef_sum = f.out.coef_sum;
+  c.label_smoothing = f.label_smoothing;
+  c.reduction = f.reduction == kReductionNone ? kReductionSum : f.reduction;
+  c.out = prob_backward_outputs(f.input, f.target, input_grad, target_grad, gradient);
   return c;
 }
 

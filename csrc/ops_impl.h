@@ -8,6 +8,9 @@
 //   static void prob_forward(const ProbForwardCall&);
 //   static void prob_backward(const ProbBackwardCall&);
 //
+// (cross_entropy_prob_forward_with_grad runs prob_forward, then
+// prob_backward for an upstream gradient of 1.)
+//
 // and registers the ops with `register_device_ops<Device>(m)` in its
 // TORCH_LIBRARY_IMPL block (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp). Include it
 // from one translation unit per device, inside no namespace of its own: the
@@ -91,6 +94,31 @@ struct DeviceOps {
     return {c.out.loss, c.out.row_stats, c.out.coef_sum};
   }
 
+  // The probability forward, then the backward's kernel for an upstream
+  // gradient of 1 on the forward's results (ops_common.h,
+  // prob_unit_backward_call): two passes over the logits, one op, so that the
+  // first backward of autograd reads only its results (Note [Gradient in the
+  // forward], xent_ext/_ops.py).
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prob_forward_with_grad(
+      const Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      double label_smoothing,
+      int64_t reduction,
+      bool input_grad,
+      bool target_grad,
+      std::optional<at::ScalarType> loss_dtype) {
+    const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction, loss_dtype,
+                                                    "xent_ext::cross_entropy_prob_forward_with_grad");
+    Device::prob_forward(c);
+    const ProbBackwardCall b = prob_unit_backward_call(c, input_grad, target_grad, Device::gradient);
+    if (input_grad || target_grad) {
+      Device::prob_backward(b);
+    }
+    const auto [grad_input, grad_target] = prob_backward_result(b.out, c.input);
+    return {c.out.loss, c.out.row_stats, c.out.coef_sum, grad_input, grad_target};
+  }
+
   static std::tuple<Tensor, Tensor> prob_backward(
       const Tensor& grad_loss,
       const Tensor& input,
@@ -119,6 +147,7 @@ void register_device_ops(torch::Library& m) {
   m.impl("cross_entropy_index_backward", &DeviceOps<Device>::index_backward);
   m.impl("cross_entropy_prob_forward", &DeviceOps<Device>::prob_forward);
   m.impl("cross_entropy_prob_backward", &DeviceOps<Device>::prob_backward);
+  m.impl("cross_entropy_prob_forward_with_grad", &DeviceOps<Device>::prob_forward_with_grad);
 }
 
 }  // namespace ops

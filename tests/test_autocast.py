@@ -253,9 +253,9 @@ def test_ops_loss_dtype(dtype, device, fresh_seed):
     q = torch.softmax(torch.randn(5, 9, 3, dtype=torch.float64), 1).to(device=device, dtype=dtype)
     for red in (0, 1, 2):
         calls = [lambda ld: ops.cross_entropy_index_forward(x, y, None, -100, 0.1, red, ld),
-                 lambda ld: ops.cross_entropy_prob_forward(x, q, None, 0.1, red, ld)]
-        if red != 0:
-            calls.append(lambda ld: ops.cross_entropy_index_forward_with_grad(x, y, None, -100, 0.1, red, ld))
+                 lambda ld: ops.cross_entropy_index_forward_with_grad(x, y, None, -100, 0.1, red, ld),
+                 lambda ld: ops.cross_entropy_prob_forward(x, q, None, 0.1, red, ld),
+                 lambda ld: ops.cross_entropy_prob_forward_with_grad(x, q, None, 0.1, red, True, True, ld)]
         for call in calls:
             base = call(None)
             wide = call(acc)

@@ -247,10 +247,16 @@ def test_tied_max_far_above_ops(dtype, device):
             assert g.reshape(-1).tolist() == [-0.5, 0.5, 0.0], f"M={M:g}: backward {g.reshape(-1).tolist()}"
             fused = _ops().cross_entropy_index_forward_with_grad(x, t, None, -100, 0.0, REDUCTION_ENUM[red])[3]
             assert_bitwise_equal(fused, g, f"M={M:g}: fused vs recomputed")
+        fused = _ops().cross_entropy_index_forward_with_grad(x, t, None, -100, 0.0, 0)[3]
+        assert fused.reshape(-1).tolist() == [-0.5, 0.5, 0.0], f"M={M:g}: forward with gradient, 'none'"
         q = torch.tensor([[1.0, 0.0, 0.0]], dtype=dtype, device=device).unsqueeze(-1)
         loss, row_stats, coef_sum = _ops().cross_entropy_prob_forward(x, q, None, 0.0, 2)
         gi, gt = _ops().cross_entropy_prob_backward(one, x, q, None, row_stats, coef_sum, 0.0, 2, True, True)
         assert gi.reshape(-1).tolist() == [-0.5, 0.5, 0.0], f"M={M:g}: prob backward {gi.reshape(-1).tolist()}"
+        for red in (0, 2):
+            fused = _ops().cross_entropy_prob_forward_with_grad(x, q, None, 0.0, red, True, True)
+            assert_bitwise_equal(fused[3], gi, f"M={M:g}: prob forward with gradient, input")
+            assert_bitwise_equal(fused[4], gt, f"M={M:g}: prob forward with gradient, target")
         log_p = torch.tensor([-math.log(2), -math.log(2), -float(x.max()) - math.log(2)], dtype=torch.float64)
         torch.testing.assert_close(gt.cpu().reshape(-1).double(), -log_p, rtol=_eps(dtype), atol=2 * _eps(_acc(dtype)),
                                    msg=f"M={M:g}: grad_target")
@@ -312,13 +318,12 @@ def test_offset_rows_ops(dtype, reduction, shape_case, target_case, device, fres
         grad = _ops().cross_entropy_index_backward(g, xc, yc, weight, row_stats, tw, ii, ls, red)
         _check(loss.reshape(_reference_loss_shape(x, reduction)), grad.reshape(x.shape), None, x, target, weight,
                ii, ls, reduction, g.reshape(_reference_loss_shape(x, reduction)), ctx)
-        if reduction != "none":
-            one = torch.ones((), dtype=dtype, device=device)
-            fused = _ops().cross_entropy_index_forward_with_grad(xc, yc, weight, ii, ls, red)
-            assert_bitwise_equal(fused[0], loss, ctx + ": loss of the forward with gradient")
-            assert_bitwise_equal(fused[1], row_stats, ctx + ": row_stats of the forward with gradient")
-            recomputed = _ops().cross_entropy_index_backward(one, xc, yc, weight, row_stats, tw, ii, ls, red)
-            assert_bitwise_equal(fused[3], recomputed, ctx + ": gradient in the forward vs the backward's")
+        one = torch.ones(loss.shape, dtype=dtype, device=device)
+        fused = _ops().cross_entropy_index_forward_with_grad(xc, yc, weight, ii, ls, red)
+        assert_bitwise_equal(fused[0], loss, ctx + ": loss of the forward with gradient")
+        assert_bitwise_equal(fused[1], row_stats, ctx + ": row_stats of the forward with gradient")
+        recomputed = _ops().cross_entropy_index_backward(one, xc, yc, weight, row_stats, tw, ii, ls, red)
+        assert_bitwise_equal(fused[3], recomputed, ctx + ": gradient in the forward vs the backward's")
     else:
         qc = _canonical(target)
         loss, row_stats, coef_sum = _ops().cross_entropy_prob_forward(xc, qc, weight, ls, red)
@@ -326,6 +331,13 @@ def test_offset_rows_ops(dtype, reduction, shape_case, target_case, device, fres
         gi, gt = _ops().cross_entropy_prob_backward(g, xc, qc, weight, row_stats, coef_sum, ls, red, True, True)
         _check(loss.reshape(_reference_loss_shape(x, reduction)), gi.reshape(x.shape), gt.reshape(x.shape), x, target,
                weight, ii, ls, reduction, g.reshape(_reference_loss_shape(x, reduction)), ctx)
+        one = torch.ones(loss.shape, dtype=dtype, device=device)
+        fused = _ops().cross_entropy_prob_forward_with_grad(xc, qc, weight, ls, red, True, True)
+        for i, name in enumerate(("loss", "row_stats", "coef_sum")):
+            assert_bitwise_equal(fused[i], (loss, row_stats, coef_sum)[i], f"{ctx}: {name} of the forward with gradient")
+        gi, gt = _ops().cross_entropy_prob_backward(one, xc, qc, weight, row_stats, coef_sum, ls, red, True, True)
+        assert_bitwise_equal(fused[3], gi, ctx + ": input gradient in the forward vs the backward's")
+        assert_bitwise_equal(fused[4], gt, ctx + ": target gradient in the forward vs the backward's")
     # row_stats: the row max exactly, and log Σ exp(x - max)
     X = xc.cpu().double()
     m = X.amax(1)

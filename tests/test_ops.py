@@ -88,7 +88,7 @@ def test_opcheck_index_forward(dtype, reduction, device, fresh_seed):
         assert (total_weight.shape, total_weight.dtype, total_weight.device) == ((), acc, x.device)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
 def test_opcheck_index_forward_with_grad(dtype, reduction, device, fresh_seed):
     for weighted, ls in SAMPLES:
@@ -100,10 +100,33 @@ def test_opcheck_index_forward_with_grad(dtype, reduction, device, fresh_seed):
         x = plain[0].clone().requires_grad_()
         ref = F.cross_entropy(x, plain[1], weight=plain[2], ignore_index=args[3], label_smoothing=ls,
                               reduction=reduction)
-        (ref_grad,) = torch.autograd.grad(ref, x)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), x)  # 'none': an upstream gradient of 1 on every row
         assert loss.device == ref.device and grad.device == ref_grad.device
         torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=dtype_name)
+def test_opcheck_prob_forward_with_grad(dtype, reduction, device, fresh_seed):
+    for (weighted, ls), flags in zip(SAMPLES + SAMPLES[:1], [(True, True), (True, False), (False, True)]):
+        x, t, w, ls_, red = _prob_inputs(dtype, weighted, ls, reduction, device=device)
+        args = (x, t, w, ls_, red, *flags)
+        _opcheck(_ops().cross_entropy_prob_forward_with_grad.default, args)
+        # the forward's results, and the gradients asked for an upstream gradient of 1
+        xd, td = x.detach(), t.detach()
+        loss, row_stats, coef_sum, gi, gt = _ops().cross_entropy_prob_forward_with_grad(xd, td, w, ls_, red, *flags)
+        for a, b in zip((loss, row_stats, coef_sum), _ops().cross_entropy_prob_forward(xd, td, w, ls_, red)):
+            assert torch.equal(a, b)
+        wrt = tuple(n for n, f in zip(("input", "target"), flags) if f)
+        ref_loss, ref = run_ce(F.cross_entropy, xd, td, w, None, wrt, label_smoothing=ls, reduction=reduction)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for name, flag, got in (("input", flags[0], gi), ("target", flags[1], gt)):
+            if flag:
+                assert got.dtype == ref[name].dtype and got.device == ref[name].device
+                torch.testing.assert_close(got, ref[name], rtol=1e-5, atol=1e-6)
+            else:
+                assert got.numel() == 0, f"not requested grad_{name} must be an empty tensor, got {tuple(got.shape)}"
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -168,6 +191,8 @@ def test_ops_registered_with_expected_schemas():
         "cross_entropy_index_backward": ["grad_loss", "input", "target", "weight", "row_stats", "total_weight",
                                          "ignore_index", "label_smoothing", "reduction"],
         "cross_entropy_prob_forward": ["input", "target", "weight", "label_smoothing", "reduction", "loss_dtype"],
+        "cross_entropy_prob_forward_with_grad": ["input", "target", "weight", "label_smoothing", "reduction",
+                                                 "input_grad", "target_grad", "loss_dtype"],
         "cross_entropy_prob_backward": ["grad_loss", "input", "target", "weight", "row_stats", "coef_sum",
                                         "label_smoothing", "reduction", "input_grad", "target_grad"],
     }
@@ -176,7 +201,7 @@ def test_ops_registered_with_expected_schemas():
         assert [a.name for a in schema.arguments] == argnames, f"{name}: {schema}"
         assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments), f"{name} mutates"
     n_out = {"cross_entropy_index_forward": 3, "cross_entropy_prob_forward": 3,
-             "cross_entropy_index_forward_with_grad": 4,
+             "cross_entropy_index_forward_with_grad": 4, "cross_entropy_prob_forward_with_grad": 5,
              "cross_entropy_index_backward": 1, "cross_entropy_prob_backward": 2}
     for name, n in n_out.items():
         assert len(getattr(ops, name).default._schema.returns) == n, name
@@ -222,11 +247,9 @@ def test_public_api_runs_the_fused_ops(case, reduction, device, fresh_seed):
     fwd = f"xent_ext.cross_entropy_{kind}_forward"
     bwd = f"xent_ext.cross_entropy_{kind}_backward"
     fused = f"xent_ext.cross_entropy_{kind}_forward_with_grad"
-    if kind == "index" and reduction != "none":
-        # Note [Gradient in the forward]: one op computes the loss and the gradient.
-        assert fused in rec.ops and fwd not in rec.ops, f"ops seen: {sorted(set(rec.ops))}"
-    else:
-        assert fwd in rec.ops and bwd in rec.ops, f"ops seen: {sorted(set(rec.ops))}"
+    # Note [Gradient in the forward]: one op computes the loss and the gradient, for
+    # every reduction and target kind, and the backward reads nothing else.
+    assert fused in rec.ops and fwd not in rec.ops and bwd not in rec.ops, f"ops seen: {sorted(set(rec.ops))}"
     for banned in ("aten._log_softmax", "aten.nll_loss_forward", "aten.nll_loss2d_forward"):
         assert banned not in rec.ops, f"{banned} called; ops seen: {sorted(set(rec.ops))}"
 
@@ -443,23 +466,30 @@ def test_cpu_capability_reports_torch_choice():
 
 # Note [Gradient in the forward]: the gradient computed inside the forward is
 # handed out once; scaled upstream gradients, a second backward through the
-# same graph, and autograd.grad must all still match torch.
+# same graph, and autograd.grad must all still match torch. (A bf16 gradient
+# scaled by a factor other than a power of two is rounded twice: within one
+# ulp, inside the bf16 tolerance.)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradient_in_forward_reuse_and_scaling(dtype, reduction, device):
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     x = (torch.randn(37, 300, generator=gen) * 2).to(device=device, dtype=dtype)
     y = torch.randint(300, (37,), generator=gen).to(device)
     scale = float(torch.rand((), generator=gen)) * 4 + 0.5
 
+    # 'none': a different upstream gradient per row
+    rows = (torch.rand(37, generator=gen) * 4 + 0.5).to(device=device, dtype=dtype)
+
     def grads(fn):
         xr = x.clone().requires_grad_()
         loss = fn(xr, y, reduction=reduction, label_smoothing=0.1)
-        (loss * scale).backward(retain_graph=True)  # upstream gradient != 1
+        one = torch.ones_like(loss)
+        (loss * scale).backward(rows if reduction == "none" else None, retain_graph=True)  # upstream != 1
         first = xr.grad.clone()
-        loss.backward(retain_graph=True)  # second backward through the same graph, upstream 1
-        second = xr.grad - first
-        (third,) = torch.autograd.grad(loss, xr)
+        # second backward through the same graph, upstream 1 (taken on its own: a
+        # difference of accumulated bf16 .grad values would carry the rounding of their sum)
+        (second,) = torch.autograd.grad(loss, xr, one, retain_graph=True)
+        (third,) = torch.autograd.grad(loss, xr, one)
         return first.double(), second.double(), third.double()
 
     ours = grads(xent_ext.cross_entropy)

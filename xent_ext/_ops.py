@@ -7,7 +7,8 @@ importing ``xent_ext._C`` registers them, their Meta kernels included
 formulas for training.
 
 Note [Double backward]
-The first-order backward runs the fused backward op. When autograd records the
+The first-order backward scales the gradient the forward computed (Note
+[Gradient in the forward] below) or runs the backward op. When autograd records the
 backward itself (``create_graph=True``, e.g. gradgradcheck or gradient
 penalties), the gradient is instead formed from differentiable torch ops that
 evaluate the same formula (``csrc/common/xent_math.h``), so any order of
@@ -16,7 +17,6 @@ derivative is available. That path is slower and is only taken when asked for.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -132,43 +132,82 @@ def _index_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_
 
 
 # Note [Gradient in the forward] (Python side)
-# cross_entropy_index_forward_with_grad returns the input gradient for an
-# upstream gradient of 1 along with the loss. The first backward hands that
-# buffer to autograd as it is when the upstream gradient is exactly 1 (the
-# usual loss.backward()), or scales it in place otherwise (e.g. a GradScaler
-# factor): no second read of the logits. The buffer is kept as a plain ctx
-# attribute, not a saved tensor, because it is handed out or scaled in place;
-# a second backward through the same graph (retain_graph=True) and double
-# backward take the ordinary paths from the saved logits and row statistics.
+# When the logits (or a probability target) require grad, functional.py calls
+# the *_forward_with_grad ops, which return the gradients for an upstream
+# gradient of 1 (of 1 on every row for 'none') along with the loss. The first
+# backward forms its result from them alone: hands them to autograd as they
+# are when the upstream gradient is exactly 1 (loss.backward(); for 'none',
+# loss.sum().backward()), else scales them in place, row by row for 'none'
+# (e.g. by a GradScaler factor). It never reads the logits, so they may be
+# modified in place between the forward and the backward, as with torch,
+# whose log_softmax keeps its output rather than its input. The buffers are
+# plain ctx attributes, not saved tensors, because they are handed out or
+# scaled in place. A second backward through the same graph
+# (retain_graph=True) and double backward recompute from the logits, saved
+# with save_for_backward: if those were modified in place since the forward,
+# autograd raises its own error there rather than returning the gradient of
+# other logits.
+#
+# Rounding: scaling a stored fp32/fp64 gradient costs one more rounding of it,
+# harmless there. A bf16/fp16 one is rounded twice (when stored, then the
+# product, which torch forms in fp32 from a 0-d factor and rounds once):
+# within one unit in the last place of the exactly rounded gradient, and
+# exact for a power of two (the usual GradScaler factor). A per-row upstream
+# gradient of another dtype on the CPU ('none' under autocast: fp32 on a
+# bf16/fp16 gradient) is first rounded to the gradient's dtype, because
+# torch's CPU kernels would take fp32 copies of the gradient's size for the
+# mixed product: a third rounding, within one and a half units in the last
+# place. (CUDA kernels cast as they go, and keep the fp32 factor.)
+
+
+def _is_one(grad_loss: Tensor, on_cuda: bool) -> bool:
+    """Whether a 0-d upstream gradient is exactly 1 (one host sync on CUDA, none while
+    a CUDA graph is being captured, where it is taken as not 1)."""
+    if on_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return float(grad_loss) == 1.0
+
+
+def _apply_upstream(grads: tuple, grad_loss: Tensor, reduction: int) -> tuple:
+    """The gradients for the upstream gradient ``grad_loss`` from ``grads`` (each
+    computed for an upstream gradient of 1, None where not computed), scaled in
+    place (Note [Gradient in the forward])."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    traced = type(grad_loss) is not torch.Tensor  # fake/functional tensors (opcheck, AOTAutograd)
+    g = grad_loss
+    if reduction == REDUCTION_NONE and not traced and g.numel() > 0 and all(s == 0 for s in g.stride()):
+        g = g.as_strided((), ())  # one value for every row (loss.sum().backward())
+    if g.dim() > 0:
+        rows = g.unsqueeze(1)  # (N, 1, K): one factor per row, over the classes
+
+        def scale(t: Tensor) -> Tensor:
+            r = rows if rows.dtype == t.dtype or (t.is_cuda and not traced) else rows.to(t.dtype)
+            # Traced: no mutation of a forward output (and no data-dependent branch).
+            return (t * r).to(t.dtype) if traced else t.mul_(r)
+
+        return tuple(None if t is None else scale(t) for t in grads)
+    g = g.reshape(())
+    if traced:
+        return tuple(None if t is None else t * g for t in grads)
+    if _is_one(g, present[0].is_cuda):
+        return grads
+    return tuple(None if t is None else t.mul_(g) for t in grads)
 
 
 def _index_fused_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     _index_setup_context(ctx, inputs, output[:3])
     ctx.fused_grad = output[3]
-    ctx.mark_non_differentiable(output[3])
+    ctx.mark_non_differentiable(*output[1:])  # (it replaces, not adds to, what was marked)
 
 
 def _index_fused_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_tw: Tensor, _grad_grad: Tensor):
     fused, ctx.fused_grad = ctx.fused_grad, None
     if grad_loss is None or fused is None or torch.is_grad_enabled():
+        # Not the first backward, or a double backward: from the saved logits.
         return _index_backward(ctx, grad_loss, _grad_row_stats, _grad_tw)
-    if type(grad_loss) is not torch.Tensor:
-        # Traced (fake/functional tensors, e.g. opcheck or AOTAutograd): no
-        # data-dependent branch and no mutation of a forward output.
-        return _input_grads(ctx, fused * grad_loss)
-    if fused.is_cuda and torch.cuda.is_current_stream_capturing():
-        # Reading g would be a host sync, illegal while a CUDA graph is being
-        # captured: recompute from the saved logits (exact, one more read).
-        return _index_backward(ctx, grad_loss, _grad_row_stats, _grad_tw)
-    g = float(grad_loss)  # on CUDA, one host sync (Note [Gradient in the forward])
-    if g == 1.0:
-        return _input_grads(ctx, fused)
-    # Scaling the stored gradient rounds twice. Exact for a power of two (the
-    # usual GradScaler factor), harmless in fp32/fp64; for bf16/fp16 with any
-    # other factor, recompute with one rounding instead.
-    if math.frexp(g)[0] in (0.5, -0.5) or fused.dtype in (torch.float32, torch.float64):
-        return _input_grads(ctx, fused.mul_(grad_loss))
-    return _index_backward(ctx, grad_loss, _grad_row_stats, _grad_tw)
+    return _input_grads(ctx, *_apply_upstream((fused,), grad_loss, ctx.reduction))
 
 
 def _prob_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -200,6 +239,27 @@ def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_c
     return _input_grads(ctx, grad_input, grad_target)
 
 
+def _prob_fused_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    input, target, weight, label_smoothing, reduction, input_grad, target_grad = inputs[:7]
+    _prob_setup_context(ctx, (input, target, weight, label_smoothing, reduction), output[:3])
+    ctx.num_inputs = len(inputs)
+    ctx.fused_grads = (output[3] if input_grad else None, output[4] if target_grad else None)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _prob_fused_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_coef_sum: Tensor,
+                         _grad_gi: Tensor, _grad_gt: Tensor):
+    fused, ctx.fused_grads = ctx.fused_grads, None
+    want = ctx.needs_input_grad[:2]
+    if (grad_loss is None or fused is None or torch.is_grad_enabled()
+            or any(w and f is None for w, f in zip(want, fused))):
+        # Not the first backward, a double backward, or a gradient the forward
+        # was not asked for: from the saved logits.
+        return _prob_backward(ctx, grad_loss, _grad_row_stats, _grad_coef_sum)
+    wanted = tuple(f if w else None for w, f in zip(want, fused))
+    return _input_grads(ctx, *_apply_upstream(wanted, grad_loss, ctx.reduction))
+
+
 torch.library.register_autograd(
     "xent_ext::cross_entropy_index_forward", _index_backward, setup_context=_index_setup_context
 )
@@ -208,6 +268,9 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "xent_ext::cross_entropy_prob_forward", _prob_backward, setup_context=_prob_setup_context
+)
+torch.library.register_autograd(
+    "xent_ext::cross_entropy_prob_forward_with_grad", _prob_fused_backward, setup_context=_prob_fused_setup_context
 )
 
 
@@ -272,3 +335,6 @@ fused_index_loss = _eager_function(
     _ops.cross_entropy_index_forward_with_grad, _index_fused_setup_context, _index_fused_backward, "fused_index_loss"
 )
 prob_loss = _eager_function(_ops.cross_entropy_prob_forward, _prob_setup_context, _prob_backward, "prob_loss")
+fused_prob_loss = _eager_function(
+    _ops.cross_entropy_prob_forward_with_grad, _prob_fused_setup_context, _prob_fused_backward, "fused_prob_loss"
+)

@@ -204,8 +204,12 @@ def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], r
     else:
         x = _as_ncK(input if loss_dtype is not None else input.to(dtype))
         q = _as_ncK(target if loss_dtype is not None else target.to(dtype))
-        op = torch.ops.xent_ext.cross_entropy_prob_forward if torch.compiler.is_compiling() else _ops.prob_loss
-        loss = op(x, q, w, smoothing, reduction, loss_dtype)[0]
+        if _gradient_in_forward(x, q):
+            loss = _ops.fused_prob_loss(x, q, w, smoothing, reduction, x.requires_grad, q.requires_grad, loss_dtype)[0]
+        elif torch.compiler.is_compiling():
+            loss = torch.ops.xent_ext.cross_entropy_prob_forward(x, q, w, smoothing, reduction, loss_dtype)[0]
+        else:
+            loss = _ops.prob_loss(x, q, w, smoothing, reduction, loss_dtype)[0]
     if reduction == _ops.REDUCTION_NONE:
         out_shape = input.shape[:_class_dim(input)] + input.shape[_class_dim(input) + 1:]
         loss = loss.reshape(out_shape)
@@ -308,7 +312,7 @@ def _index_target_loss(
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
     loss_dtype = _autocast_loss_dtype(input)
     # Note [Autograd on the hot path] (_ops.py): eager calls skip torch.library's wrapper.
-    if _gradient_in_forward(x, reduction):
+    if _gradient_in_forward(x):
         loss = _ops.fused_index_loss(x, y, w, ignore_index, smoothing, reduction, loss_dtype)[0]
     elif torch.compiler.is_compiling():
         loss = torch.ops.xent_ext.cross_entropy_index_forward(x, y, w, ignore_index, smoothing, reduction, loss_dtype)[0]
@@ -357,22 +361,23 @@ def _autocast_loss_dtype(input: Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def _gradient_in_forward(x: Tensor, reduction: int) -> bool:
-    """Whether to compute the input gradient inside the forward (Note [Gradient in the forward]).
+def _gradient_in_forward(*tensors: Tensor) -> bool:
+    """Whether to compute the gradients inside the forward (Note [Gradient in the forward], _ops.py).
 
-    Only when it will almost surely be used (the logits require grad under grad
-    mode) and the upstream gradient is one scalar ('mean'/'sum'). Not while
-    torch.compile traces: the compiled graph keeps forward and backward as
-    separate ops. Not while a CUDA graph is captured (see _ops).
+    When they will almost surely be used: one of ``tensors`` (the logits, a
+    probability target) requires grad under grad mode, for any reduction. The
+    first backward then scales them by the upstream gradient and never reads
+    the logits, which may be modified in place after the forward, as with
+    torch. Not while torch.compile traces: the compiled graph keeps forward
+    and backward as separate ops. Not while a CUDA graph is being captured:
+    the backward then recomputes from the logits, and keeps no buffer from
+    the forward's capture alive until its own.
     """
     return (
-        reduction != _ops.REDUCTION_NONE
-        and x.requires_grad
+        any(t.requires_grad for t in tensors)
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        # Under CUDA-graph capture the backward cannot read the upstream
-        # gradient on the host, so it recomputes: don't compute it twice.
-        and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
     )
 
 

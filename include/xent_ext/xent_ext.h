@@ -77,6 +77,7 @@ inline c10::OperatorHandle find_op(const char* name) {
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
 using OptDtype = std::optional<at::ScalarType>;
 
@@ -99,7 +100,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forwar
 }
 
 // -> (loss, row_stats, total_weight, grad_input): also the input gradient for an
-// upstream gradient of 1, computed in the same pass. reduction must be mean or sum.
+// upstream gradient of 1 (for 'none', of 1 on every row), computed in the same pass.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward_with_grad(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction,
@@ -135,6 +136,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward
   return op.call(input, target, weight, label_smoothing, reduction, loss_dtype);
 }
 
+// -> (loss, row_stats, coef_sum, grad_input, grad_target): the forward, and the
+// gradients asked for an upstream gradient of 1 (for 'none', of 1 on every row);
+// a gradient not asked for is an empty tensor.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_with_grad(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, int64_t reduction, bool input_grad, bool target_grad,
+    std::optional<at::ScalarType> loss_dtype = std::nullopt) {
+  static const auto op =
+      detail::find_op("xent_ext::cross_entropy_prob_forward_with_grad")
+          .typed<detail::Tensor5(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, double, int64_t, bool,
+                                 bool, detail::OptDtype)>();
+  return op.call(input, target, weight, label_smoothing, reduction, input_grad, target_grad, loss_dtype);
+}
+
 // -> (grad_input, grad_target); a gradient not asked for is an empty tensor.
 inline std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
@@ -168,6 +183,34 @@ inline std::optional<at::Tensor> or_nullopt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// The first backward's gradient from the one computed in the forward for an
+// upstream gradient of 1 (Note [Gradient in the forward], xent_ext/_ops.py):
+// handed out as it is when the upstream gradient is 1, else scaled in place,
+// row by row for 'none'. The logits are not read again.
+inline at::Tensor scale_stored_gradient(at::Tensor grad, const at::Tensor& grad_loss, int64_t reduction) {
+  at::Tensor g = grad_loss;
+  if (reduction == reduction::kNone && g.numel() > 0) {
+    bool expanded = true;  // one upstream value for every row (loss.sum().backward())
+    for (int64_t s : g.strides()) {
+      expanded = expanded && s == 0;
+    }
+    if (!expanded) {
+      // (N, K) upstream, broadcast over the classes. In the gradient's dtype:
+      // a float32 upstream on a bfloat16 gradient would take float32 copies
+      // of the gradient's size.
+      g = g.unsqueeze(1);
+      return grad.mul_(g.scalar_type() == grad.scalar_type() ? g : g.to(grad.scalar_type()));
+    }
+    g = g.as_strided({}, {});
+  }
+  g = g.reshape({});
+  if (g.item<double>() == 1.0) {
+    return grad;
+  }
+  // A 0-d factor: the product is formed in float32 (float64) and rounded once.
+  return grad.mul_(g);
+}
+
 struct IndexCrossEntropy : public torch::autograd::Function<IndexCrossEntropy> {
   // fused: compute the gradient in the forward (Note [Gradient in the forward]).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
@@ -195,38 +238,43 @@ struct IndexCrossEntropy : public torch::autograd::Function<IndexCrossEntropy> {
     if (!grad_loss.defined()) {
       return grads;
     }
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
     auto it = ctx->saved_data.find("fused_grad");
     if (it != ctx->saved_data.end()) {
       at::Tensor fused = it->second.toTensor();
       ctx->saved_data.erase(it);  // handed out (or scaled in place) once
-      const double g = grad_loss.item<double>();
-      int exponent = 0;
-      const double mantissa = std::frexp(g, &exponent);
-      if (g == 1.0) {
-        grads[0] = fused;
-        return grads;
-      }
-      // Scaling rounds twice: exact for a power of two, harmless in fp32/fp64.
-      if (std::fabs(mantissa) == 0.5 || fused.scalar_type() == at::kFloat || fused.scalar_type() == at::kDouble) {
-        grads[0] = fused.mul_(grad_loss);
-        return grads;
-      }
+      grads[0] = scale_stored_gradient(fused, grad_loss, reduction);
+      return grads;
     }
+    // A second backward: from the saved logits, which autograd checks were
+    // not modified in place since the forward.
     const auto saved = ctx->get_saved_variables();
     grads[0] = cross_entropy_index_backward(grad_loss, saved[0], saved[1], or_nullopt(saved[2]), saved[3], saved[4],
                                             ctx->saved_data["ignore_index"].toInt(),
-                                            ctx->saved_data["label_smoothing"].toDouble(),
-                                            ctx->saved_data["reduction"].toInt());
+                                            ctx->saved_data["label_smoothing"].toDouble(), reduction);
     return grads;
   }
 };
 
 struct ProbCrossEntropy : public torch::autograd::Function<ProbCrossEntropy> {
+  // fused: compute the gradients asked for in the forward.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, double label_smoothing, int64_t reduction,
-                            std::optional<at::ScalarType> loss_dtype) {
-    auto [loss, row_stats, coef_sum] =
-        cross_entropy_prob_forward(input, target, weight, label_smoothing, reduction, loss_dtype);
+                            std::optional<at::ScalarType> loss_dtype, bool fused) {
+    at::Tensor loss, row_stats, coef_sum;
+    if (fused) {
+      at::Tensor grad_input, grad_target;
+      std::tie(loss, row_stats, coef_sum, grad_input, grad_target) = cross_entropy_prob_forward_with_grad(
+          input, target, weight, label_smoothing, reduction, input.requires_grad(), target.requires_grad(),
+          loss_dtype);
+      ctx->saved_data["fused_grad_input"] = grad_input;
+      ctx->saved_data["fused_grad_target"] = grad_target;
+      ctx->saved_data["fused_input"] = input.requires_grad();
+      ctx->saved_data["fused_target"] = target.requires_grad();
+    } else {
+      std::tie(loss, row_stats, coef_sum) =
+          cross_entropy_prob_forward(input, target, weight, label_smoothing, reduction, loss_dtype);
+    }
     ctx->save_for_backward({input, target, or_undefined(weight), row_stats, coef_sum});
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = reduction;
@@ -235,15 +283,36 @@ struct ProbCrossEntropy : public torch::autograd::Function<ProbCrossEntropy> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list grads(6);
+    variable_list grads(7);
     const bool want_input = ctx->needs_input_grad(0), want_target = ctx->needs_input_grad(1);
     if (!grad_loss.defined() || !(want_input || want_target)) {
       return grads;
     }
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    auto it = ctx->saved_data.find("fused_grad_input");
+    if (it != ctx->saved_data.end()) {
+      const at::Tensor fused_input = it->second.toTensor();
+      const at::Tensor fused_target = ctx->saved_data["fused_grad_target"].toTensor();
+      const bool have_input = ctx->saved_data["fused_input"].toBool();
+      const bool have_target = ctx->saved_data["fused_target"].toBool();
+      ctx->saved_data.erase("fused_grad_input");  // handed out (or scaled in place) once
+      ctx->saved_data.erase("fused_grad_target");
+      if ((have_input || !want_input) && (have_target || !want_target)) {
+        if (want_input) {
+          grads[0] = scale_stored_gradient(fused_input, grad_loss, reduction);
+        }
+        if (want_target) {
+          grads[1] = scale_stored_gradient(fused_target, grad_loss, reduction);
+        }
+        return grads;
+      }
+    }
+    // A second backward: from the saved logits, which autograd checks were
+    // not modified in place since the forward.
     const auto saved = ctx->get_saved_variables();
     auto [grad_input, grad_target] = cross_entropy_prob_backward(
         grad_loss, saved[0], saved[1], or_nullopt(saved[2]), saved[3], saved[4],
-        ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["reduction"].toInt(), want_input, want_target);
+        ctx->saved_data["label_smoothing"].toDouble(), reduction, want_input, want_target);
     if (want_input) {
       grads[0] = grad_input;
     }
@@ -293,8 +362,11 @@ inline at::Tensor as_nck(const at::Tensor& t) {
 // bfloat16/float16 logits without a float32 copy) and the gradient comes back
 // in the logits' dtype.
 // Differentiable w.r.t. input (and probability targets) under autograd; when
-// input requires grad and the reduction is mean or sum, the gradient is
-// computed in the forward pass and handed to autograd by the backward.
+// they require grad, the gradient is computed in the forward pass and the
+// first backward scales it by the upstream gradient without reading the
+// logits again (so they may be modified in place after the forward, as with
+// torch); a second backward reads them again, and autograd raises if they
+// were modified.
 // Arguments torch rejects are rejected, but not always with torch's words.
 inline at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight = std::nullopt, int64_t ignore_index = -100,
@@ -326,15 +398,17 @@ inline at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& targe
     // computation's dtype, as autocast itself would.
     const bool keep = dtype == at::kFloat && input.scalar_type() == target.scalar_type() &&
                       input.scalar_type() != at::kFloat;
-    loss = detail::ProbCrossEntropy::apply(detail::as_nck(keep ? input : input.to(dtype)),
-                                           detail::as_nck(keep ? target : target.to(dtype)), w, smoothing, reduction,
-                                           keep ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
+    const at::Tensor x = detail::as_nck(keep ? input : input.to(dtype));
+    const at::Tensor q = detail::as_nck(keep ? target : target.to(dtype));
+    const bool fused = (x.requires_grad() || q.requires_grad()) && c10::GradMode::is_enabled();
+    loss = detail::ProbCrossEntropy::apply(x, q, w, smoothing, reduction,
+                                           keep ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt, fused);
   } else {
     TORCH_CHECK(target.sizes() == at::IntArrayRef(rows_shape), "xent_ext::cross_entropy: expected target of shape ",
                 at::IntArrayRef(rows_shape), " (class indices) or ", input.sizes(),
                 " (class probabilities) for input of shape ", input.sizes(), ", got ", target.sizes());
     at::Tensor y = input.dim() == 1 ? target.reshape({1, 1}) : (input.dim() == 2 ? target.unsqueeze(-1) : target.flatten(1));
-    const bool fused = reduction != reduction::kNone && input.requires_grad() && c10::GradMode::is_enabled();
+    const bool fused = input.requires_grad() && c10::GradMode::is_enabled();
     const at::ScalarType compute = detail::autocast_dtype(input.scalar_type(), input.device().type());
     const std::optional<at::ScalarType> loss_dtype =
         compute != input.scalar_type() ? std::optional<at::ScalarType>(compute) : std::nullopt;

@@ -337,8 +337,8 @@ void case_fp64() {
   run_reductions(c);
 }
 
-// The gradient computed in the forward, scaled by an upstream gradient other
-// than 1 (in place for fp32 or a power of two, recomputed for bf16 otherwise).
+// The gradient computed in the forward, scaled in place by an upstream
+// gradient other than 1.
 void case_upstream_scale() {
   uint64_t seed = 700;
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
@@ -396,27 +396,21 @@ void case_raw_ops() {
 
   // forward_with_grad: the same loss as the forward, and the gradient the
   // backward computes for an upstream gradient of 1.
-  for (int64_t r : {kMean, kSum}) {
+  for (int64_t r : {kNone, kMean, kSum}) {
     auto [loss, stats1, tw] = xent_ext::cross_entropy_index_forward(x, y, w, ignore_index, smoothing, r);
     auto [loss2, stats2, tw2, grad2] =
         xent_ext::cross_entropy_index_forward_with_grad(x, y, w, ignore_index, smoothing, r);
     EXPECT(at::equal(loss, loss2) && at::equal(stats1, stats2) && at::equal(tw, tw2), "raw: forward_with_grad (",
-           reduction_name(r), ") differs from forward: ", loss.item<double>(), " vs ", loss2.item<double>());
-    const Tensor one = at::ones({}, x.options());
+           reduction_name(r), ") differs from forward");
+    // 'none': the gradient for an upstream gradient of 1 on every row.
+    const Tensor one = at::ones(loss.sizes(), x.options());
     const Tensor grad1 = xent_ext::cross_entropy_index_backward(one, x, y, w, stats1, tw, ignore_index, smoothing, r);
     EXPECT(at::equal(grad2, grad1), "raw: forward_with_grad gradient (", reduction_name(r),
            ") differs from the backward's");
     Tensor xr = x.detach().requires_grad_(true);
-    F::cross_entropy(xr, y, options.reduction(torch_reduction(r))).backward();
+    F::cross_entropy(xr, y, options.reduction(torch_reduction(r))).sum().backward();
     expect_close(grad2, xr.grad(), tol, std::string("raw: forward_with_grad vs torch (") + reduction_name(r) + ")");
   }
-  bool threw = false;
-  try {
-    xent_ext::cross_entropy_index_forward_with_grad(x, y, w, ignore_index, smoothing, kNone);
-  } catch (const c10::Error&) {
-    threw = true;
-  }
-  EXPECT(threw, "raw: forward_with_grad accepted reduction 'none'");
 
   // loss_dtype: the loss in the accumulation dtype, the same number before its
   // last rounding; the backward takes grad_loss in either dtype.
@@ -456,6 +450,13 @@ void case_raw_ops() {
   auto [gi2, gt2] = xent_ext::cross_entropy_prob_backward(one, x, q, w, pstats, coef_sum, smoothing, kMean, true, false);
   EXPECT(gt2.numel() == 0, "raw: target gradient not asked for, got shape ", gt2.sizes());
   EXPECT(at::equal(gi, gi2), "raw: input gradient depends on target_grad");
+  // The probability forward with gradient: the forward's results and the
+  // backward's gradients for an upstream gradient of 1, those asked for.
+  auto [floss, fstats, fcoef, fgi, fgt] =
+      xent_ext::cross_entropy_prob_forward_with_grad(x, q, w, smoothing, kMean, true, false);
+  EXPECT(at::equal(floss, ploss) && at::equal(fstats, pstats) && at::equal(fcoef, coef_sum) && at::equal(fgi, gi) &&
+             fgt.numel() == 0,
+         "raw: prob forward with gradient differs from forward + backward");
 }
 
 // Under autocast (at::autocast on the CPU), as torch: a float32 loss from
@@ -502,6 +503,42 @@ void case_autocast() {
       torch::autograd::backward({ref}, {g});
       EXPECT(xo.grad().scalar_type() == at::kBFloat16, what, ": gradient dtype ", xo.grad().scalar_type());
       expect_close(xo.grad(), xt.grad(), {2.0 / 128, 1e-3}, what + ": input gradient");
+    }
+  }
+}
+
+// Logits modified in place after the forward: the first backward does not
+// read them (torch's log_softmax keeps its output), so its gradient is
+// torch's; a second backward would read them, and autograd throws.
+void case_inplace_edit() {
+  at::Generator gen = make_gen(960);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t N = 9, C = 40;
+  const Tensor h = at::randn({N, C}, gen, f64).to(at::kFloat);
+  const Tensor y = at::randint(0, C, {N}, gen, at::TensorOptions().dtype(at::kLong));
+  const Tensor q = at::softmax(at::randn({N, C}, gen, f64), 1).to(at::kFloat);
+  for (bool prob : {false, true}) {
+    for (int64_t r : {kNone, kMean, kSum}) {
+      const std::string what = std::string("inplace ") + (prob ? "prob " : "index ") + reduction_name(r);
+      Tensor leaf = h.detach().requires_grad_(true);
+      Tensor leaf_ref = h.detach().requires_grad_(true);
+      Tensor logits = leaf * 2.0, logits_ref = leaf_ref * 2.0;
+      Tensor loss = xent_ext::cross_entropy(logits, prob ? q : y, std::nullopt, -100, 0.1, r);
+      Tensor ref = F::cross_entropy(logits_ref, prob ? q : y,
+                                    F::CrossEntropyFuncOptions().label_smoothing(0.1).reduction(torch_reduction(r)));
+      logits.mul_(3.0);
+      logits_ref.mul_(3.0);
+      const Tensor g = at::randn(loss.sizes(), gen, f64).to(at::kFloat);
+      torch::autograd::backward({loss}, {g}, /*retain_graph=*/true);
+      torch::autograd::backward({ref}, {g});
+      expect_close(leaf.grad(), leaf_ref.grad(), tolerance_for(at::kFloat), what + ": gradient after the edit");
+      bool threw = false;
+      try {
+        torch::autograd::backward({loss}, {g});
+      } catch (const c10::Error& e) {
+        threw = std::string(e.what()).find("modified by an inplace operation") != std::string::npos;
+      }
+      EXPECT(threw, what, ": a second backward after the edit did not throw autograd's in-place error");
     }
   }
 }
@@ -582,6 +619,7 @@ const std::vector<std::pair<std::string, void (*)()>>& cases() {
       {"raw_ops", case_raw_ops},
       {"autocast", case_autocast},
       {"magnitude", case_magnitude},
+      {"inplace_edit", case_inplace_edit},
       {"bad_target", case_bad_target},
   };
   return all;

@@ -122,13 +122,14 @@ struct IndexRows {
 };
 
 // Note [Gradient in the forward]
-// When the loss is about to be differentiated (input requires grad, reduction
-// 'mean' or 'sum'), the forward also writes the gradient for an upstream
-// gradient of 1, row by row, right after each row's statistics, while the
-// row is still in cache: the logits are read from memory once for forward
-// and backward together (1R + 1W instead of 2R + 1W), and the backward only
-// rescales when the upstream gradient is not 1 (xent_ext/_ops.py). The mean's
-// denominator, needed for that scale, is summed from the targets first.
+// When the loss is about to be differentiated (input requires grad), the
+// forward also writes the gradient for an upstream gradient of 1 (of 1 on
+// every row for 'none'), row by row, right after each row's statistics, while
+// the row is still in cache: the logits are read from memory once for forward
+// and backward together (1R + 1W instead of 2R + 1W), and the first backward
+// only rescales when the upstream gradient is not 1, without reading the
+// logits again (xent_ext/_ops.py). The mean's denominator, needed for that
+// scale, is summed from the targets first.
 template <typename T, Coef kCoef>
 void index_forward_typed(const ops::IndexForwardCall& args) {
   using acc_t = acc_type<T>;

@@ -261,9 +261,9 @@ inline bool keeps_column_exps(int64_t C, int64_t step) {
 
 // Note [Recomputed equals fused]
 // The backward of index targets recomputes the gradient only when the fused
-// one cannot be used (reduction 'none', a second backward, a non-unit
-// upstream gradient in bf16/fp16). autograd.gradcheck runs the backward twice
-// and requires identical bits, so the recomputation takes its exps exactly as
+// one cannot be used (a second backward through the same graph, a double
+// backward, torch.compile). autograd.gradcheck runs the backward twice and
+// requires identical bits, so the recomputation takes its exps exactly as
 // the fused forward keeps them: the same stats function on the same chunk or
 // tile, then the same gradient function. It costs the recomputation a max
 // pass over each chunk, from L1.
