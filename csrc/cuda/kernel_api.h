@@ -40,10 +40,10 @@ struct Strided3 {
   int64_t sn, sc, sk;
 };
 
-// The per-row statistics the forward saves for the backward: a (2, N, K)
-// contiguous float64 tensor, row_stats[r] the row's max and row_stats[R + r]
-// log Σ exp(x - max), R = N * K (Note [Row max and log-sum apart],
-// common/xent_math.h).
+// row_stats, in the launches below: the per-row statistics the forward
+// saves for the backward, a (2, N, K) contiguous float64 tensor, row_stats[r]
+// the row's max and row_stats[R + r] log Σ exp(x - max), R = N * K (Note [Row
+// max and log-sum apart], common/xent_math.h).
 
 // Device scratch the wrapper allocates (sizes in the comments). acc is float
 // (double for float64 logits).
@@ -100,10 +100,6 @@ struct ProbForwardLaunch {
   void* coef_sum;    // (N, K) contiguous acc
   double* partials;  // reduce_tiles(R) doubles
   void* row_loss;    // R acc values (reduced only)
-  // The fused gradients (upstream gradient 1, per row for 'none'); data
-  // nullptr: not wanted.
-  Strided3 grad_input;
-  Strided3 grad_target;
 };
 
 struct ProbBackwardLaunch {

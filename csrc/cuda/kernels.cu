@@ -1,5 +1,5 @@
 // CUDA kernels for cross-entropy: forward (row statistics, loss, row_stats,
-// and the gradients when asked) and backward, for class-index and probability
+// and the gradient when asked) and backward, for class-index and probability
 // targets.
 //
 // The math is csrc/common/xent_math.h, shared with the CPU kernels; this file
@@ -198,58 +198,29 @@ __device__ __forceinline__ Coefs<A, CoefMode::kProb> prob_coefs(const A* w, doub
   return {w, q.scale, q.shift};
 }
 
-// The upstream gradient of each row for a scalar upstream gradient g: torch's
-// mean divides by the number of rows. Rounded to A from a double product, as
-// the backward's, so the forward's fused gradient (g = 1) equals it.
-template <typename A>
-__device__ __forceinline__ A prob_scalar_grad(double g, int64_t reduction, int64_t R) {
-  const double scale = reduction == kReductionMean ? 1.0 / static_cast<double>(R) : 1.0;
-  return static_cast<A>(g * scale);
-}
-
-// The gradient step of a probability-target row with upstream gradient s:
-// grad_c = s (p_c Σ w q - w_c q_c), i.e. a = s Σ w q, b = 0, d = s; the
-// target gradient -s (1 - eps) w_c log p_c.
-template <typename T, CoefMode kMode>
-__device__ __forceinline__ GradStep<T, kMode> prob_grad_step(const RowPtrs<T>& io, const Coefs<math::acc_type<T>, kMode>& coefs,
-                                                             math::acc_type<T> s, math::acc_type<T> coef_sum,
-                                                             math::SoftmaxShift<math::acc_type<T>> shift) {
+template <typename T, Walk kWalk, CoefMode kMode>
+__global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
+    prob_forward_kernel(ProbForwardLaunch a) {
   using A = math::acc_type<T>;
-  return GradStep<T, kMode>{io, coefs, {s * coef_sum, A(0), s}, shift, int64_t(-1), -s * coefs.q_scale};
-}
-
-// The probability forward; kGrad: also the gradients asked for (data not
-// nullptr) for an upstream gradient of 1. Two kernels, not a run-time branch:
-// the gradient walk's registers would otherwise cost the plain forward's
-// statistics loop spills (Note [Registers and occupancy]).
-template <bool kGrad, typename T, Walk kWalk, CoefMode kMode>
-__device__ __forceinline__ void prob_forward_rows(const ProbForwardLaunch& a, RowStats<math::acc_type<T>>* smem) {
-  using A = math::acc_type<T>;
+  __shared__ RowStats<A> smem[33];
   const T* x = static_cast<const T*>(a.x.data);
   const T* q = static_cast<const T*>(a.target.data);
-  T* gi = kGrad ? static_cast<T*>(a.grad_input.data) : nullptr;
-  T* gt = kGrad ? static_cast<T*>(a.grad_target.data) : nullptr;
   const int64_t C = a.x.C, K = a.x.K, R = a.x.N * a.x.K;
   const Coefs<A, kMode> coefs = prob_coefs<A>(static_cast<const A*>(a.weight), a.label_smoothing, C);
   A* coef_sum = static_cast<A*>(a.coef_sum);
   A* row_loss = static_cast<A*>(a.row_loss);
-  // The fused gradients' upstream gradient: 1 per row ('none'), or the
-  // reduction's share of 1 (CPU kernel: Note [Gradient in the forward]).
-  const A unit = prob_scalar_grad<A>(1.0, a.reduction, R);
 
   const TeamRows<kWalk> team;
   for (int64_t r = team.first; r < R; r += team.stride) {
     const int64_t n = r / K, k = r % K;
-    const RowPtrs<T> io{x + n * a.x.sn + k * a.x.sk, q + n * a.target.sn + k * a.target.sk,
-                        gi != nullptr ? gi + n * a.grad_input.sn + k * a.grad_input.sk : nullptr,
-                        gt != nullptr ? gt + n * a.grad_target.sn + k * a.grad_target.sk : nullptr,
-                        a.x.sc, a.target.sc, a.grad_input.sc, a.grad_target.sc};
+    const RowPtrs<T> io{x + n * a.x.sn + k * a.x.sk, q + n * a.target.sn + k * a.target.sk, nullptr, nullptr,
+                        a.x.sc, a.target.sc, 0, 0};
     const bool vectorize = kWalk != Walk::kThread && same_alignment(io);
     StatsStep<T, kMode> stats{io, coefs, empty_stats<A>()};
     walk_row(io, C, vectorize, team.lane, team.size, stats);
     const RowStats<A> st = team_reduce<kWalk>(stats.st, smem);
-    const double log_sum = math::row_log(static_cast<double>(st.sum_exp));
     if (team.leader()) {
+      const double log_sum = math::row_log(static_cast<double>(st.sum_exp));
       a.row_stats[r] = static_cast<double>(st.ref);
       a.row_stats[R + r] = log_sum;
       coef_sum[r] = st.coef_sum;
@@ -260,27 +231,7 @@ __device__ __forceinline__ void prob_forward_rows(const ProbForwardLaunch& a, Ro
         row_loss[r] = l;
       }
     }
-    if constexpr (kGrad) {
-      // The row statistics and coef_sum as stored (SavedRow, row_io.cuh).
-      GradStep<T, kMode> g = prob_grad_step<T, kMode>(io, coefs, unit, st.coef_sum,
-                                                      SavedRow(static_cast<double>(st.ref), log_sum).shift<A>());
-      walk_row(io, C, vectorize, team.lane, team.size, g);
-    }
   }
-}
-
-template <typename T, Walk kWalk, CoefMode kMode>
-__global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
-    prob_forward_kernel(ProbForwardLaunch a) {
-  __shared__ RowStats<math::acc_type<T>> smem[33];
-  prob_forward_rows<false, T, kWalk, kMode>(a, smem);
-}
-
-template <typename T, Walk kWalk, CoefMode kMode>
-__global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
-    prob_forward_grad_kernel(ProbForwardLaunch a) {
-  __shared__ RowStats<math::acc_type<T>> smem[33];
-  prob_forward_rows<true, T, kWalk, kMode>(a, smem);
 }
 
 template <typename T, Walk kWalk, CoefMode kMode>
@@ -294,10 +245,12 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
   const int64_t C = a.x.C, K = a.x.K, R = a.x.N * a.x.K;
   const Coefs<A, kMode> coefs = prob_coefs<A>(static_cast<const A*>(a.weight), a.label_smoothing, C);
   const A* coef_sum = static_cast<const A*>(a.coef_sum);
-  const A scalar_grad =
-      a.reduction == kReductionNone
-          ? A(0)
-          : prob_scalar_grad<A>(static_cast<double>(load_row_value<T>(a.grad_loss, 0, a.grad_loss_acc)), a.reduction, R);
+  // torch's mean divides by the number of rows.
+  A scalar_grad = A(0);
+  if (a.reduction != kReductionNone) {
+    const double scale = a.reduction == kReductionMean ? 1.0 / static_cast<double>(R) : 1.0;
+    scalar_grad = static_cast<A>(static_cast<double>(load_row_value<T>(a.grad_loss, 0, a.grad_loss_acc)) * scale);
+  }
 
   const TeamRows<kWalk> team;
   for (int64_t r = team.first; r < R; r += team.stride) {
@@ -310,8 +263,9 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     const A s = a.reduction == kReductionNone
                     ? load_row_value<T>(a.grad_loss, n * a.gln + k * a.glk, a.grad_loss_acc)
                     : scalar_grad;
-    GradStep<T, kMode> g =
-        prob_grad_step<T, kMode>(io, coefs, s, coef_sum[r], SavedRow(a.row_stats, R, r).shift<A>());
+    // grad_c = s (p_c Σ w q - w_c q_c): a = s Σ w q, b = 0, d = s.
+    GradStep<T, kMode> g{io, coefs, {s * coef_sum[r], A(0), s}, SavedRow(a.row_stats, R, r).shift<A>(), int64_t(-1),
+                         -s * coefs.q_scale};
     walk_row(io, C, vectorize, team.lane, team.size, g);
   }
 }
@@ -456,13 +410,8 @@ cudaError_t launch_prob_forward(const ProbForwardLaunch& a, cudaStream_t stream)
     const int64_t R = a.x.N * a.x.K;
     cudaError_t err;
     if (R > 0) {
-      const bool unit = a.x.sc == 1 && a.target.sc == 1 && (a.grad_input.data == nullptr || a.grad_input.sc == 1) &&
-                        (a.grad_target.data == nullptr || a.grad_target.sc == 1);
-      if (a.grad_input.data != nullptr || a.grad_target.data != nullptr) {
-        XENT_LAUNCH_ROWS(prob_forward_grad_kernel, T, CoefMode::kProb, choose_walk(a.x.C, unit), R, stream, a);
-      } else {
-        XENT_LAUNCH_ROWS(prob_forward_kernel, T, CoefMode::kProb, choose_walk(a.x.C, unit), R, stream, a);
-      }
+      const bool unit = a.x.sc == 1 && a.target.sc == 1;
+      XENT_LAUNCH_ROWS(prob_forward_kernel, T, CoefMode::kProb, choose_walk(a.x.C, unit), R, stream, a);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (a.reduction == kReductionNone) {

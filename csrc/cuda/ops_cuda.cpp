@@ -181,8 +181,6 @@ void CudaDevice::prob_forward(const ProbForwardCall& c) {
   a.coef_sum = c.out.coef_sum.data_ptr();
   a.partials = partials.data_ptr<double>();
   a.row_loss = data_or_null(row_loss);
-  a.grad_input = strided_of(Tensor());
-  a.grad_target = strided_of(Tensor());
   C10_CUDA_CHECK(cuda::launch_prob_forward(a, stream));
 }
 

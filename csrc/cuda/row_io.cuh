@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace xent_ext {
 namespace cuda {
@@ -63,13 +64,16 @@ __device__ __forceinline__ A quiet_nan() {
 template <typename T>
 __device__ __forceinline__ math::acc_type<T> load_row_value(const void* p, int64_t i, bool acc) {
   using A = math::acc_type<T>;
+  if constexpr (std::is_same_v<T, A>) {  // fp32, fp64: one dtype either way
+    return static_cast<const T*>(p)[i];
+  }
   return acc ? static_cast<const A*>(p)[i] : to_acc(static_cast<const T*>(p)[i]);
 }
 
 template <typename T, typename V>
 __device__ __forceinline__ void store_row_value(void* p, int64_t i, bool acc, V v) {
   using A = math::acc_type<T>;
-  if (acc) {
+  if (acc && !std::is_same_v<T, A>) {
     static_cast<A*>(p)[i] = static_cast<A>(v);
   } else {
     static_cast<T*>(p)[i] = Store<T>::of(v);
