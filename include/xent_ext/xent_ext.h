@@ -189,8 +189,8 @@ inline std::optional<at::Tensor> or_nullopt(const at::Tensor& t) {
 // row by row for 'none'. The logits are not read again.
 inline at::Tensor scale_stored_gradient(at::Tensor grad, const at::Tensor& grad_loss, int64_t reduction) {
   at::Tensor g = grad_loss;
-  if (reduction == reduction::kNone && g.numel() > 0) {
-    bool expanded = true;  // one upstream value for every row (loss.sum().backward())
+  if (reduction == reduction::kNone) {
+    bool expanded = g.numel() > 0;  // one upstream value for every row (loss.sum().backward())
     for (int64_t s : g.strides()) {
       expanded = expanded && s == 0;
     }
