@@ -6,11 +6,16 @@
 * very large rows (V = 256000) and more than 2**31 logits;
 * CUDA-graph capture and replay, torch.compile(fullgraph=True), the current stream;
 * bitwise run-to-run determinism;
-* bf16/fp16 error against a float64 reference no worse than torch's own CUDA result.
+* bf16/fp16 error against a float64 reference no worse than torch's own CUDA result;
+* the op contract on each of the kernels' row walks: row_stats, loss_dtype, the gradient
+  computed in the forward ('none' and probability targets included), huge logit
+  magnitudes, torch.autocast('cuda'), logits edited in place after the forward.
 
 Every expected value is torch's, on the same CUDA tensors, except where torch's CUDA
 kernels cannot be used: with out-of-range class indices they device-assert (which would
-poison this process' CUDA context), so there torch's exception comes from CPU copies.
+poison this process' CUDA context), so there torch's exception comes from CPU copies;
+and at huge magnitudes, where torch's bf16/fp16 kernels are the less exact ones, the
+reference is float64 math. The contract's cases also compare with the CPU kernels.
 """
 
 import contextlib
