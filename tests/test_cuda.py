@@ -6,11 +6,16 @@
 * very large rows (V = 256000) and more than 2**31 logits;
 * CUDA-graph capture and replay, torch.compile(fullgraph=True), the current stream;
 * bitwise run-to-run determinism;
-* bf16/fp16 error against a float64 reference no worse than torch's own CUDA result.
+* bf16/fp16 error against a float64 reference no worse than torch's own CUDA result;
+* the op contract on each of the kernels' row walks: row_stats, loss_dtype, the gradient
+  computed in the forward ('none' and probability targets included), huge logit
+  magnitudes, torch.autocast('cuda'), logits edited in place after the forward.
 
 Every expected value is torch's, on the same CUDA tensors, except where torch's CUDA
 kernels cannot be used: with out-of-range class indices they device-assert (which would
-poison this process' CUDA context), so there torch's exception comes from CPU copies.
+poison this process' CUDA context), so there torch's exception comes from CPU copies;
+and at huge magnitudes, where torch's bf16/fp16 kernels are the less exact ones, the
+reference is float64 math. The contract's cases also compare with the CPU kernels.
 """
 
 import contextlib
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 import xent_ext
 from helpers import (
     ENV_K,
+    LOW_PRECISION,
     REDUCTIONS,
     RTOL,
     _compare,
@@ -482,6 +488,439 @@ def test_low_precision_error_not_worse_than_torch(shape, dtype, variant, fresh_s
             assert e_ours <= e_torch + slack, (
                 f"seed={fresh_seed} {shape} {dtype_name(dtype)} {variant} {reduction} {name}: our error norm "
                 f"{e_ours:.4g} > torch's {e_torch:.4g} + {slack:.3g} (vs float64)")
+
+
+# ----------------------------------------------------------------------------------
+# row_stats, the loss dtype, the gradient in the forward, in-place edits
+# ----------------------------------------------------------------------------------
+
+xops = torch.ops.xent_ext
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Class counts that take each row walk of the kernels (Note [Row walks on the GPU],
+# csrc/cuda/row_walk.cuh): a thread, a warp or a block per row.
+WALK_C = [("thread", 7), ("warp", 300), ("block", 5000)]
+
+# (N, C, K) logits in the memory layouts the kernels tell apart: class stride 1 with
+# 16-byte-aligned rows ('nkc', rows of an (N, K, C) tensor), class stride 1 with rows one
+# element off (so the walk starts with a scalar head and the gradient's alignment
+# differs), and class stride K ('nck', contiguous (N, C, K): always a thread per row).
+LAYOUTS3 = ("nkc", "nkc_offset", "nck")
+
+
+def logits3(N, C, K, dtype, layout, scale=2.0):
+    if layout == "nkc":
+        return make_logits((N, K, C), dtype, scale=scale, device=DEV).permute(0, 2, 1)
+    if layout == "nkc_offset":
+        return make_logits((N, K, C + 1), dtype, scale=scale, device=DEV)[..., 1:].permute(0, 2, 1)
+    if layout == "nck":
+        return make_logits((N, C, K), dtype, scale=scale, device=DEV)
+    raise ValueError(layout)
+
+
+def index_target3(N, C, K, ignore_index):
+    """(N, K) class indices on the device, about a tenth of them ignore_index."""
+    t = torch.randint(0, C, (N, K))
+    t = torch.where(torch.rand(N, K) < 0.1, torch.full_like(t, ignore_index), t)
+    return t.to(DEV)
+
+
+def prob_target3(x):
+    """Rows of probabilities (softmax over the class dim) in x's dtype and layout."""
+    raw = torch.randn(x.shape, dtype=torch.float64) * 2.0
+    q = torch.empty_like(x)
+    q.copy_(torch.softmax(raw, dim=1).to(x.dtype))
+    return q
+
+
+def unit_upstream(loss):
+    """The upstream gradient the *_with_grad forwards assume: ones, the loss's shape and dtype."""
+    return torch.ones_like(loss)
+
+
+def close_to_cpu(name, ours, cpu, dtype, ctx):
+    """A CUDA result against the CPU kernels' on the same data: both exact to their
+    dtype, summed in different orders, so a few roundings apart at most."""
+    assert ours.dtype == cpu.dtype and ours.shape == cpu.shape, (
+        f"{ctx}: {name} {ours.dtype}{tuple(ours.shape)} vs CPU {cpu.dtype}{tuple(cpu.shape)}")
+    if ours.numel() == 0:
+        return
+    eps = max(torch.finfo(ours.dtype).eps, torch.finfo(acc_dtype(dtype)).eps)
+    c = cpu.double()
+    fin = torch.isfinite(c)
+    scale = c[fin].abs().max().item() if bool(fin.any()) else 0.0
+    _compare(name + " (vs the CPU kernels)", ours.cpu(), cpu, 4 * eps, 8 * eps * scale, ctx)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
+@pytest.mark.parametrize("variant", ["plain", "weight_ls_ignore"])
+@pytest.mark.parametrize("layout", LAYOUTS3)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("walk,C", WALK_C, ids=[w for w, _ in WALK_C])
+def test_index_gradient_in_forward_equals_backward(walk, C, dtype, layout, variant, reduction, fresh_seed):
+    """cross_entropy_index_forward_with_grad, 'none' included: the loss, row_stats and
+    total weight of the plain forward, bit for bit, and a gradient equal to the backward
+    op's for an upstream gradient of 1 (ones per row for 'none'), bit for bit (the two
+    kernels form it from the same row_stats); against torch and the CPU kernels."""
+    N, K = 5, 3
+    x = logits3(N, C, K, dtype, layout)
+    ii = 1 if variant != "plain" else -100
+    y = index_target3(N, C, K, ii)
+    w = random_weight(C, dtype, DEV) if variant != "plain" else None
+    ls = 0.1 if variant != "plain" else 0.0
+    ctx = f"seed={fresh_seed} {walk} {dtype_name(dtype)} {layout} {variant} reduction={reduction}"
+
+    loss_f, rs_f, tw_f, grad_f = xops.cross_entropy_index_forward_with_grad(x, y, w, ii, ls, reduction)
+    loss, rs, tw = xops.cross_entropy_index_forward(x, y, w, ii, ls, reduction)
+    assert rs.shape == (2, N, K) and rs.dtype == torch.float64 and rs.is_contiguous(), ctx
+    for name, a, b in (("loss", loss_f, loss), ("row_stats", rs_f, rs), ("total_weight", tw_f, tw)):
+        assert_bitwise_equal(a, b, f"{ctx}: {name} of the forward with gradient vs the plain forward")
+    grad_b = xops.cross_entropy_index_backward(unit_upstream(loss), x, y, w, rs, tw, ii, ls, reduction)
+    assert grad_f.shape == x.shape and grad_f.dtype == dtype
+    assert_bitwise_equal(grad_f, grad_b, f"{ctx}: gradient of the forward vs the backward op for an upstream 1")
+
+    red = ("none", "mean", "sum")[reduction]
+    compare_with_torch(loss_f, {"input": grad_f}, x, y, w, reduction=red, ignore_index=ii, label_smoothing=ls,
+                       grad_out=None, ctx=ctx)
+    c = xops.cross_entropy_index_forward_with_grad(x.cpu(), y.cpu(), None if w is None else w.cpu(), ii, ls, reduction)
+    for name, ours, cpu in (("loss", loss_f, c[0]), ("row_stats", rs_f, c[1]), ("grad", grad_f, c[3])):
+        close_to_cpu(name, ours, cpu, dtype, ctx)
+    # the row max is a logit, exact in any accumulation type
+    xm = x.detach().to(acc_dtype(dtype)).amax(dim=1).double()
+    assert_bitwise_equal(rs[0], xm, f"{ctx}: row_stats[0] is not the row max")
+
+
+PROB_GRADS = [(True, True), (True, False), (False, True), (False, False)]
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
+@pytest.mark.parametrize("grads", PROB_GRADS, ids=["both", "input", "target", "neither"])
+@pytest.mark.parametrize("variant", ["plain", "weight_ls"])
+@pytest.mark.parametrize("layout", LAYOUTS3)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("walk,C", WALK_C, ids=[w for w, _ in WALK_C])
+def test_prob_gradient_in_forward_equals_backward(walk, C, dtype, layout, variant, grads, reduction, fresh_seed):
+    """cross_entropy_prob_forward_with_grad: the plain forward's outputs bit for bit, the
+    gradients asked for equal to the backward op's for an upstream gradient of 1 (bit for
+    bit), empty tensors for those not asked for; against torch and the CPU kernels."""
+    N, K = 5, 3
+    input_grad, target_grad = grads
+    x = logits3(N, C, K, dtype, layout)
+    q = prob_target3(x)
+    w = random_weight(C, dtype, DEV) if variant != "plain" else None
+    ls = 0.1 if variant != "plain" else 0.0
+    ctx = f"seed={fresh_seed} {walk} {dtype_name(dtype)} {layout} {variant} grads={grads} reduction={reduction}"
+
+    loss_f, rs_f, cs_f, gi_f, gt_f = xops.cross_entropy_prob_forward_with_grad(x, q, w, ls, reduction, input_grad,
+                                                                               target_grad)
+    loss, rs, cs = xops.cross_entropy_prob_forward(x, q, w, ls, reduction)
+    for name, a, b in (("loss", loss_f, loss), ("row_stats", rs_f, rs), ("coef_sum", cs_f, cs)):
+        assert_bitwise_equal(a, b, f"{ctx}: {name} of the forward with gradients vs the plain forward")
+    gi_b, gt_b = xops.cross_entropy_prob_backward(unit_upstream(loss), x, q, w, rs, cs, ls, reduction, input_grad,
+                                                  target_grad)
+    for name, want, f, b, like in (("input", input_grad, gi_f, gi_b, x), ("target", target_grad, gt_f, gt_b, q)):
+        if not want:
+            assert f.numel() == 0, f"{ctx}: a {name} gradient that was not asked for is not empty: {tuple(f.shape)}"
+            continue
+        assert f.shape == like.shape and f.dtype == dtype, f"{ctx}: grad[{name}] {f.dtype}{tuple(f.shape)}"
+        assert_bitwise_equal(f, b, f"{ctx}: grad[{name}] of the forward vs the backward op for an upstream 1")
+
+    red = ("none", "mean", "sum")[reduction]
+    wrt = tuple(n for n, want in (("input", input_grad), ("target", target_grad)) if want)
+    compare_with_torch(loss_f, {"input": gi_f, "target": gt_f}, x, q, w, reduction=red, label_smoothing=ls,
+                       wrt=wrt, grad_out=None, ctx=ctx)
+    c = xops.cross_entropy_prob_forward_with_grad(x.cpu(), q.cpu(), None if w is None else w.cpu(), ls, reduction,
+                                                  input_grad, target_grad)
+    for name, ours, cpu in (("loss", loss_f, c[0]), ("row_stats", rs_f, c[1]), ("grad[input]", gi_f, c[3]),
+                            ("grad[target]", gt_f, c[4])):
+        close_to_cpu(name, ours, cpu, dtype, ctx)
+
+
+@pytest.mark.parametrize("kind", ["index", "index_with_grad", "prob", "prob_with_grad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("walk,C", WALK_C, ids=[w for w, _ in WALK_C])
+def test_loss_dtype_and_accumulation_dtype_upstream(walk, C, dtype, kind, fresh_seed):
+    """loss_dtype = the accumulation dtype (autocast): the loss in fp32 for bf16/fp16 logits,
+    the very value the input-dtype loss is that value rounded (one rounding), every other
+    output unchanged; the backward ops take an upstream gradient in either dtype."""
+    N, K = 4, 2
+    acc = acc_dtype(dtype)
+    x = logits3(N, C, K, dtype, "nkc")
+    w = random_weight(C, dtype, DEV)
+    if kind.startswith("index"):
+        y = index_target3(N, C, K, 2)
+        args = (x, y, w, 2, 0.1)
+        fwd = xops.cross_entropy_index_forward_with_grad if kind.endswith("with_grad") else xops.cross_entropy_index_forward
+    else:
+        y = prob_target3(x)
+        args = (x, y, w, 0.1)
+        fwd = xops.cross_entropy_prob_forward_with_grad if kind.endswith("with_grad") else xops.cross_entropy_prob_forward
+    for reduction in (0, 1, 2):
+        ctx = f"seed={fresh_seed} {walk} {dtype_name(dtype)} {kind} reduction={reduction}"
+        extra = (True, True) if kind == "prob_with_grad" else ()
+        out_in = fwd(*args, reduction, *extra)
+        out_acc = fwd(*args, reduction, *extra, loss_dtype=acc)
+        assert out_in[0].dtype == dtype and out_acc[0].dtype == acc, ctx
+        assert out_acc[0].shape == out_in[0].shape, ctx
+        assert_bitwise_equal(out_acc[0].to(dtype), out_in[0], f"{ctx}: the input-dtype loss is not the fp32 loss rounded")
+        for i in range(1, len(out_in)):
+            assert_bitwise_equal(out_acc[i], out_in[i], f"{ctx}: output {i} depends on loss_dtype")
+        # an upstream gradient in the accumulation dtype, with values the input dtype holds
+        # exactly: the same gradient as from the input-dtype one
+        g = random_like_loss(out_in[0])
+        rs, aux = out_in[1], out_in[2]
+        if kind.startswith("index"):
+            back = lambda gl: xops.cross_entropy_index_backward(gl, x, y, w, rs, aux, 2, 0.1, reduction)  # noqa: E731
+        else:
+            back = lambda gl: xops.cross_entropy_prob_backward(gl, x, y, w, rs, aux, 0.1, reduction, True, True)  # noqa: E731
+        b_in, b_acc = back(g), back(g.to(acc))
+        for i, (a, b) in enumerate(zip(b_in if isinstance(b_in, tuple) else (b_in,),
+                                       b_acc if isinstance(b_acc, tuple) else (b_acc,))):
+            assert a.dtype == dtype, ctx
+            assert_bitwise_equal(b, a, f"{ctx}: backward output {i} with an fp32 upstream gradient")
+    if dtype in LOW_PRECISION:
+        other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+        for bad in (other, torch.float64):
+            with pytest.raises(RuntimeError, match="loss_dtype"):
+                fwd(*args, 1, *((True, True) if kind == "prob_with_grad" else ()), loss_dtype=bad)
+
+
+# Magnitudes where one lse = max + log_sum keeps nothing of log_sum (1e16 against
+# log 2 in fp32 and fp64), and ones it keeps; fp16 holds at most 65504.
+HUGE = {
+    torch.float64: (1e4, 1e16, -1e16, 1e300),
+    torch.float32: (1e4, 1e8, 1e16, -1e16),
+    torch.bfloat16: (1e8, 1e16, -1e16),
+    torch.float16: (2e4, -2e4),
+}
+
+
+def huge_rows(N, C, M, dtype):
+    """(N, C) logits on the device: M at two or three random classes of each row, far
+    below M elsewhere (small random values for M > 0, 2M for M < 0), so the row's softmax
+    is 1/2 or 1/3 there and 0 elsewhere; and a target that is one of those classes in
+    even rows, another class in odd rows."""
+    x = torch.randn(N, C, dtype=torch.float64) * 2.0 if M > 0 else torch.full((N, C), 2.0 * M, dtype=torch.float64)
+    y = torch.empty(N, dtype=torch.int64)
+    for r in range(N):
+        top = torch.randperm(C)[: 2 + r % 2]
+        x[r, top] = M
+        others = [c for c in range(C) if c not in set(top.tolist())]
+        y[r] = top[0] if r % 2 == 0 else others[int(torch.randint(0, len(others), ()))]
+    return x.to(device=DEV, dtype=dtype), y.to(DEV)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "index_ls", "prob"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("walk,C", WALK_C, ids=[w for w, _ in WALK_C])
+def test_huge_magnitude_gradient(walk, C, dtype, kind, reduction, fresh_seed):
+    """Rows [M, M, small...] for |M| up to 1e16 (1e300 in fp64): the gradient is softmax
+    from the row max and log-sum kept apart, [-1/2, 1/2, 0...] - and so on - at any M,
+    as torch's; one saved lse swallowed log 2 and gave [0, 1, 0...]. The reference is
+    float64 math on the same values (torch's bf16/fp16 kernels round their log_softmax
+    to the input dtype, so they are the less exact ones); also the CPU kernels."""
+    N = 6
+    eps_out = torch.finfo(dtype).eps
+    eps_acc = torch.finfo(acc_dtype(dtype)).eps
+    for M in HUGE[dtype]:
+        ctx = f"seed={fresh_seed} {walk} {dtype_name(dtype)} {kind} {reduction} M={M:g}"
+        x, y = huge_rows(N, C, M, dtype)
+        ls = 0.1 if kind == "index_ls" else 0.0
+        w = random_weight(C, dtype, DEV) if kind == "index_ls" else None
+        t = make_prob_target((N, C), dtype, device=DEV) if kind == "prob" else y
+        wrt = ("input", "target") if kind == "prob" else ("input",)
+        g = random_like_loss(torch.empty((N,) if reduction == "none" else (), dtype=dtype))
+        kw = dict(reduction=reduction, label_smoothing=ls)
+        o_loss, o_grads = run_ce(ours, x, t, w, g.to(DEV), wrt, **kw)
+
+        def up(v):
+            return None if v is None else v.detach().cpu().double()
+
+        r_loss, r_grads = run_ce(F.cross_entropy, up(x), up(t) if kind == "prob" else t.cpu(), up(w), up(g), wrt, **kw)
+        wmax = 1.0 if w is None else float(w.double().abs().max())
+        gmax = float(g.double().abs().max())
+        den = 1.0
+        if reduction == "mean":
+            den = float(N) if (w is None or kind == "prob") else float(w.double().cpu()[y.cpu()].sum())
+        scale = gmax * wmax / den  # the largest per-row coefficient of the gradient
+        rtol = max(RTOL[acc_dtype(dtype)], 1.01 * eps_out)
+        tiny = torch.finfo(dtype).smallest_normal  # below it, the dtype's absolute resolution
+        _compare("loss", o_loss.cpu(), r_loss.to(dtype), rtol, 8 * eps_acc * wmax * (1 + math.log(C)) + tiny, ctx)
+        _compare("grad[input]", o_grads["input"].cpu(), r_grads["input"].to(dtype), rtol,
+                 16 * eps_acc * scale + tiny, ctx)
+        if kind == "prob":
+            # -(1 - eps) w log_softmax: as large as M itself where the softmax is 0
+            _compare("grad[target]", o_grads["target"].cpu(), r_grads["target"].to(dtype), rtol,
+                     8 * eps_acc * scale * (1 + math.log(C)) + tiny, ctx)
+        c_loss, c_grads = run_ce(ours, x.cpu(), t.cpu(), None if w is None else w.cpu(), g, wrt, **kw)
+        close_to_cpu("loss", o_loss, c_loss, dtype, ctx)
+        for n in wrt:
+            close_to_cpu(f"grad[{n}]", o_grads[n], c_grads[n], dtype, ctx)
+
+
+def test_huge_magnitude_plain_values():
+    """The plain case, no reference needed: x = [[M, M, 0]], target 0, M = 1e16, fp32:
+    loss log 2 and gradient [-1/2, 1/2, 0] (to the exp's last bits), through the forward
+    with gradient and through the recomputing backward op; row_stats = [M, log 2]."""
+    M = 1e16
+    x = torch.tensor([[M, M, 0.0]], device=DEV)
+    y = torch.tensor([0], device=DEV)
+    want = torch.tensor([[-0.5, 0.5, 0.0]], device=DEV)
+    xi = x.clone().requires_grad_()
+    loss = ours(xi, y, reduction="sum")
+    loss.backward()
+    assert abs(loss.item() - math.log(2)) <= 4 * EPS32, loss
+    torch.testing.assert_close(xi.grad, want, rtol=0, atol=4 * EPS32)
+    loss, rs, tw = xops.cross_entropy_index_forward(x[..., None], y[:, None], None, -100, 0.0, 2)
+    assert rs[0, 0, 0].item() == float(torch.tensor(M)), rs  # the fp32 logit, exactly
+    assert abs(rs[1, 0, 0].item() - math.log(2)) <= 4 * EPS32, rs
+    grad = xops.cross_entropy_index_backward(torch.ones((), device=DEV), x[..., None], y[:, None], None, rs, tw,
+                                             -100, 0.0, 2)
+    torch.testing.assert_close(grad[..., 0], want, rtol=0, atol=4 * EPS32)
+
+
+AUTOCAST_SHAPES = [(37, 300), (3, 7, 2, 5), (4, 5000)]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("wdtype", [None, torch.bfloat16, torch.float16, torch.float32],
+                         ids=lambda d: "noweight" if d is None else "w_" + dtype_name(d))
+@pytest.mark.parametrize("xdtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("ac", [torch.bfloat16, torch.float16], ids=lambda d: "autocast_" + dtype_name(d))
+def test_autocast_matches_torch(ac, xdtype, wdtype, kind, reduction, rng, fresh_seed):
+    """Under torch.autocast on the GPU, as torch: bf16/fp16/fp32 logits give an fp32 loss
+    (from the logits as they are: no fp32 copy), class weights of any float dtype, fp64
+    untouched; the gradients come back in the logits' (and target's) dtype. Values
+    against torch under the same autocast."""
+    shape = rng.choice(AUTOCAST_SHAPES)
+    C = shape[1]
+    ls = rng.choice([0.0, 0.1])
+    x = make_logits(shape, xdtype, device=DEV)
+    w = random_weight(C, wdtype, DEV) if wdtype is not None else None
+    if kind == "index":
+        t = make_index_target(shape, ignore_index=1, ignore_frac=0.1, device=DEV)
+        kw = dict(reduction=reduction, ignore_index=1, label_smoothing=ls)
+        wrt = ("input",)
+    else:
+        t = make_prob_target(shape, xdtype, device=DEV)
+        kw = dict(reduction=reduction, label_smoothing=ls)
+        wrt = ("input", "target")
+    ctx = (f"seed={fresh_seed} autocast {dtype_name(ac)} {kind} {shape} {dtype_name(xdtype)} weight "
+           f"{wdtype and dtype_name(wdtype)} ls={ls} {reduction}")
+    device_type = torch.device(DEV).type
+
+    def under_autocast(fn, g=None):
+        with torch.autocast(device_type, dtype=ac):
+            return run_ce(fn, x, t, w, g, wrt, **kw)
+
+    try:
+        t_loss, _ = under_autocast(F.cross_entropy)
+    except Exception as te:  # noqa: BLE001  (fp64 logits with a weight autocast made fp32)
+        with pytest.raises(type(te)):
+            under_autocast(ours)
+        return
+    g = random_like_loss(t_loss)
+    t_loss, t_grads = under_autocast(F.cross_entropy, g)
+    o_loss, o_grads = under_autocast(ours, g)
+    want = torch.float64 if xdtype == torch.float64 else torch.float32
+    assert t_loss.dtype == want, f"{ctx}: torch's own loss dtype is {t_loss.dtype}"
+    assert o_loss.dtype == want and o_loss.shape == t_loss.shape and o_loss.device == t_loss.device, (
+        f"{ctx}: loss {o_loss.dtype}{tuple(o_loss.shape)} on {o_loss.device}, torch's {t_loss.dtype}"
+        f"{tuple(t_loss.shape)}")
+    for n in wrt:
+        assert o_grads[n].dtype == t_grads[n].dtype == xdtype, f"{ctx}: grad[{n}] {o_grads[n].dtype}"
+        assert o_grads[n].shape == t_grads[n].shape, ctx
+    # torch computed in fp32 (fp64) on upcast copies: both are exact to the compute dtype
+    ceps = torch.finfo(want).eps
+    up = (lambda v: None if v is None else v.to(want)) if want == torch.float32 else (lambda v: v)
+    env = error_envelope(up(x), up(t) if kind == "prob" else t, up(w), reduction, kw.get("ignore_index", -100), ls, g)
+    _compare("loss", o_loss, t_loss, RTOL[want], ENV_K * ceps * env["loss"].to(DEV), ctx)
+    for n in wrt:
+        # a bf16/fp16 gradient may be rounded twice: the unit gradient the forward wrote,
+        # then that scaled by the upstream gradient
+        rtol = max(RTOL[want], 2.02 * torch.finfo(xdtype).eps if xdtype in LOW_PRECISION else 0.0)
+        _compare(f"grad[{n}]", o_grads[n], t_grads[n], rtol, ENV_K * ceps * env[n] + torch.finfo(xdtype).smallest_normal,
+                 ctx)
+
+
+def test_autocast_reads_low_precision_logits_without_a_copy(fresh_seed):
+    """Under autocast, bf16 logits are read as they are: the forward's peak memory is the
+    gradient it writes (bf16, the logits' size) and per-row buffers, never an fp32 copy of
+    the logits (twice their size), which is what torch itself allocates."""
+    N, C = 512, 32000
+    x = make_logits((N, C), torch.bfloat16, device=DEV)
+    t = make_index_target((N, C), device=DEV)
+    logits_bytes = x.numel() * x.element_size()
+    for requires_grad in (False, True):
+        xi = x.detach().requires_grad_(requires_grad)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ours(xi, t, label_smoothing=0.1)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        assert loss.dtype == torch.float32
+        allowed = (logits_bytes if requires_grad else 0) + logits_bytes // 4
+        assert peak <= allowed, (f"seed={fresh_seed} requires_grad={requires_grad}: the forward allocated "
+                                 f"{peak / 2**20:.1f} MiB at its peak (bf16 logits {logits_bytes / 2**20:.1f} MiB, "
+                                 f"allowed {allowed / 2**20:.1f} MiB): an fp32 copy of the logits?")
+        if requires_grad:
+            loss.backward()
+            assert xi.grad.dtype == torch.bfloat16
+        del loss, xi
+
+
+def _edit(h, how):
+    with torch.no_grad():
+        if how == "add":
+            h.add_(torch.randn(h.shape, dtype=torch.float64).to(device=h.device, dtype=h.dtype))
+        elif how == "zero":
+            h.zero_()
+        else:
+            h.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("edit", ["add", "zero", "nan"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "index_weight_ls", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_name)
+@pytest.mark.parametrize("shape", [(33, 300), (2, 5, 4, 3), (4, 5000)], ids=lambda s: "x".join(map(str, s)))
+def test_inplace_edit_after_forward(shape, dtype, kind, reduction, edit, fresh_seed):
+    """Logits edited in place between the forward and the backward (an activation reused in
+    place): the first backward gives the gradient at the values the forward saw, as torch's
+    (which saves only log_softmax), for every reduction and for probability targets, with an
+    upstream gradient that is not 1."""
+    C = shape[1]
+    x = make_logits(shape, dtype, device=DEV)
+    w = random_weight(C, dtype, DEV) if kind == "index_weight_ls" else None
+    ls = 0.1 if kind == "index_weight_ls" else 0.0
+    t = make_prob_target(shape, dtype, device=DEV) if kind == "prob" else make_index_target(shape, device=DEV)
+    ctx = f"seed={fresh_seed} {shape} {dtype_name(dtype)} {kind} {reduction} edit={edit}"
+    g = random_like_loss(torch.empty(index_target_shape(shape) if reduction == "none" else (), dtype=dtype, device=DEV))
+
+    def run(fn):
+        leaf = x.detach().clone().requires_grad_()
+        h = leaf * 1  # a non-leaf, as an activation would be
+        loss = fn(h, t, weight=w, reduction=reduction, label_smoothing=ls)
+        _edit(h, edit)
+        (grad,) = torch.autograd.grad(loss, leaf, g)
+        return loss.detach(), grad
+
+    t_loss, t_grad = run(F.cross_entropy)  # torch itself allows the edit
+    o_loss, o_grad = run(ours)
+    compare_with_torch(o_loss, {"input": o_grad}, x, t, w, reduction=reduction, label_smoothing=ls, grad_out=g,
+                       ctx=ctx)
+    # the reference: torch's gradient after the edit is its gradient without it
+    torch.testing.assert_close(t_grad, run_ce(F.cross_entropy, x, t, w, g, ("input",), reduction=reduction,
+                                              label_smoothing=ls)[1]["input"])
 
 
 # ----------------------------------------------------------------------------------

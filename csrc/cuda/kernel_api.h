@@ -40,6 +40,11 @@ struct Strided3 {
   int64_t sn, sc, sk;
 };
 
+// row_stats, in the launches below: the per-row statistics the forward
+// saves for the backward, a (2, N, K) contiguous float64 tensor, row_stats[r]
+// the row's max and row_stats[R + r] log Σ exp(x - max), R = N * K (Note [Row
+// max and log-sum apart], common/xent_math.h).
+
 // Device scratch the wrapper allocates (sizes in the comments). acc is float
 // (double for float64 logits).
 struct IndexScratch {
@@ -57,22 +62,24 @@ struct IndexForwardLaunch {
   int64_t ignore_index;
   double label_smoothing;  // > 0 turns smoothing on
   int64_t reduction;
-  void* loss;          // (N, K) contiguous for 'none', 0-d otherwise; input dtype
-  double* lse;         // (N, K) contiguous
+  void* loss;          // (N, K) contiguous for 'none', 0-d otherwise
+  bool loss_acc;       // loss in the accumulation dtype (else the input's)
+  double* row_stats;   // (2, N, K) contiguous
   void* total_weight;  // 0-d acc
-  Strided3 grad;       // the fused gradient (upstream gradient 1); data nullptr: none
+  Strided3 grad;       // the fused gradient (upstream gradient 1, per row for 'none'); data nullptr: none
   int64_t* bad_row;    // 1 int64, preset to INT64_MAX; the first row with a bad target
   IndexScratch scratch;
 };
 
 struct IndexBackwardLaunch {
   Logits x;
-  const void* grad_loss;  // input dtype: 0-d, or (N, K) with strides gln, glk for 'none'
+  const void* grad_loss;  // 0-d, or (N, K) with strides gln, glk for 'none'
+  bool grad_loss_acc;     // grad_loss in the accumulation dtype (else the input's)
   int64_t gln, glk;
   const int64_t* target;
   int64_t tn, tk;
   const void* weight;
-  const double* lse;          // (N, K) contiguous
+  const double* row_stats;    // (2, N, K) contiguous
   const void* total_weight;   // 0-d acc
   int64_t ignore_index;
   double label_smoothing;
@@ -88,7 +95,8 @@ struct ProbForwardLaunch {
   double label_smoothing;
   int64_t reduction;
   void* loss;
-  double* lse;
+  bool loss_acc;     // as IndexForwardLaunch
+  double* row_stats;
   void* coef_sum;    // (N, K) contiguous acc
   double* partials;  // reduce_tiles(R) doubles
   void* row_loss;    // R acc values (reduced only)
@@ -98,9 +106,10 @@ struct ProbBackwardLaunch {
   Logits x;
   Strided3 target;
   const void* grad_loss;
+  bool grad_loss_acc;
   int64_t gln, glk;
   const void* weight;
-  const double* lse;
+  const double* row_stats;
   const void* coef_sum;
   double label_smoothing;
   int64_t reduction;

@@ -1,5 +1,6 @@
-// CUDA kernels for cross-entropy: forward (row statistics, loss, lse, and the
-// gradient when asked) and backward, for class-index and probability targets.
+// CUDA kernels for cross-entropy: forward (row statistics, loss, row_stats,
+// and the gradient when asked) and backward, for class-index and probability
+// targets.
 //
 // The math is csrc/common/xent_math.h, shared with the CPU kernels; this file
 // only moves data. No torch header here (Note [Lean CUDA translation unit]).
@@ -14,7 +15,7 @@
 // device-side assert, which would leave the process's CUDA context unusable.
 // The first such row is recorded with atomicMin in a device flag (the
 // wrapper may check it with one host sync and raise torch's IndexError), and
-// the row computes NaN: its loss, lse and gradient are NaN, and so is the
+// the row computes NaN: its loss, row_stats and gradient are NaN, and so is the
 // weighted-mean denominator. Nothing reads memory through a bad index.
 #include "cuda/kernel_api.h"
 
@@ -90,7 +91,6 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
   const A weight_sum = static_cast<A>(a.scratch.scalars[1]);
   A* row_nll = static_cast<A*>(a.scratch.row_nll);
   A* row_smooth = static_cast<A*>(a.scratch.row_smooth);
-  T* loss = static_cast<T*>(a.loss);
 
   const TeamRows<kWalk> team;
   for (int64_t r = team.first; r < R; r += team.stride) {
@@ -107,9 +107,12 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
 
     // Note [One log per row] (xent_math.h).
     const double log_sum = math::row_log(static_cast<double>(st.sum_exp));
-    const double lse = t.bad ? quiet_nan<double>() : math::log_sum_exp(st.ref, log_sum);
+    // What the backward reads back (SavedRow, row_io.cuh).
+    const SavedRow saved = t.bad ? SavedRow(quiet_nan<double>(), quiet_nan<double>())
+                                 : SavedRow(static_cast<double>(st.ref), log_sum);
     if (team.leader()) {
-      a.lse[r] = lse;
+      a.row_stats[r] = saved.max;
+      a.row_stats[R + r] = saved.log_sum;
       A nll = A(0), smooth = A(0);  // torch selects: an ignored row is exactly 0
       if (t.bad) {
         nll = smooth = quiet_nan<A>();
@@ -124,7 +127,7 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
         }
       }
       if (!reduce) {
-        loss[r] = Store<T>::of(nll);
+        store_row_value<T>(a.loss, r, a.loss_acc, nll);
       } else {
         row_nll[r] = nll;
         if (smoothing) {
@@ -133,12 +136,12 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
       }
     }
     if (grad != nullptr) {
-      if (t.ignored && isfinite(lse)) {
+      if (t.ignored && saved.finite()) {
         ZeroStep<T> z{io};
         walk_row(io, C, vectorize, team.lane, team.size, z);
       } else {
         GradStep<T, kMode> g{io, coefs, index_row_coefs<A>(t, unit, w, weight_sum, eps, C),
-                             math::split_lse<A>(lse), (t.ignored || t.bad) ? int64_t(-1) : t.y, A(0)};
+                             saved.shift<A>(), (t.ignored || t.bad) ? int64_t(-1) : t.y, A(0)};
         walk_row(io, C, vectorize, team.lane, team.size, g);
       }
     }
@@ -151,7 +154,6 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
   using A = math::acc_type<T>;
   const T* x = static_cast<const T*>(a.x.data);
   T* grad = static_cast<T*>(a.grad.data);
-  const T* grad_loss = static_cast<const T*>(a.grad_loss);
   const int64_t C = a.x.C, K = a.x.K, R = a.x.N * a.x.K;
   const A eps = static_cast<A>(a.label_smoothing);
   const A* w = static_cast<const A*>(a.weight);
@@ -162,7 +164,7 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
   if (a.reduction != kReductionNone) {
     const double scale =
         a.reduction == kReductionMean ? 1.0 / static_cast<double>(*static_cast<const A*>(a.total_weight)) : 1.0;
-    scalar_grad = static_cast<A>(static_cast<double>(to_acc(grad_loss[0])) * scale);
+    scalar_grad = static_cast<A>(static_cast<double>(load_row_value<T>(a.grad_loss, 0, a.grad_loss_acc)) * scale);
   }
 
   const TeamRows<kWalk> team;
@@ -172,14 +174,16 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
                         a.x.sc, 0, a.grad.sc, 0};
     const bool vectorize = kWalk != Walk::kThread && same_alignment(io);
     const IndexTarget<A> t = index_target<A>(a.target, a.tn, a.tk, n, k, C, a.ignore_index);
-    const A g_out = a.reduction == kReductionNone ? to_acc(grad_loss[n * a.gln + k * a.glk]) : scalar_grad;
-    const double lse = a.lse[r];
-    if (t.ignored && isfinite(lse)) {
+    const A g_out = a.reduction == kReductionNone
+                        ? load_row_value<T>(a.grad_loss, n * a.gln + k * a.glk, a.grad_loss_acc)
+                        : scalar_grad;
+    const SavedRow saved(a.row_stats, R, r);
+    if (t.ignored && saved.finite()) {
       ZeroStep<T> z{io};
       walk_row(io, C, vectorize, team.lane, team.size, z);
       continue;
     }
-    GradStep<T, kMode> g{io, coefs, index_row_coefs<A>(t, g_out, w, weight_sum, eps, C), math::split_lse<A>(lse),
+    GradStep<T, kMode> g{io, coefs, index_row_coefs<A>(t, g_out, w, weight_sum, eps, C), saved.shift<A>(),
                          (t.ignored || t.bad) ? int64_t(-1) : t.y, A(0)};
     walk_row(io, C, vectorize, team.lane, team.size, g);
   }
@@ -205,7 +209,6 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
   const Coefs<A, kMode> coefs = prob_coefs<A>(static_cast<const A*>(a.weight), a.label_smoothing, C);
   A* coef_sum = static_cast<A*>(a.coef_sum);
   A* row_loss = static_cast<A*>(a.row_loss);
-  T* loss = static_cast<T*>(a.loss);
 
   const TeamRows<kWalk> team;
   for (int64_t r = team.first; r < R; r += team.stride) {
@@ -218,11 +221,12 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     const RowStats<A> st = team_reduce<kWalk>(stats.st, smem);
     if (team.leader()) {
       const double log_sum = math::row_log(static_cast<double>(st.sum_exp));
-      a.lse[r] = math::log_sum_exp(st.ref, log_sum);
+      a.row_stats[r] = static_cast<double>(st.ref);
+      a.row_stats[R + r] = log_sum;
       coef_sum[r] = st.coef_sum;
       const A l = math::coef_row_loss(st, static_cast<A>(log_sum));
       if (a.reduction == kReductionNone) {
-        loss[r] = Store<T>::of(l);
+        store_row_value<T>(a.loss, r, a.loss_acc, l);
       } else {
         row_loss[r] = l;
       }
@@ -238,7 +242,6 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
   const T* q = static_cast<const T*>(a.target.data);
   T* gi = static_cast<T*>(a.grad_input.data);
   T* gt = static_cast<T*>(a.grad_target.data);
-  const T* grad_loss = static_cast<const T*>(a.grad_loss);
   const int64_t C = a.x.C, K = a.x.K, R = a.x.N * a.x.K;
   const Coefs<A, kMode> coefs = prob_coefs<A>(static_cast<const A*>(a.weight), a.label_smoothing, C);
   const A* coef_sum = static_cast<const A*>(a.coef_sum);
@@ -246,7 +249,7 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
   A scalar_grad = A(0);
   if (a.reduction != kReductionNone) {
     const double scale = a.reduction == kReductionMean ? 1.0 / static_cast<double>(R) : 1.0;
-    scalar_grad = static_cast<A>(static_cast<double>(to_acc(grad_loss[0])) * scale);
+    scalar_grad = static_cast<A>(static_cast<double>(load_row_value<T>(a.grad_loss, 0, a.grad_loss_acc)) * scale);
   }
 
   const TeamRows<kWalk> team;
@@ -257,10 +260,12 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
                         gt != nullptr ? gt + n * a.grad_target.sn + k * a.grad_target.sk : nullptr,
                         a.x.sc, a.target.sc, a.grad_input.sc, a.grad_target.sc};
     const bool vectorize = kWalk != Walk::kThread && same_alignment(io);
-    const A s = a.reduction == kReductionNone ? to_acc(grad_loss[n * a.gln + k * a.glk]) : scalar_grad;
+    const A s = a.reduction == kReductionNone
+                    ? load_row_value<T>(a.grad_loss, n * a.gln + k * a.glk, a.grad_loss_acc)
+                    : scalar_grad;
     // grad_c = s (p_c Σ w q - w_c q_c): a = s Σ w q, b = 0, d = s.
-    GradStep<T, kMode> g{io, coefs, {s * coef_sum[r], A(0), s}, math::split_lse<A>(a.lse[r]), int64_t(-1),
-                  -s * coefs.q_scale};
+    GradStep<T, kMode> g{io, coefs, {s * coef_sum[r], A(0), s}, SavedRow(a.row_stats, R, r).shift<A>(), int64_t(-1),
+                         -s * coefs.q_scale};
     walk_row(io, C, vectorize, team.lane, team.size, g);
   }
 }
@@ -305,7 +310,8 @@ struct StoreTotalWeight {
 // The reduced loss with class indices, in torch's order (xent_math.h).
 template <typename T, int kN>
 struct IndexLoss {
-  T* loss;
+  void* loss;
+  bool loss_acc;  // Note [Loss dtype on the GPU]
   const double* total_weight;
   int64_t reduction;
   double label_smoothing;
@@ -317,17 +323,18 @@ struct IndexLoss {
     if constexpr (kN == 2) {
       value = math::reduced_smoothed_loss(totals[0], totals[1], denominator, label_smoothing, C);
     }
-    *loss = Store<T>::of(value);
+    store_row_value<T>(loss, 0, loss_acc, value);
   }
 };
 
 template <typename T>
 struct ProbLoss {
-  T* loss;
+  void* loss;
+  bool loss_acc;
   double denominator;
 
   __device__ void operator()(const double (&totals)[1]) const {
-    *loss = Store<T>::of(totals[0] / denominator);
+    store_row_value<T>(loss, 0, loss_acc, totals[0] / denominator);
   }
 };
 
@@ -367,14 +374,14 @@ cudaError_t launch_index_forward(const IndexForwardLaunch& a, cudaStream_t strea
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
       finish_kernel<2><<<1, kReduceThreads, 0, stream>>>(
           a.scratch.partials, tiles,
-          IndexLoss<T, 2>{static_cast<T*>(a.loss), a.scratch.scalars, a.reduction, a.label_smoothing, a.x.C});
+          IndexLoss<T, 2>{a.loss, a.loss_acc, a.scratch.scalars, a.reduction, a.label_smoothing, a.x.C});
     } else {
       sum_tiles_kernel<1><<<static_cast<unsigned>(tiles), kReduceThreads, 0, stream>>>(
           RowValues<A, 1>{{nll}}, R, a.scratch.partials);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
       finish_kernel<1><<<1, kReduceThreads, 0, stream>>>(
           a.scratch.partials, tiles,
-          IndexLoss<T, 1>{static_cast<T*>(a.loss), a.scratch.scalars, a.reduction, a.label_smoothing, a.x.C});
+          IndexLoss<T, 1>{a.loss, a.loss_acc, a.scratch.scalars, a.reduction, a.label_smoothing, a.x.C});
     }
     return cudaGetLastError();
   });
@@ -417,7 +424,7 @@ cudaError_t launch_prob_forward(const ProbForwardLaunch& a, cudaStream_t stream)
     // torch's mean divides by the number of rows N * d1 * ... * dk (0/0 = nan for none).
     const double denominator = a.reduction == kReductionMean ? static_cast<double>(R) : 1.0;
     finish_kernel<1><<<1, kReduceThreads, 0, stream>>>(a.partials, tiles,
-                                                       ProbLoss<T>{static_cast<T*>(a.loss), denominator});
+                                                       ProbLoss<T>{a.loss, a.loss_acc, denominator});
     return cudaGetLastError();
   });
 }

@@ -58,6 +58,13 @@ void* data_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr() : nullptr;
 }
 
+// Whether a loss (or its upstream gradient) is in the accumulation dtype
+// rather than the input's (Note [Loss dtype on the GPU], row_io.cuh); the
+// prologue has checked it is one of the two.
+bool in_accumulation_dtype(const Tensor& t, const Tensor& input) {
+  return t.scalar_type() != input.scalar_type();
+}
+
 // Note [Target check on the GPU]: skipped while the stream is being captured
 // into a CUDA graph, where a host sync is illegal; bad rows are NaN there.
 bool stream_capturing(cudaStream_t stream) {
@@ -116,7 +123,8 @@ void CudaDevice::index_forward(const IndexForwardCall& c) {
   a.label_smoothing = c.label_smoothing;
   a.reduction = c.reduction;
   a.loss = c.out.loss.data_ptr();
-  a.lse = c.out.lse.data_ptr<double>();
+  a.loss_acc = in_accumulation_dtype(c.out.loss, input);
+  a.row_stats = c.out.row_stats.data_ptr<double>();
   a.total_weight = c.out.total_weight.data_ptr();
   a.grad = strided_of(c.out.grad_input);
   a.bad_row = bad_row.data_ptr<int64_t>();
@@ -134,13 +142,14 @@ void CudaDevice::index_backward(const IndexBackwardCall& c) {
   cuda::IndexBackwardLaunch a;
   a.x = logits_of(c.input);
   a.grad_loss = c.grad_loss.data_ptr();
+  a.grad_loss_acc = in_accumulation_dtype(c.grad_loss, input);
   a.gln = c.reduction == kReductionNone ? c.grad_loss.stride(0) : 0;
   a.glk = c.reduction == kReductionNone ? c.grad_loss.stride(1) : 0;
   a.target = c.target.data_ptr<int64_t>();
   a.tn = c.target.stride(0);
   a.tk = c.target.stride(1);
   a.weight = data_or_null(c.weight);
-  a.lse = c.lse.data_ptr<double>();
+  a.row_stats = c.row_stats.data_ptr<double>();
   a.total_weight = c.total_weight.data_ptr();
   a.ignore_index = c.ignore_index;
   a.label_smoothing = c.label_smoothing;
@@ -167,7 +176,8 @@ void CudaDevice::prob_forward(const ProbForwardCall& c) {
   a.label_smoothing = c.label_smoothing;
   a.reduction = c.reduction;
   a.loss = c.out.loss.data_ptr();
-  a.lse = c.out.lse.data_ptr<double>();
+  a.loss_acc = in_accumulation_dtype(c.out.loss, input);
+  a.row_stats = c.out.row_stats.data_ptr<double>();
   a.coef_sum = c.out.coef_sum.data_ptr();
   a.partials = partials.data_ptr<double>();
   a.row_loss = data_or_null(row_loss);
@@ -184,10 +194,11 @@ void CudaDevice::prob_backward(const ProbBackwardCall& c) {
   a.x = logits_of(c.input);
   a.target = strided_of(c.target);
   a.grad_loss = c.grad_loss.data_ptr();
+  a.grad_loss_acc = in_accumulation_dtype(c.grad_loss, input);
   a.gln = c.reduction == kReductionNone ? c.grad_loss.stride(0) : 0;
   a.glk = c.reduction == kReductionNone ? c.grad_loss.stride(1) : 0;
   a.weight = data_or_null(c.weight);
-  a.lse = c.lse.data_ptr<double>();
+  a.row_stats = c.row_stats.data_ptr<double>();
   a.coef_sum = c.coef_sum.data_ptr();
   a.label_smoothing = c.label_smoothing;
   a.reduction = c.reduction;

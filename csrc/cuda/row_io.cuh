@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace xent_ext {
 namespace cuda {
@@ -52,6 +53,53 @@ template <typename A>
 __device__ __forceinline__ A quiet_nan() {
   return std::numeric_limits<A>::quiet_NaN();
 }
+
+// Note [Loss dtype on the GPU]
+// The loss is written in the input's dtype or, under autocast, in the
+// accumulation dtype (fp32 for bf16/fp16 logits), straight from the
+// accumulator: the logits are read as they are, never converted to an fp32
+// copy. A backward's upstream gradient comes in either dtype too. Which one
+// is a launch flag, not a template parameter: it touches one value per row,
+// not the inner loops.
+template <typename T>
+__device__ __forceinline__ math::acc_type<T> load_row_value(const void* p, int64_t i, bool acc) {
+  using A = math::acc_type<T>;
+  if constexpr (std::is_same_v<T, A>) {  // fp32, fp64: one dtype either way
+    return static_cast<const T*>(p)[i];
+  }
+  return acc ? static_cast<const A*>(p)[i] : to_acc(static_cast<const T*>(p)[i]);
+}
+
+template <typename T, typename V>
+__device__ __forceinline__ void store_row_value(void* p, int64_t i, bool acc, V v) {
+  using A = math::acc_type<T>;
+  if (acc && !std::is_same_v<T, A>) {
+    static_cast<A*>(p)[i] = static_cast<A>(v);
+  } else {
+    static_cast<T*>(p)[i] = Store<T>::of(v);
+  }
+}
+
+// A row's saved statistics (Note [Row max and log-sum apart], xent_math.h)
+// as the gradient reads them: row_stats is (2, R), the row max at [r] and the
+// log-sum at [R + r] (kernel_api.h). The forward's own gradient takes the
+// same two doubles as it stores them, so it equals a recomputing backward's
+// to the bit.
+struct SavedRow {
+  double max;
+  double log_sum;
+
+  __device__ __forceinline__ SavedRow(const double* row_stats, int64_t R, int64_t r)
+      : max(row_stats[r]), log_sum(row_stats[R + r]) {}
+  __device__ __forceinline__ SavedRow(double m, double l) : max(m), log_sum(l) {}
+
+  template <typename A>
+  __device__ __forceinline__ math::SoftmaxShift<A> shift() const {
+    return math::softmax_shift<A>(max, log_sum);
+  }
+  // Every softmax value of the row is finite (an ignored row's gradient is then 0).
+  __device__ __forceinline__ bool finite() const { return math::finite_softmax(max, log_sum); }
+};
 
 // Elements in a 16-byte vector pack.
 template <typename T>

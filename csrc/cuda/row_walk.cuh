@@ -146,7 +146,8 @@ struct StatsStep {
 
 // Writes grad_c = a * softmax_c - d * coef_c - (c == y ? b : 0) (xent_math.h,
 // GradCoefs) and, for probability targets, the target gradient
-// e * w_c * (x_c - lse). Loads of a step come first: the compiler cannot move
+// e * w_c * log_softmax_c, both from the row max and log-sum kept apart (Note
+// [Row max and log-sum apart], xent_math.h). Loads of a step come first: the compiler cannot move
 // them above the stores (it can't prove the gradient doesn't alias the logits).
 template <typename T, CoefMode kMode>
 struct GradStep {
@@ -154,7 +155,7 @@ struct GradStep {
   const RowPtrs<T>& io;
   const Coefs<A, kMode>& coefs;
   math::GradCoefs<A> k;
-  math::SplitLse<A> lse;
+  math::SoftmaxShift<A> shift;
   int64_t y;  // -1: no one-hot term
   A e;        // target-gradient scale (probability targets)
 
@@ -182,7 +183,7 @@ struct GradStep {
         A g[kW];
 #pragma unroll
         for (int i = 0; i < kW; ++i) {
-          A v = k.a * std::exp((x[u][i] - lse.hi) - lse.lo);
+          A v = k.a * std::exp(math::log_softmax(x[u][i], shift));
           if constexpr (kMode != CoefMode::kNone) {
             v = v - k.d * cf[i];
           }
@@ -198,7 +199,7 @@ struct GradStep {
 #pragma unroll
         for (int i = 0; i < kW; ++i) {
           const A wc = coefs.w != nullptr ? coefs.w[idx[u] + i] : A(1);
-          gt[i] = e * wc * ((x[u][i] - lse.hi) - lse.lo);
+          gt[i] = e * wc * math::log_softmax(x[u][i], shift);
         }
         store_pack<kW>(io.gq, idx[u], io.sgq, gt);
       }
@@ -206,8 +207,8 @@ struct GradStep {
   }
 };
 
-// An ignored row's gradient is exactly 0 when its lse is finite (every
-// softmax value is then finite and is multiplied by 0; xent_math.h,
+// An ignored row's gradient is exactly 0 when math::finite_softmax holds
+// (every softmax value is then finite and is multiplied by 0; xent_math.h,
 // GradCoefs): write zeros without reading the logits, as the CPU kernel does.
 template <typename T>
 struct ZeroStep {
