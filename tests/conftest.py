@@ -110,3 +110,18 @@ def fresh_seed(request):
 def rng(fresh_seed):
     """A `random.Random` for picking parameter combinations, seeded by fresh_seed."""
     return random.Random(fresh_seed)
+
+
+@pytest.fixture
+def xent_calls(monkeypatch):
+    """The reductions of the calls that reach xent_ext.cross_entropy during the test
+    (a counting wrapper around the front end, which torch's patched entry points call)."""
+    calls = []
+    real = xent_ext.functional.cross_entropy
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("reduction", "mean"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xent_ext.functional, "cross_entropy", counting)
+    return calls

@@ -66,20 +66,6 @@ def torch_functions_restored():
     assert not leaked, "the test left torch.nn.functional.cross_entropy patched"
 
 
-@pytest.fixture
-def xent_calls(monkeypatch):
-    """The reductions of the calls that reach xent_ext.cross_entropy during the test."""
-    calls = []
-    real = xent_ext.functional.cross_entropy
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("reduction", "mean"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(xent_ext.functional, "cross_entropy", counting)
-    return calls
-
-
 def autocast(enabled):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
