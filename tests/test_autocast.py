@@ -115,6 +115,32 @@ def test_prob_targets_as_torch(autocast_dtype, logit_dtype, target_dtype, weight
             _compare(ours, theirs, x, q, w, reduction, -100, ls, ctx)
 
 
+@pytest.mark.parametrize("block_elements", (None, 7), ids=("one_block", "several_blocks"))
+@pytest.mark.parametrize("shape", ((16,), (5, 13), (4, 6, 3, 2)), ids=str)
+@pytest.mark.parametrize("logit_dtype", (torch.float16, torch.bfloat16), ids=dtype_name)
+def test_large_per_row_upstream_gradient(logit_dtype, shape, block_elements, device, fresh_seed, monkeypatch):
+    """'none' under autocast: the loss is fp32, so a per-row upstream gradient may be a
+    GradScaler factor (65536) that bf16 holds but fp16 does not. It must scale the
+    stored gradient in its own dtype, as torch's fp32 product does, never as fp16 inf
+    (Note [Gradient in the forward]); several_blocks makes the CPU widen a few rows at
+    a time."""
+    if block_elements is not None:
+        monkeypatch.setattr(xent_ext._ops, "_WIDENED_CHUNK_ELEMENTS", block_elements)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 2).to(device=device, dtype=logit_dtype)
+    t = torch.randint(0, C, shape[:0] if len(shape) == 1 else (shape[0],) + shape[2:], device=device)
+    scale = torch.rand(max(t.numel(), 1), dtype=torch.float64) * 65536 + 32768
+    g = lambda loss: scale[: loss.numel()].reshape(loss.shape).to(device=loss.device, dtype=loss.dtype)
+    for ls in (0.0, 0.1):
+        kw = dict(reduction="none", label_smoothing=ls)
+        ours = _run(xent_ext.cross_entropy, device, torch.bfloat16, x, t, None, g, False, **kw)
+        theirs = _run(F.cross_entropy, device, torch.bfloat16, x, t, None, g, False, **kw)
+        # Entries whose product exceeds fp16's range are inf in torch's gradient too.
+        assert torch.equal(torch.isfinite(ours[1][0]), torch.isfinite(theirs[1][0])), (
+            f"{shape} ls={ls} seed={fresh_seed}: non-finite gradient where torch's is finite")
+        _compare(ours, theirs, x, t, None, "none", -100, ls, f"{dtype_name(logit_dtype)} {shape} ls={ls} seed={fresh_seed}")
+
+
 def test_weight_dtype_errors_name_the_autocast_dtypes(device):
     # torch compares the weight's dtype with the logits' after its casts: a float64 weight
     # with float32-computing logits, and the reverse, are errors that name those dtypes

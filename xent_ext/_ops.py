@@ -160,11 +160,29 @@ def _index_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_
 # product, which torch forms in fp32 from a 0-d factor and rounds once):
 # within one unit in the last place of the exactly rounded gradient, and
 # exact for a power of two (the usual GradScaler factor). A per-row upstream
-# gradient of another dtype on the CPU ('none' under autocast: fp32 on a
-# bf16/fp16 gradient) is first rounded to the gradient's dtype, because
-# torch's CPU kernels would take fp32 copies of the gradient's size for the
-# mixed product: a third rounding, within one and a half units in the last
-# place. (CUDA kernels cast as they go, and keep the fp32 factor.)
+# gradient of a wider dtype ('none' under autocast: fp32 factors on a
+# bf16/fp16 gradient) is applied in its own dtype too, never rounded to the
+# gradient's first: a GradScaler factor of 65536 is inf in fp16. CUDA kernels
+# widen as they go; torch's CPU kernels would take an fp32 copy of the whole
+# gradient for the mixed in-place product, so the CPU widens a bounded block
+# of rows at a time (_mul_rows_widened_).
+
+
+# Rows of the gradient widened at a time by _mul_rows_widened_: a bounded fp32
+# temporary (16 MB), whatever the logits' size.
+_WIDENED_CHUNK_ELEMENTS = 1 << 22
+
+
+def _mul_rows_widened_(grad: Tensor, rows: Tensor) -> Tensor:
+    """``grad *= rows`` in place for a bf16/fp16 ``grad`` (N, C, K) and wider per-row
+    factors ``rows`` (N, 1, K), formed in the factors' dtype and rounded once (Note
+    [Gradient in the forward]), a bounded block of rows at a time."""
+    n = grad.shape[0]
+    step = max(1, _WIDENED_CHUNK_ELEMENTS // max(grad[0].numel(), 1)) if n else 1
+    for start in range(0, n, step):
+        block = grad[start:start + step]
+        block.copy_(block.to(rows.dtype).mul_(rows[start:start + step]))
+    return grad
 
 
 def _is_one(grad_loss: Tensor, on_cuda: bool) -> bool:
@@ -190,9 +208,11 @@ def _apply_upstream(grads: tuple, grad_loss: Tensor, reduction: int) -> tuple:
         rows = g.unsqueeze(1)  # (N, 1, K): one factor per row, over the classes
 
         def scale(t: Tensor) -> Tensor:
-            r = rows if rows.dtype == t.dtype or (t.is_cuda and not traced) else rows.to(t.dtype)
-            # Traced: no mutation of a forward output (and no data-dependent branch).
-            return (t * r).to(t.dtype) if traced else t.mul_(r)
+            if traced:  # no mutation of a forward output (and no data-dependent branch)
+                return (t * rows).to(t.dtype)
+            if rows.dtype == t.dtype or t.is_cuda:
+                return t.mul_(rows)
+            return _mul_rows_widened_(t, rows)
 
         return tuple(None if t is None else scale(t) for t in grads)
     g = g.reshape(())
