@@ -135,10 +135,19 @@ def test_large_per_row_upstream_gradient(logit_dtype, shape, block_elements, dev
         kw = dict(reduction="none", label_smoothing=ls)
         ours = _run(xent_ext.cross_entropy, device, torch.bfloat16, x, t, None, g, False, **kw)
         theirs = _run(F.cross_entropy, device, torch.bfloat16, x, t, None, g, False, **kw)
-        # Entries whose product exceeds fp16's range are inf in torch's gradient too.
-        assert torch.equal(torch.isfinite(ours[1][0]), torch.isfinite(theirs[1][0])), (
-            f"{shape} ls={ls} seed={fresh_seed}: non-finite gradient where torch's is finite")
-        _compare(ours, theirs, x, t, None, "none", -100, ls, f"{dtype_name(logit_dtype)} {shape} ls={ls} seed={fresh_seed}")
+        ctx = f"{dtype_name(logit_dtype)} {shape} ls={ls} seed={fresh_seed}"
+        torch.testing.assert_close(ours[0], theirs[0], msg=lambda m: f"{ctx}: loss: {m}")
+        got, want = ours[1][0].double(), theirs[1][0].double()
+        # Where the product leaves fp16's range, either side may round to the largest
+        # finite value or to inf; everywhere else both are finite.
+        edge = torch.finfo(logit_dtype).max * (1 - 2 * torch.finfo(logit_dtype).eps)
+        both = torch.isfinite(got) & torch.isfinite(want)
+        assert (both | (torch.where(torch.isfinite(got), got, want).abs() >= edge)).all(), (
+            f"{ctx}: non-finite gradient where torch's is finite: {got[~both]} vs {want[~both]}")
+        # Two roundings of the stored gradient and its product against torch's one
+        # (Note [Gradient in the forward]): a few units in the last place.
+        torch.testing.assert_close(got[both], want[both], rtol=4 * torch.finfo(logit_dtype).eps, atol=0,
+                                   msg=lambda m: f"{ctx}: grad: {m}")
 
 
 def test_weight_dtype_errors_name_the_autocast_dtypes(device):
