@@ -323,7 +323,11 @@ def vmap_rule(name: str, call: Callable[..., tuple]) -> Callable[..., Any]:
                 if reduction == _ops.REDUCTION_MEAN:
                     acc = _ops.accumulation_dtype(out.dtype)
                     if denominator is not None:
-                        scale: Any = (1.0 / denominator.to(acc)).view(-1, *([1] * (out.dim() - 1)))
+                        # Per row: ignored rows keep their zero (an all-ignored sample's
+                        # 1/denominator is inf), as the op's own 'mean' gives them none.
+                        inverse = (1.0 / denominator.to(acc)).view(-1, 1, 1)
+                        scale: Any = torch.where(valid, inverse, torch.ones((), dtype=acc, device=inverse.device))
+                        scale = scale.view(batch, n, *([1] * (out.dim() - 3)), k)
                     else:
                         scale = 1.0 / (n * k)
                     out = (out.to(acc) * scale).to(out.dtype)
