@@ -151,7 +151,7 @@ def test_training_curve(autocast_on, xent_calls, fresh_seed):
     def train(m):
         # SGD: a parameter's difference stays proportional to the gradients'
         # (Adam's normalization would turn rounding in a near-zero gradient into a full step).
-        opt = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.5)
+        opt = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.5)
         losses = []
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)

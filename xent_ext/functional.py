@@ -43,7 +43,7 @@ _DTYPE_NAMES = {
     torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
 }
-_DTYPE_PREFIXES = (("quint", "QUInt"), ("qint", "QInt"), ("uint", "UInt"))
+_DTYPE_PREFIXES = (("quint", "QUInt"), ("qint", "QInt"), ("uint", "UInt"), ("bcomplex", "BComplex"))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
