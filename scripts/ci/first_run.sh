@@ -79,11 +79,14 @@ PYCHECK
 why=$(cd "$WORK/cuda-torch/xent_ext" && CUDA_HOME="$FAKE_CUDA" .venv/bin/python setup.py --version 2>&1 | grep "CUDA .*off:" || true)
 echo "the build said: $why"
 case "$why" in *off:*CUDA_HOME*) ;; *) fail "the build did not say why CUDA is off and what to set";; esac
+# A CUDA torch's environment is about 5.5 GB: gone before the next one.
+rm -rf "$WORK/cuda-torch"
 
 # 1b. A CPU build of torch (pip's choice pinned by a constraint; the command
 # itself is the README's).
 echo "torch==$CPU_TORCH" >"$WORK/cpu-torch.txt"
 quick_start cpu-torch PIP_CONSTRAINT="$WORK/cpu-torch.txt" MAX_JOBS="${MAX_JOBS:-2}"
+rm -rf "$WORK/cpu-torch"
 
 # 2. Build isolation never replaces the user's torch.
 VENV="$WORK/isolated"
