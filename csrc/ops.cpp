@@ -41,42 +41,60 @@ using namespace ops;
 
 std::tuple<Tensor, Tensor, Tensor> index_forward_meta(const Tensor& input, const Tensor&,
                                                       const std::optional<Tensor>&, int64_t, double, int64_t reduction,
-                                                      std::optional<at::ScalarType> loss_dtype) {
+                                                      std::optional<at::ScalarType> loss_dtype, double, std::optional<double>, double) {
   const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/false, loss_dtype);
   return {out.loss, out.row_stats, out.total_weight};
 }
 
+// The gradient goes into `input` (the schema's Tensor(a!)); the results are the forward's.
+std::tuple<Tensor, Tensor, Tensor> index_forward_grad_into_meta(
+    Tensor& input, const Tensor& target, const std::optional<Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, std::optional<at::ScalarType> loss_dtype, double logit_scale,
+    std::optional<double> softcap, double z_loss) {
+  return index_forward_meta(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype, logit_scale,
+                            softcap, z_loss);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> index_forward_with_grad_meta(
     const Tensor& input, const Tensor&, const std::optional<Tensor>&, int64_t, double, int64_t reduction,
-    std::optional<at::ScalarType> loss_dtype) {
+    std::optional<at::ScalarType> loss_dtype, double, std::optional<double>, double) {
   const IndexForwardOutputs out = index_forward_outputs(input, reduction, /*with_grad=*/true, loss_dtype);
   return {out.loss, out.row_stats, out.total_weight, out.grad_input};
 }
 
 Tensor index_backward_meta(const Tensor&, const Tensor& input, const Tensor&, const std::optional<Tensor>&,
-                           const Tensor&, const Tensor&, int64_t, double, int64_t) {
+                           const Tensor&, const Tensor&, int64_t, double, int64_t, double, std::optional<double>, double) {
   return empty_gradient(input);
 }
 
 std::tuple<Tensor, Tensor, Tensor> prob_forward_meta(const Tensor& input, const Tensor&,
                                                      const std::optional<Tensor>&, double, int64_t reduction,
-                                                     std::optional<at::ScalarType> loss_dtype) {
+                                                     std::optional<at::ScalarType> loss_dtype, double, std::optional<double>, double) {
   const ProbForwardOutputs out = prob_forward_outputs(input, reduction, loss_dtype);
   return {out.loss, out.row_stats, out.coef_sum};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prob_forward_with_grad_meta(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>&, double, int64_t reduction,
-    bool input_grad, bool target_grad, std::optional<at::ScalarType> loss_dtype) {
+    bool input_grad, bool target_grad, std::optional<at::ScalarType> loss_dtype, double, std::optional<double>, double) {
   const ProbForwardOutputs out = prob_forward_outputs(input, reduction, loss_dtype);
   const auto [grad_input, grad_target] =
       prob_backward_result(prob_backward_outputs(input, target, input_grad, target_grad), input);
   return {out.loss, out.row_stats, out.coef_sum, grad_input, grad_target};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> prob_forward_grad_into_meta(
+    Tensor& input, const Tensor& target, const std::optional<Tensor>&, double, int64_t reduction, bool target_grad,
+    std::optional<at::ScalarType> loss_dtype, double, std::optional<double>, double) {
+  const ProbForwardOutputs out = prob_forward_outputs(input, reduction, loss_dtype);
+  const auto [grad_input, grad_target] =
+      prob_backward_result(prob_backward_outputs(input, target, /*input_grad=*/false, target_grad), input);
+  return {out.loss, out.row_stats, out.coef_sum, grad_target};
+}
+
 std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input, const Tensor& target,
                                               const std::optional<Tensor>&, const Tensor&, const Tensor&, double,
-                                              int64_t, bool input_grad, bool target_grad) {
+                                              int64_t, bool input_grad, bool target_grad, double, std::optional<double>, double) {
   return prob_backward_result(prob_backward_outputs(input, target, input_grad, target_grad), input);
 }
 
@@ -99,34 +117,47 @@ std::tuple<Tensor, Tensor> prob_backward_meta(const Tensor&, const Tensor& input
 // loss_dtype, on every forward: None for a loss in the input's dtype, the
 // accumulation dtype for one in that (autocast; Note [Loss dtype],
 // ops_common.h); the backward ops take a grad_loss of either dtype.
-// Room to grow without breaking callers: new options (z_loss, logit_softcap,
-// logit_scale) are appended as trailing arguments with defaults that mean
-// "off", which keeps old call sites valid; an in-place gradient is a
-// separate `*_backward_` op that writes into the logits; a CUDA
-// implementation is a TORCH_LIBRARY_IMPL(xent_ext, CUDA, m) block.
+// The LLM extras (logit_scale, softcap, z_loss; Note [Logit scale, softcap
+// and z-loss], common/xent_math.h) are trailing arguments of every op, with
+// defaults that mean "off"; the backward ops take the forward's. The
+// *_grad_into_ forwards write the gradient for an upstream gradient of 1 into
+// `input` itself (Tensor(a!): inplace_backward, no logits-sized buffer); the
+// probability one returns the target's gradient (asked for by target_grad,
+// computed before the logits are overwritten) or an empty tensor. New options
+// are appended the same way, which keeps old call sites valid.
 TORCH_LIBRARY(xent_ext, m) {
   m.def(
       "cross_entropy_index_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction, ScalarType? loss_dtype=None) "
+      "float label_smoothing, int reduction, ScalarType? loss_dtype=None, float logit_scale=1.0, float? softcap=None, float z_loss=0.0) "
       "-> (Tensor loss, Tensor row_stats, Tensor total_weight)");
   m.def(
       "cross_entropy_index_forward_with_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction, ScalarType? loss_dtype=None) "
+      "float label_smoothing, int reduction, ScalarType? loss_dtype=None, float logit_scale=1.0, float? softcap=None, float z_loss=0.0) "
       "-> (Tensor loss, Tensor row_stats, Tensor total_weight, Tensor grad_input)");
   m.def(
+      "cross_entropy_index_forward_grad_into_(Tensor(a!) input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction, ScalarType? loss_dtype=None, float logit_scale=1.0, float? softcap=None, float z_loss=0.0) "
+      "-> (Tensor loss, Tensor row_stats, Tensor total_weight)");
+  m.def(
       "cross_entropy_index_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor row_stats, Tensor total_weight, int ignore_index, float label_smoothing, int reduction) -> Tensor");
+      "Tensor row_stats, Tensor total_weight, int ignore_index, float label_smoothing, int reduction, "
+      "float logit_scale=1.0, float? softcap=None, float z_loss=0.0) -> Tensor");
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
-      "int reduction, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor row_stats, Tensor coef_sum)");
+      "int reduction, ScalarType? loss_dtype=None, float logit_scale=1.0, float? softcap=None, float z_loss=0.0) "
+      "-> (Tensor loss, Tensor row_stats, Tensor coef_sum)");
   m.def(
       "cross_entropy_prob_forward_with_grad(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
-      "int reduction, bool input_grad, bool target_grad, ScalarType? loss_dtype=None) "
+      "int reduction, bool input_grad, bool target_grad, ScalarType? loss_dtype=None, float logit_scale=1.0, float? softcap=None, float z_loss=0.0) "
       "-> (Tensor loss, Tensor row_stats, Tensor coef_sum, Tensor grad_input, Tensor grad_target)");
   m.def(
+      "cross_entropy_prob_forward_grad_into_(Tensor(a!) input, Tensor target, Tensor? weight, "
+      "float label_smoothing, int reduction, bool target_grad, ScalarType? loss_dtype=None, float logit_scale=1.0, float? softcap=None, float z_loss=0.0) "
+      "-> (Tensor loss, Tensor row_stats, Tensor coef_sum, Tensor grad_target)");
+  m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor row_stats, Tensor coef_sum, float label_smoothing, int reduction, bool input_grad, bool target_grad) "
-      "-> (Tensor grad_input, Tensor grad_target)");
+      "Tensor row_stats, Tensor coef_sum, float label_smoothing, int reduction, bool input_grad, bool target_grad, "
+      "float logit_scale=1.0, float? softcap=None, float z_loss=0.0) -> (Tensor grad_input, Tensor grad_target)");
 }
 
 TORCH_LIBRARY_IMPL(xent_ext, Meta, m) {
@@ -136,4 +167,6 @@ TORCH_LIBRARY_IMPL(xent_ext, Meta, m) {
   m.impl("cross_entropy_prob_forward", &xent_ext::prob_forward_meta);
   m.impl("cross_entropy_prob_backward", &xent_ext::prob_backward_meta);
   m.impl("cross_entropy_prob_forward_with_grad", &xent_ext::prob_forward_with_grad_meta);
+  m.impl("cross_entropy_index_forward_grad_into_", &xent_ext::index_forward_grad_into_meta);
+  m.impl("cross_entropy_prob_forward_grad_into_", &xent_ext::prob_forward_grad_into_meta);
 }

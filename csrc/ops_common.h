@@ -12,9 +12,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/sum.h>
 
 #include <atomic>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -59,6 +62,51 @@ inline void check_loss_dtype(const Tensor& input, std::optional<at::ScalarType> 
 inline void check_reduction(int64_t reduction, const char* op) {
   TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
               op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// The LLM extras (Note [Logit scale, softcap and z-loss], common/xent_math.h)
+// as the ops take them: softcap None is off. Invalid values are a ValueError
+// in Python (TORCH_CHECK_VALUE); the front end checks them first with its own
+// words, so these guard direct callers of the ops.
+inline Extras make_extras(double logit_scale, std::optional<double> softcap, double z_loss, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale != 0.0, op,
+                    ": logit_scale must be finite and non-zero, got ", logit_scale);
+  TORCH_CHECK_VALUE(!softcap.has_value() || (std::isfinite(*softcap) && *softcap > 0.0), op,
+                    ": softcap must be None or a finite number > 0, got ", softcap.value_or(0.0));
+  TORCH_CHECK_VALUE(std::isfinite(z_loss) && z_loss >= 0.0, op,
+                    ": z_loss must be a finite number >= 0, got ", z_loss);
+  Extras e;
+  e.logit_scale = logit_scale;
+  e.softcap = softcap.value_or(0.0);
+  e.z_loss = z_loss;
+  return e;
+}
+
+// Note [Z-loss denominator]
+// 'mean' divides the z-loss sum by the number of rows that count (Note
+// [Z-loss]). For class-index targets without a weight that is the total
+// weight the kernels already sum; with a weight it is counted here, a 0-d
+// tensor of the accumulation dtype on the input's device (two small ATen ops,
+// no host sync), only when the z-loss is on and reduced by 'mean'.
+// Probability targets count every row (N * K).
+inline Tensor z_loss_count(const Tensor& target, const Tensor& weight, int64_t ignore_index, const Extras& extras,
+                           int64_t reduction, at::ScalarType acc) {
+  if (!extras.has_z_loss() || reduction != kReductionMean || !weight.defined()) {
+    return Tensor();
+  }
+  return target.ne(ignore_index).sum(acc);
+}
+
+// The gradient written into the logits themselves (the *_grad_into_ ops,
+// inplace_backward): any strides, but no two elements may share memory.
+inline Tensor gradient_into_input(const Tensor& input) {
+  return input;
+}
+
+inline void check_gradient_into_input(const Tensor& input, const char* op) {
+  TORCH_CHECK(at::has_internal_overlap(input) != at::MemOverlap::Yes, op,
+              ": the gradient cannot be written into an input whose elements share memory (an expanded "
+              "tensor); make it contiguous first");
 }
 
 // Class weights as a contiguous (C,) tensor of the accumulation dtype.
@@ -271,7 +319,9 @@ struct IndexForwardCall {
   double label_smoothing;  // <= 0 means off
   int64_t reduction;       // torch's enum (Reduction in common/xent_math.h)
   at::ScalarType loss_dtype;  // the loss's: the input's or the accumulation dtype (Note [Loss dtype])
-  IndexForwardOutputs out;
+  Extras extras;              // Note [Logit scale, softcap and z-loss]
+  Tensor z_loss_count;        // Note [Z-loss denominator]: 0-d acc, or undefined (use the total weight)
+  IndexForwardOutputs out;    // out.grad_input may be the input itself (the *_grad_into_ op)
 };
 
 // with_grad: the *_with_grad forward, which also writes the input gradient
@@ -279,8 +329,9 @@ struct IndexForwardCall {
 inline IndexForwardCall index_forward_prologue(const Tensor& input, const Tensor& target,
                                                const std::optional<Tensor>& weight, int64_t ignore_index,
                                                double label_smoothing, int64_t reduction,
-                                               std::optional<at::ScalarType> loss_dtype, bool with_grad,
-                                               const char* op, GradientAllocator gradient = empty_gradient) {
+                                               std::optional<at::ScalarType> loss_dtype, const Extras& extras,
+                                               bool with_grad, const char* op,
+                                               GradientAllocator gradient = empty_gradient) {
   check_forward_args(input, reduction, loss_dtype, op);
   IndexForwardCall c;
   c.input = input;
@@ -290,6 +341,9 @@ inline IndexForwardCall index_forward_prologue(const Tensor& input, const Tensor
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
   c.loss_dtype = loss_dtype_of(input, loss_dtype);
+  c.extras = extras;
+  c.z_loss_count = z_loss_count(c.target, c.weight, ignore_index, extras, reduction,
+                                accumulation_dtype(input.scalar_type()));
   c.out = index_forward_outputs(input, reduction, with_grad, loss_dtype, gradient);
   return c;
 }
@@ -304,14 +358,16 @@ struct IndexBackwardCall {
   int64_t ignore_index;
   double label_smoothing;
   int64_t reduction;
-  Tensor grad_input;  // (N, C, K), the input's memory format (any non-overlapping strides)
+  Extras extras;        // as IndexForwardCall::extras
+  Tensor z_loss_count;  // as IndexForwardCall::z_loss_count
+  Tensor grad_input;    // (N, C, K), the input's memory format (any non-overlapping strides)
 };
 
 inline IndexBackwardCall index_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                                  const std::optional<Tensor>& weight, const Tensor& row_stats,
                                                  const Tensor& total_weight, int64_t ignore_index,
-                                                 double label_smoothing, int64_t reduction, const char* op,
-                                                 GradientAllocator gradient = empty_gradient) {
+                                                 double label_smoothing, int64_t reduction, const Extras& extras,
+                                                 const char* op, GradientAllocator gradient = empty_gradient) {
   check_index_backward_args(grad_loss, input, row_stats, total_weight, reduction, op);
   IndexBackwardCall c;
   c.grad_loss = grad_loss;
@@ -323,6 +379,9 @@ inline IndexBackwardCall index_backward_prologue(const Tensor& grad_loss, const 
   c.ignore_index = ignore_index;
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
+  c.extras = extras;
+  c.z_loss_count = z_loss_count(c.target, c.weight, ignore_index, extras, reduction,
+                                accumulation_dtype(input.scalar_type()));
   c.grad_input = gradient(input);
   return c;
 }
@@ -334,13 +393,14 @@ struct ProbForwardCall {
   double label_smoothing;
   int64_t reduction;
   at::ScalarType loss_dtype;  // as IndexForwardCall::loss_dtype
+  Extras extras;              // as IndexForwardCall::extras ('mean' divides the z-loss by N * K)
   ProbForwardOutputs out;
 };
 
 inline ProbForwardCall prob_forward_prologue(const Tensor& input, const Tensor& target,
                                              const std::optional<Tensor>& weight, double label_smoothing,
                                              int64_t reduction, std::optional<at::ScalarType> loss_dtype,
-                                             const char* op) {
+                                             const Extras& extras, const char* op) {
   check_forward_args(input, reduction, loss_dtype, op);
   ProbForwardCall c;
   c.input = input;
@@ -349,6 +409,7 @@ inline ProbForwardCall prob_forward_prologue(const Tensor& input, const Tensor& 
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
   c.loss_dtype = loss_dtype_of(input, loss_dtype);
+  c.extras = extras;
   c.out = prob_forward_outputs(input, reduction, loss_dtype);
   return c;
 }
@@ -362,14 +423,15 @@ struct ProbBackwardCall {
   Tensor coef_sum;   // contiguous
   double label_smoothing;
   int64_t reduction;
-  ProbBackwardOutputs out;
+  Extras extras;     // as ProbForwardCall::extras
+  ProbBackwardOutputs out;  // out.grad_input may be the input itself (the *_grad_into_ op)
 };
 
 inline ProbBackwardCall prob_backward_prologue(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                                const std::optional<Tensor>& weight, const Tensor& row_stats,
                                                const Tensor& coef_sum, double label_smoothing, int64_t reduction,
-                                               bool input_grad, bool target_grad, const char* op,
-                                               GradientAllocator gradient = empty_gradient) {
+                                               bool input_grad, bool target_grad, const Extras& extras,
+                                               const char* op, GradientAllocator gradient = empty_gradient) {
   check_prob_backward_args(grad_loss, input, row_stats, coef_sum, reduction, op);
   ProbBackwardCall c;
   c.grad_loss = grad_loss;
@@ -380,6 +442,7 @@ inline ProbBackwardCall prob_backward_prologue(const Tensor& grad_loss, const Te
   c.coef_sum = coef_sum.contiguous();
   c.label_smoothing = label_smoothing;
   c.reduction = reduction;
+  c.extras = extras;
   c.out = prob_backward_outputs(input, c.target, input_grad, target_grad, gradient);
   return c;
 }
@@ -400,6 +463,7 @@ inline ProbBackwardCall prob_unit_backward_call(const ProbForwardCall& f, bool i
   c.coef_sum = f.out.coef_sum;
   c.label_smoothing = f.label_smoothing;
   c.reduction = f.reduction == kReductionNone ? kReductionSum : f.reduction;
+  c.extras = f.extras;
   c.out = prob_backward_outputs(f.input, f.target, input_grad, target_grad, gradient);
   return c;
 }

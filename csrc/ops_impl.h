@@ -9,7 +9,9 @@
 //   static void prob_backward(const ProbBackwardCall&);
 //
 // (cross_entropy_prob_forward_with_grad runs prob_forward, then
-// prob_backward for an upstream gradient of 1.)
+// prob_backward for an upstream gradient of 1; the *_grad_into_ forwards do
+// the same with the gradient written into the input, so a device's kernels
+// must read each logit before they write its gradient.)
 //
 // and registers the ops with `register_device_ops<Device>(m)` in its
 // TORCH_LIBRARY_IMPL block (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp). Include it
@@ -39,10 +41,14 @@ struct DeviceOps {
       int64_t ignore_index,
       double label_smoothing,
       int64_t reduction,
-      std::optional<at::ScalarType> loss_dtype) {
+      std::optional<at::ScalarType> loss_dtype,
+      double logit_scale,
+      std::optional<double> softcap,
+      double z_loss) {
+    const char* op = "xent_ext::cross_entropy_index_forward";
     const IndexForwardCall c =
         index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype,
-                               /*with_grad=*/false, "xent_ext::cross_entropy_index_forward");
+                               make_extras(logit_scale, softcap, z_loss, op), /*with_grad=*/false, op);
     Device::index_forward(c);
     return {c.out.loss, c.out.row_stats, c.out.total_weight};
   }
@@ -56,12 +62,39 @@ struct DeviceOps {
       int64_t ignore_index,
       double label_smoothing,
       int64_t reduction,
-      std::optional<at::ScalarType> loss_dtype) {
+      std::optional<at::ScalarType> loss_dtype,
+      double logit_scale,
+      std::optional<double> softcap,
+      double z_loss) {
+    const char* op = "xent_ext::cross_entropy_index_forward_with_grad";
     const IndexForwardCall c =
         index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype,
-                               /*with_grad=*/true, "xent_ext::cross_entropy_index_forward_with_grad", Device::gradient);
+                               make_extras(logit_scale, softcap, z_loss, op), /*with_grad=*/true, op,
+                               Device::gradient);
     Device::index_forward(c);
     return {c.out.loss, c.out.row_stats, c.out.total_weight, c.out.grad_input};
+  }
+
+  // The same, with the gradient written into `input` (inplace_backward): the
+  // kernels read each logit before they write its gradient.
+  static std::tuple<Tensor, Tensor, Tensor> index_forward_grad_into_(
+      Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      int64_t ignore_index,
+      double label_smoothing,
+      int64_t reduction,
+      std::optional<at::ScalarType> loss_dtype,
+      double logit_scale,
+      std::optional<double> softcap,
+      double z_loss) {
+    const char* op = "xent_ext::cross_entropy_index_forward_grad_into_";
+    const Extras extras = make_extras(logit_scale, softcap, z_loss, op);
+    check_gradient_into_input(input, op);
+    const IndexForwardCall c = index_forward_prologue(input, target, weight, ignore_index, label_smoothing, reduction,
+                                                      loss_dtype, extras, /*with_grad=*/true, op, gradient_into_input);
+    Device::index_forward(c);
+    return {c.out.loss, c.out.row_stats, c.out.total_weight};
   }
 
   static Tensor index_backward(
@@ -73,10 +106,14 @@ struct DeviceOps {
       const Tensor& total_weight,
       int64_t ignore_index,
       double label_smoothing,
-      int64_t reduction) {
+      int64_t reduction,
+      double logit_scale,
+      std::optional<double> softcap,
+      double z_loss) {
+    const char* op = "xent_ext::cross_entropy_index_backward";
     const IndexBackwardCall c =
         index_backward_prologue(grad_loss, input, target, weight, row_stats, total_weight, ignore_index, label_smoothing,
-                                reduction, "xent_ext::cross_entropy_index_backward", Device::gradient);
+                                reduction, make_extras(logit_scale, softcap, z_loss, op), op, Device::gradient);
     Device::index_backward(c);
     return c.grad_input;
   }
@@ -87,9 +124,13 @@ struct DeviceOps {
       const std::optional<Tensor>& weight,
       double label_smoothing,
       int64_t reduction,
-      std::optional<at::ScalarType> loss_dtype) {
+      std::optional<at::ScalarType> loss_dtype,
+      double logit_scale,
+      std::optional<double> softcap,
+      double z_loss) {
+    const char* op = "xent_ext::cross_entropy_prob_forward";
     const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction, loss_dtype,
-                                                    "xent_ext::cross_entropy_prob_forward");
+                                                    make_extras(logit_scale, softcap, z_loss, op), op);
     Device::prob_forward(c);
     return {c.out.loss, c.out.row_stats, c.out.coef_sum};
   }
@@ -107,9 +148,13 @@ struct DeviceOps {
       int64_t reduction,
       bool input_grad,
       bool target_grad,
-      std::optional<at::ScalarType> loss_dtype) {
+      std::optional<at::ScalarType> loss_dtype,
+      double logit_scale,
+      std::optional<double> softcap,
+      double z_loss) {
+    const char* op = "xent_ext::cross_entropy_prob_forward_with_grad";
     const ProbForwardCall c = prob_forward_prologue(input, target, weight, label_smoothing, reduction, loss_dtype,
-                                                    "xent_ext::cross_entropy_prob_forward_with_grad");
+                                                    make_extras(logit_scale, softcap, z_loss, op), op);
     Device::prob_forward(c);
     const ProbBackwardCall b = prob_unit_backward_call(c, input_grad, target_grad, Device::gradient);
     if (input_grad || target_grad) {
@@ -117,6 +162,38 @@ struct DeviceOps {
     }
     const auto [grad_input, grad_target] = prob_backward_result(b.out, c.input);
     return {c.out.loss, c.out.row_stats, c.out.coef_sum, grad_input, grad_target};
+  }
+
+  // The same, with the input's gradient written into `input`
+  // (inplace_backward). The target's gradient, when asked for, reads the
+  // logits, so its kernel runs first; then the input's, which reads each logit
+  // before it writes its gradient.
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> prob_forward_grad_into_(
+      Tensor& input,
+      const Tensor& target,
+      const std::optional<Tensor>& weight,
+      double label_smoothing,
+      int64_t reduction,
+      bool target_grad,
+      std::optional<at::ScalarType> loss_dtype,
+      double logit_scale,
+      std::optional<double> softcap,
+      double z_loss) {
+    const char* op = "xent_ext::cross_entropy_prob_forward_grad_into_";
+    const Extras extras = make_extras(logit_scale, softcap, z_loss, op);
+    check_gradient_into_input(input, op);
+    const ProbForwardCall c =
+        prob_forward_prologue(input, target, weight, label_smoothing, reduction, loss_dtype, extras, op);
+    Device::prob_forward(c);
+    const ProbBackwardCall for_target = prob_unit_backward_call(c, /*input_grad=*/false, target_grad, Device::gradient);
+    if (target_grad) {
+      Device::prob_backward(for_target);
+    }
+    const ProbBackwardCall for_input =
+        prob_unit_backward_call(c, /*input_grad=*/true, /*target_grad=*/false, gradient_into_input);
+    Device::prob_backward(for_input);
+    const auto [unused, grad_target] = prob_backward_result(for_target.out, c.input);
+    return {c.out.loss, c.out.row_stats, c.out.coef_sum, grad_target};
   }
 
   static std::tuple<Tensor, Tensor> prob_backward(
@@ -129,10 +206,14 @@ struct DeviceOps {
       double label_smoothing,
       int64_t reduction,
       bool input_grad,
-      bool target_grad) {
+      bool target_grad,
+      double logit_scale,
+      std::optional<double> softcap,
+      double z_loss) {
+    const char* op = "xent_ext::cross_entropy_prob_backward";
     const ProbBackwardCall c =
         prob_backward_prologue(grad_loss, input, target, weight, row_stats, coef_sum, label_smoothing, reduction, input_grad,
-                               target_grad, "xent_ext::cross_entropy_prob_backward", Device::gradient);
+                               target_grad, make_extras(logit_scale, softcap, z_loss, op), op, Device::gradient);
     if (input_grad || target_grad) {
       Device::prob_backward(c);
     }
@@ -148,6 +229,8 @@ void register_device_ops(torch::Library& m) {
   m.impl("cross_entropy_prob_forward", &DeviceOps<Device>::prob_forward);
   m.impl("cross_entropy_prob_backward", &DeviceOps<Device>::prob_backward);
   m.impl("cross_entropy_prob_forward_with_grad", &DeviceOps<Device>::prob_forward_with_grad);
+  m.impl("cross_entropy_index_forward_grad_into_", &DeviceOps<Device>::index_forward_grad_into_);
+  m.impl("cross_entropy_prob_forward_grad_into_", &DeviceOps<Device>::prob_forward_grad_into_);
 }
 
 }  // namespace ops

@@ -181,27 +181,36 @@ def test_opcheck_prob_backward(dtype, reduction, device, fresh_seed):
                 assert got.numel() == 0, f"not requested grad_{name} must be an empty tensor, got {tuple(got.shape)}"
 
 
+EXTRAS = ["logit_scale", "softcap", "z_loss"]
+
+
 def test_ops_registered_with_expected_schemas():
     ops = _ops()
+    index_args = ["input", "target", "weight", "ignore_index", "label_smoothing", "reduction", "loss_dtype"]
     expect = {
-        "cross_entropy_index_forward": ["input", "target", "weight", "ignore_index", "label_smoothing", "reduction",
-                                        "loss_dtype"],
-        "cross_entropy_index_forward_with_grad": ["input", "target", "weight", "ignore_index", "label_smoothing",
-                                                  "reduction", "loss_dtype"],
+        "cross_entropy_index_forward": index_args + EXTRAS,
+        "cross_entropy_index_forward_with_grad": index_args + EXTRAS,
+        "cross_entropy_index_forward_grad_into_": index_args + EXTRAS,
         "cross_entropy_index_backward": ["grad_loss", "input", "target", "weight", "row_stats", "total_weight",
-                                         "ignore_index", "label_smoothing", "reduction"],
-        "cross_entropy_prob_forward": ["input", "target", "weight", "label_smoothing", "reduction", "loss_dtype"],
+                                         "ignore_index", "label_smoothing", "reduction"] + EXTRAS,
+        "cross_entropy_prob_forward": ["input", "target", "weight", "label_smoothing", "reduction", "loss_dtype"]
+        + EXTRAS,
         "cross_entropy_prob_forward_with_grad": ["input", "target", "weight", "label_smoothing", "reduction",
-                                                 "input_grad", "target_grad", "loss_dtype"],
+                                                 "input_grad", "target_grad", "loss_dtype"] + EXTRAS,
+        "cross_entropy_prob_forward_grad_into_": ["input", "target", "weight", "label_smoothing", "reduction",
+                                                  "target_grad", "loss_dtype"] + EXTRAS,
         "cross_entropy_prob_backward": ["grad_loss", "input", "target", "weight", "row_stats", "coef_sum",
-                                        "label_smoothing", "reduction", "input_grad", "target_grad"],
+                                        "label_smoothing", "reduction", "input_grad", "target_grad"] + EXTRAS,
     }
     for name, argnames in expect.items():
         schema = getattr(ops, name).default._schema
         assert [a.name for a in schema.arguments] == argnames, f"{name}: {schema}"
-        assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments), f"{name} mutates"
+        written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        # Only the *_grad_into_ forwards write, and only into the logits.
+        assert written == (["input"] if name.endswith("_grad_into_") else []), f"{name} mutates {written}"
     n_out = {"cross_entropy_index_forward": 3, "cross_entropy_prob_forward": 3,
              "cross_entropy_index_forward_with_grad": 4, "cross_entropy_prob_forward_with_grad": 5,
+             "cross_entropy_index_forward_grad_into_": 3, "cross_entropy_prob_forward_grad_into_": 4,
              "cross_entropy_index_backward": 1, "cross_entropy_prob_backward": 2}
     for name, n in n_out.items():
         assert len(getattr(ops, name).default._schema.returns) == n, name

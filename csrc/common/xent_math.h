@@ -22,6 +22,33 @@ namespace xent_ext {
 // Same numbering as torch.nn._reduction.get_enum.
 enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
 
+// Note [Logit scale, softcap and z-loss]
+// The LLM extras of one call, each off at its default (which reproduces
+// torch's cross-entropy exactly). The loss they define (README, "LLM
+// extras"; docs/semantics.md) is, per logit and per row,
+//   z    = softcap * tanh(logit_scale * x / softcap)   (softcap on)
+//   z    = logit_scale * x                             (softcap off)
+//   loss = cross_entropy(z, ...) + z_loss * lse(z)^2 on every row that counts
+// with the z-loss term reduced by the number of counted rows for 'mean' (not
+// by the class weights). The kernels read x once, map it in registers
+// (LogitMap) and treat z as the logits from there on: row_stats hold z's max
+// and log-sum, and every gradient is formed for z and multiplied by dz/dx as
+// it is written. softcap and logit_scale are validated by the op prologue
+// (ops_common.h, check_extras): softcap > 0 and finite or off, logit_scale
+// finite and non-zero, z_loss >= 0 and finite.
+struct Extras {
+  double logit_scale = 1.0;
+  double softcap = 0.0;  // 0: off
+  double z_loss = 0.0;   // 0: off
+
+  XENT_HD bool maps_logits() const {
+    return logit_scale != 1.0 || softcap != 0.0;
+  }
+  XENT_HD bool has_z_loss() const {
+    return z_loss != 0.0;
+  }
+};
+
 namespace math {
 
 // Note [Accumulation dtype]
@@ -285,6 +312,64 @@ XENT_HD GradCoefs<acc_t> index_grad_coefs(
   const acc_t d = grad_scaled * (label_smoothing / acc_t(num_classes));
   const acc_t b = grad_scaled * ((acc_t(1) - label_smoothing) * w_target);
   return {b + d * weight_sum, b, d};
+}
+
+// The logit map of Note [Logit scale, softcap and z-loss] and its slope, in
+// the accumulation type. With softcap on, z = cap * tanh(x * inner) with
+// inner = logit_scale / softcap (one product rather than a product and a
+// quotient; the two differ by an ulp of the argument) and dz/dx = logit_scale
+// * (1 - t^2) with t = tanh(x * inner): torch's tanh backward forms the same
+// 1 - t^2. Kernels specialize on maps_logits(): without a map they read x as
+// z, so the default path does no extra arithmetic.
+template <typename acc_t>
+struct LogitMap {
+  acc_t scale;  // logit_scale
+  acc_t cap;    // softcap; 0: off
+  acc_t inner;  // logit_scale / softcap; 0 when off
+
+  XENT_HD acc_t operator()(acc_t x) const {
+    return cap != acc_t(0) ? cap * std::tanh(x * inner) : x * scale;
+  }
+  XENT_HD acc_t slope(acc_t x) const {
+    if (cap == acc_t(0)) {
+      return scale;
+    }
+    const acc_t t = std::tanh(x * inner);
+    return scale * (acc_t(1) - t * t);
+  }
+};
+
+template <typename acc_t>
+XENT_HD LogitMap<acc_t> logit_map(const Extras& e) {
+  return {static_cast<acc_t>(e.logit_scale), static_cast<acc_t>(e.softcap),
+          e.softcap != 0.0 ? static_cast<acc_t>(e.logit_scale / e.softcap) : acc_t(0)};
+}
+
+// Note [Z-loss]
+// z_loss * lse^2 per counted row, lse = m + log_sum from the row statistics
+// (Note [Row max and log-sum apart]); formed in double, where a large m
+// costs log_sum no bits, and rounded once. Its gradient with respect to z_c
+// is 2 * z_loss * lse * softmax_c times the row's upstream gradient: a term
+// of the softmax coefficient `a` (GradCoefs), so the gradient walks are the
+// same with or without it. An ignored row has neither (its upstream gradient
+// for the z-loss is 0). 'mean' divides the z-loss sum by the number of
+// counted rows (every row for probability targets), not by the weighted
+// denominator of the cross-entropy part.
+XENT_HD double row_lse(double max, double log_sum) {
+  return max + log_sum;
+}
+
+template <typename acc_t>
+XENT_HD acc_t z_loss_term(double z_loss, double max, double log_sum) {
+  const double lse = row_lse(max, log_sum);
+  return static_cast<acc_t>(z_loss * lse * lse);
+}
+
+// What the z-loss adds to GradCoefs::a of a row whose z-loss upstream
+// gradient is grad_z (0 for an ignored row).
+template <typename acc_t>
+XENT_HD acc_t z_loss_softmax_coef(acc_t grad_z, double z_loss, double max, double log_sum) {
+  return grad_z * static_cast<acc_t>(2.0 * z_loss * row_lse(max, log_sum));
 }
 
 }  // namespace math

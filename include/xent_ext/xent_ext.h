@@ -84,19 +84,22 @@ using OptDtype = std::optional<at::ScalarType>;
 }  // namespace detail
 
 // ---------------------------------------------------------------------------
-// The five operators, typed.
+// The operators, typed. Each takes the LLM extras (logit_scale, softcap,
+// z_loss; off at their defaults) last; the autograd twins below call them with
+// the defaults.
 
 // -> (loss, row_stats, total_weight). loss_dtype: nullopt for a loss in the
 // input's dtype, the accumulation dtype for one in that.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction,
-    std::optional<at::ScalarType> loss_dtype = std::nullopt) {
+    std::optional<at::ScalarType> loss_dtype = std::nullopt,
+    double logit_scale = 1.0, std::optional<double> softcap = std::nullopt, double z_loss = 0.0) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_index_forward")
           .typed<detail::Tensor3(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, int64_t, double,
-                                 int64_t, detail::OptDtype)>();
-  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype);
+                                 int64_t, detail::OptDtype, double, std::optional<double>, double)>();
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype, logit_scale, softcap, z_loss);
 }
 
 // -> (loss, row_stats, total_weight, grad_input): also the input gradient for an
@@ -104,12 +107,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forwar
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_index_forward_with_grad(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction,
-    std::optional<at::ScalarType> loss_dtype = std::nullopt) {
+    std::optional<at::ScalarType> loss_dtype = std::nullopt,
+    double logit_scale = 1.0, std::optional<double> softcap = std::nullopt, double z_loss = 0.0) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_index_forward_with_grad")
           .typed<detail::Tensor4(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, int64_t, double,
-                                 int64_t, detail::OptDtype)>();
-  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype);
+                                 int64_t, detail::OptDtype, double, std::optional<double>, double)>();
+  return op.call(input, target, weight, ignore_index, label_smoothing, reduction, loss_dtype, logit_scale, softcap, z_loss);
 }
 
 // -> grad_input (N, C, K). grad_loss: (N, K) for 'none', else a scalar, in the
@@ -117,23 +121,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
 inline at::Tensor cross_entropy_index_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& row_stats, const at::Tensor& total_weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction,
+    double logit_scale = 1.0, std::optional<double> softcap = std::nullopt, double z_loss = 0.0) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_index_backward")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const detail::OptTensor&,
-                            const at::Tensor&, const at::Tensor&, int64_t, double, int64_t)>();
-  return op.call(grad_loss, input, target, weight, row_stats, total_weight, ignore_index, label_smoothing, reduction);
+                            const at::Tensor&, const at::Tensor&, int64_t, double, int64_t, double, std::optional<double>, double)>();
+  return op.call(grad_loss, input, target, weight, row_stats, total_weight, ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss);
 }
 
 // -> (loss, row_stats, coef_sum)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    double label_smoothing, int64_t reduction, std::optional<at::ScalarType> loss_dtype = std::nullopt) {
+    double label_smoothing, int64_t reduction, std::optional<at::ScalarType> loss_dtype = std::nullopt,
+    double logit_scale = 1.0, std::optional<double> softcap = std::nullopt, double z_loss = 0.0) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_prob_forward")
           .typed<detail::Tensor3(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, double, int64_t,
-                                 detail::OptDtype)>();
-  return op.call(input, target, weight, label_smoothing, reduction, loss_dtype);
+                                 detail::OptDtype, double, std::optional<double>, double)>();
+  return op.call(input, target, weight, label_smoothing, reduction, loss_dtype, logit_scale, softcap, z_loss);
 }
 
 // -> (loss, row_stats, coef_sum, grad_input, grad_target): the forward, and the
@@ -142,26 +148,28 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_with_grad(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     double label_smoothing, int64_t reduction, bool input_grad, bool target_grad,
-    std::optional<at::ScalarType> loss_dtype = std::nullopt) {
+    std::optional<at::ScalarType> loss_dtype = std::nullopt,
+    double logit_scale = 1.0, std::optional<double> softcap = std::nullopt, double z_loss = 0.0) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_prob_forward_with_grad")
           .typed<detail::Tensor5(const at::Tensor&, const at::Tensor&, const detail::OptTensor&, double, int64_t, bool,
-                                 bool, detail::OptDtype)>();
-  return op.call(input, target, weight, label_smoothing, reduction, input_grad, target_grad, loss_dtype);
+                                 bool, detail::OptDtype, double, std::optional<double>, double)>();
+  return op.call(input, target, weight, label_smoothing, reduction, input_grad, target_grad, loss_dtype, logit_scale, softcap, z_loss);
 }
 
 // -> (grad_input, grad_target); a gradient not asked for is an empty tensor.
 inline std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& row_stats, const at::Tensor& coef_sum,
-    double label_smoothing, int64_t reduction, bool input_grad, bool target_grad) {
+    double label_smoothing, int64_t reduction, bool input_grad, bool target_grad,
+    double logit_scale = 1.0, std::optional<double> softcap = std::nullopt, double z_loss = 0.0) {
   static const auto op =
       detail::find_op("xent_ext::cross_entropy_prob_backward")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const detail::OptTensor&, const at::Tensor&, const at::Tensor&,
-                                                    double, int64_t, bool, bool)>();
+                                                    double, int64_t, bool, bool, double, std::optional<double>, double)>();
   return op.call(grad_loss, input, target, weight, row_stats, coef_sum, label_smoothing, reduction, input_grad,
-                 target_grad);
+                 target_grad, logit_scale, softcap, z_loss);
 }
 
 // ---------------------------------------------------------------------------
