@@ -17,6 +17,28 @@
 // wrapper may check it with one host sync and raise torch's IndexError), and
 // the row computes NaN: its loss, row_stats and gradient are NaN, and so is the
 // weighted-mean denominator. Nothing reads memory through a bad index.
+//
+// Note [Gradient into the logits]
+// The *_grad_into_ ops (ops_impl.h) pass the logits themselves as the
+// gradient, so every kernel that writes an input gradient must read each
+// logit before its gradient is written and never after. A row is walked by
+// one team (a thread, a warp or a block; no row is split across blocks), and
+// walk_row gives every element to the same lane in every walk of the row, so:
+//   - the statistics walk only reads; the team's reduction (team_reduce)
+//     completes before the gradient walk starts;
+//   - the gradient walk (GradStep) reads a step's logits into registers
+//     before it stores the step's gradient, lane by lane, and every element
+//     is read and written by the same lane, once;
+//   - the one logit read by another lane, the target logit the leader needs
+//     for the loss, is read before the team's reduction, which orders it
+//     before any lane's gradient store: __syncthreads for a block, the
+//     __syncwarp before the gradient walk for a warp (shuffles alone do not
+//     order memory), program order for a thread;
+//   - an ignored row's zeros (ZeroStep) read nothing.
+// Different rows never share memory (ops_common.h rejects overlapping
+// logits). The probability op runs the target's gradient first, into its own
+// tensor, then the input's into the logits (ops_impl.h); its kernel reads
+// the target and the row statistics, never the logits of another row.
 #include "cuda/kernel_api.h"
 
 #include "common/xent_math.h"
@@ -103,6 +125,12 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
     const IndexTarget<A> t = index_target<A>(a.target, a.tn, a.tk, n, k, C, a.ignore_index);
     StatsStep<T, kMode> stats{io, coefs, empty_stats<A>()};
     walk_row(io, C, vectorize, team.lane, team.size, stats);
+    // The target logit, read by the leader before the team's reduction, so
+    // before any lane writes a gradient (Note [Gradient into the logits]).
+    A x_y = A(0);
+    if (team.leader() && !t.ignored && !t.bad) {
+      x_y = to_acc(io.x[t.y * a.x.sc]);
+    }
     const RowStats<A> st = team_reduce<kWalk>(stats.st, smem);
 
     // Note [One log per row] (xent_math.h).
@@ -117,7 +145,6 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
       if (t.bad) {
         nll = smooth = quiet_nan<A>();
       } else if (!t.ignored) {
-        const A x_y = to_acc(io.x[t.y * a.x.sc]);
         const A w_y = w != nullptr ? w[t.y] : A(1);
         if (!reduce) {
           nll = math::index_row_loss(st, static_cast<A>(log_sum), x_y, w_y, eps, C, smoothing);
@@ -136,6 +163,9 @@ __global__ void XENT_ROW_KERNEL_BOUNDS(kWalk, T)
       }
     }
     if (grad != nullptr) {
+      if constexpr (kWalk == Walk::kWarp) {
+        __syncwarp();  // Note [Gradient into the logits]: the leader's x_y read comes first
+      }
       if (t.ignored && saved.finite()) {
         ZeroStep<T> z{io};
         walk_row(io, C, vectorize, team.lane, team.size, z);

@@ -147,8 +147,14 @@ struct StatsStep {
 // Writes grad_c = a * softmax_c - d * coef_c - (c == y ? b : 0) (xent_math.h,
 // GradCoefs) and, for probability targets, the target gradient
 // e * w_c * log_softmax_c, both from the row max and log-sum kept apart (Note
-// [Row max and log-sum apart], xent_math.h). Loads of a step come first: the compiler cannot move
-// them above the stores (it can't prove the gradient doesn't alias the logits).
+// [Row max and log-sum apart], xent_math.h).
+//
+// Loads of a step come first: the compiler cannot move them above the stores
+// (it can't prove the gradient doesn't alias the logits). The gradient may be
+// the logits themselves (Note [Gradient into the logits], kernels.cu): every
+// element of a step is read, into registers, before any of the step's
+// gradient is stored, and the lane that reads an element is the lane that
+// writes its gradient; no later step reads it again.
 template <typename T, CoefMode kMode>
 struct GradStep {
   using A = math::acc_type<T>;
