@@ -126,8 +126,10 @@ acc_type<T> coef_at(const CoefSource<T>& coef, const RowView<T>& row, int64_t c)
   }
 }
 
-// The one-hot element of a row (class plan.y >= 0), rewritten after the
-// vector code wrote a * p - d * coef there.
+// The one-hot element of a row (class plan.y >= 0), written over what the
+// vector code wrote there. Note [Read before write]: the callers take it
+// before the vector code writes the row's gradient, which may be the logits
+// themselves.
 template <typename T, Coef kCoef>
 acc_type<T> one_hot_grad(const RowView<T>& row, const CoefSource<T>& coef, const GradPlan<acc_type<T>>& plan) {
   using acc_t = acc_type<T>;
@@ -190,6 +192,16 @@ struct LanePlans {
   }
 };
 
+// Note [Read before write]
+// The *_grad_into_ ops write the gradient into the logits themselves, so
+// every walk reads each logit before the gradient element at its address is
+// written, and never after: a chunk, a column of a tile or a gathered tile
+// is read (or its exps kept) before it is written, and the one-hot element,
+// which reads x_y, is taken before the vector code writes the row. Rows and
+// tiles are disjoint, so threads never read what another writes. The fused
+// forward finishes a row (x_y for the loss included) before its gradient is
+// written (for_each_row_stats' after hook).
+
 // Writes input gradients: grad[r] = plan_of(r) applied to row r's logits,
 // walking the layout as choose_walk decides. Every element is independent,
 // so any split across threads gives the same bits. run() covers all rows in
@@ -241,13 +253,20 @@ struct GradWalker {
       plans[j] = plan_of(r0 + j);
       lanes.set(j, plans[j]);
     }
+    // The one-hot elements first (Note [Read before write]).
+    acc_t one_hot[kStep];
+    for (int64_t j = 0; j < npos; ++j) {
+      if (plans[j].y >= 0) {
+        one_hot[j] = one_hot_grad<T, kCoef>(Lc.row(r0 + j), coef, plans[j]);
+      }
+    }
     const RowView<T> first = Lc.row(r0);
     T* g0 = grad + Lc.at(r0, gsc);
     column_grad<T, kCoef>(first.x, Lc.xc, first.q, Lc.qc, g0, gc, coef, L.C, npos, lanes.a, lanes.d, lanes.max, lanes.log_sum);
     for (int64_t j = 0; j < npos; ++j) {
       const int64_t y = plans[j].y;
       if (y >= 0) {
-        g0[j + y * gc] = static_cast<T>(one_hot_grad<T, kCoef>(Lc.row(r0 + j), coef, plans[j]));
+        g0[j + y * gc] = static_cast<T>(one_hot[j]);
       }
     }
   }
@@ -402,6 +421,9 @@ struct GradWalker {
       }
       return;
     }
+    // The one-hot element first (Note [Read before write]).
+    const bool has_y = plan.y >= c_begin && plan.y < c_begin + len;
+    const acc_t g_y = has_y ? one_hot_grad<T, kCoef>(row, coef, plan) : acc_t(0);
     if constexpr (!uses_target(kCoef)) {
       // Index targets: the exps exactly as the fused forward keeps them (the
       // same row_chunk_stats), so the fused and the recomputed gradient agree
@@ -411,8 +433,8 @@ struct GradWalker {
     } else {
       row_chunk_grad<T, kCoef>(row, grad_row, gc, coef, c_begin, len, plan.k.a, plan.k.d, plan.shift(), scratch);
     }
-    if (plan.y >= c_begin && plan.y < c_begin + len) {
-      grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<T, kCoef>(row, coef, plan));
+    if (has_y) {
+      grad_row[plan.y * gc] = static_cast<T>(g_y);
     }
   }
 
@@ -428,11 +450,13 @@ struct GradWalker {
       }
       return;
     }
+    // The one-hot element first (Note [Read before write]).
+    const acc_t g_y = plan.y >= 0 ? one_hot_grad<T, kCoef>(row, coef, plan) : acc_t(0);
     for (int64_t chunk = 0; chunk < num_chunks(C); ++chunk) {
       chunk_from_exps(plan, row, grad_row, chunk, exps.e + chunk * kChunk, exps.ref[chunk]);
     }
     if (plan.y >= 0) {
-      grad_row[plan.y * gc] = static_cast<T>(one_hot_grad<T, kCoef>(row, coef, plan));
+      grad_row[plan.y * gc] = static_cast<T>(g_y);
     }
   }
 
