@@ -5,6 +5,8 @@ xent_ext.patch(). Each compares with eager xent_ext or with the float64 definiti
 (test_llm_extras.definition).
 """
 
+import functools
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -12,7 +14,8 @@ import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
 
 import xent_ext
-from helpers import REDUCTIONS, assert_bitwise_equal, dtype_name, is_cuda
+from helpers import REDUCTIONS, assert_bitwise_equal, is_cuda
+from test_inplace_backward import _peak_bytes
 from test_llm_extras import definition
 
 # torch.jit.script is deprecated in favour of torch.compile; its warnings say nothing here.
@@ -74,12 +77,50 @@ def test_compile_fullgraph_every_extra(inplace, device, fresh_seed):
 
 @pytest.mark.slow
 def test_compile_inductor_inplace_backward(device, fresh_seed):
+    """inductor, fullgraph, inplace_backward with every extra: the eager gradients, and a
+    peak of about one logits-sized buffer for the step (inductor writes the gradient into
+    the logits' buffer; without inplace_backward the step holds two)."""
     if is_cuda(device):
         from torch.utils._triton import has_triton
 
         if not has_triton():
             pytest.skip("inductor on CUDA needs triton")
-    _check_compiled(_head_loss(True), "inductor", device)
+    torch._dynamo.reset()
+    N, C, H = 64, 4096, 2
+    h = torch.randn(N, H, device=device, requires_grad=True)
+    W = torch.randn(C, H, device=device, requires_grad=True)
+    t = _index_target((N,), C, device)
+
+    def step(h, W, t, inplace):
+        return xent_ext.cross_entropy(h @ W.t(), t, inplace_backward=inplace, **ALL)
+
+    want = torch.autograd.grad(step(h, W, t, False), (h, W))
+    compiled = torch.compile(functools.partial(step, inplace=True), fullgraph=True, backend="inductor")
+    got = torch.autograd.grad(compiled(h, W, t), (h, W))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    peak = _peak_bytes(lambda: compiled(h, W, t).backward(), device)
+    assert peak < 1.5 * N * C * 4, f"peak {peak} bytes, logits {N * C * 4}"
+
+
+def test_compile_extras_as_changing_arguments(device, fresh_seed):
+    """Extras passed as arguments that change between calls: dynamo recompiles them as
+    symbolic floats, which the front end's checks must trace (Note [Extras under
+    torch.compile])."""
+    torch._dynamo.reset()
+    x = torch.randn(5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    t = _index_target((5,), 7, device)
+
+    def f(x, t, softcap, z_loss, logit_scale):
+        loss, aux = xent_ext.cross_entropy(x, t, softcap=softcap, z_loss=z_loss, logit_scale=logit_scale,
+                                           return_aux=True)
+        return loss, aux.z_loss
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for args in ((2.0, 0.1, 1.5), (3.0, 0.2, 0.5), (4.5, 0.05, -2.0)):
+        got, want = cf(x, t, *args), f(x, t, *args)
+        for a, b in zip(got + torch.autograd.grad(got[0], x), want + torch.autograd.grad(want[0], x)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_compile_inplace_backward_writes_a_graph_input(device):
@@ -234,13 +275,16 @@ def test_vmap_and_per_sample_grad(kind, reduction, weighted, device, fresh_seed)
 
     got = vmap(loss)(x, t)
     got_grad = vmap(grad(loss))(x, t)
+    got_aux = vmap(lambda x, t: xent_ext.cross_entropy(x, t, w, return_aux=True, **kw)[1])(x, t)
     for b in range(B):
         xb = x[b].clone().requires_grad_()
-        want = definition(xb, t[b], w, **kw)[0]
+        want, lse, zl = definition(xb, t[b], w, **kw)
         want = want.sum() if reduction == "none" else want
         (want_grad,) = torch.autograd.grad(want, xb)
         torch.testing.assert_close(got[b], want.detach(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got_grad[b], want_grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_aux.lse[b], lse.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_aux.z_loss[b], zl.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_grad_with_aux(device, fresh_seed):

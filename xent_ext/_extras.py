@@ -29,7 +29,6 @@ Nothing here imports the rest of xent_ext, so every module can use it.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, NamedTuple, Optional, Union
 
@@ -72,18 +71,28 @@ class Extras(NamedTuple):
     inplace_backward: bool
     op_args: tuple  # (logit_scale, softcap, z_loss): the ops' trailing arguments
 
-    @property
-    def maps_logits(self) -> bool:
-        return self.logit_scale != 1.0 or self.softcap is not None
-
 
 DEFAULT_OP_ARGS = (1.0, None, 0.0)
 
 
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+# Note [Extras under torch.compile]
+# A float argument of a compiled function that changes between calls becomes
+# symbolic (a SymFloat) when dynamo recompiles it as dynamic. The checks below
+# are therefore comparisons and arithmetic, which dynamo records as guards,
+# rather than math.isfinite or float(), which it cannot trace: x - x == 0
+# holds exactly for finite x (inf - inf and nan - nan are nan).
+
+
+def _real(name: str, value: Any) -> Any:
+    if type(value) is float or isinstance(value, torch.SymFloat):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt)):
         raise TypeError(f"xent_ext.cross_entropy: {name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    return float(value) if not isinstance(value, torch.SymInt) else value * 1.0
+
+
+def _finite(value: Any) -> bool:
+    return value - value == 0.0  # Note [Extras under torch.compile]
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -97,16 +106,16 @@ def parse(logit_scale: Any, softcap: Any, z_loss: Any, return_aux: Any, inplace_
     ValueError for a value with no meaning (the ops repeat the value checks for
     their direct callers, ops_common.h make_extras)."""
     logit_scale = _real("logit_scale", logit_scale)
-    if not math.isfinite(logit_scale) or logit_scale == 0.0:
+    if not _finite(logit_scale) or logit_scale == 0.0:
         raise ValueError(f"xent_ext.cross_entropy: logit_scale must be finite and non-zero, got {logit_scale}")
     if softcap is not None:
         softcap = _real("softcap", softcap)
-        if not (math.isfinite(softcap) and softcap > 0.0):
+        if not (_finite(softcap) and softcap > 0.0):
             raise ValueError(
                 f"xent_ext.cross_entropy: softcap must be None (off) or a finite number > 0, got {softcap}"
             )
     z_loss = _real("z_loss", z_loss)
-    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+    if not (_finite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"xent_ext.cross_entropy: z_loss must be a finite number >= 0, got {z_loss}")
     return_aux = _flag("return_aux", return_aux)
     inplace_backward = _flag("inplace_backward", inplace_backward)

@@ -489,10 +489,15 @@ fused_prob_loss = _eager_function(
 # end), the base is the Function's input and is marked dirty, and the logits'
 # layout within it is passed along; a view of part of a larger tensor is
 # refused.
-# Under torch.compile the Function is traced like any other: the op is
-# functionalized and the backward scales out of place (the traced branch of
-# _apply_upstream); the compiler's reinplacing keeps the write in place where
-# nothing else reads the logits.
+# Under torch.compile the Function is traced without mark_dirty: the op's
+# declared write (Tensor(a!)) is functionalized, which also writes the
+# gradient back into logits that are a graph input (mark_dirty there cut the
+# loss's graph), the backward scales out of place (the traced branch of
+# _apply_upstream), and where the buffers go is the compiler's memory
+# planning (inductor reinplaces the write where nothing else reads the
+# logits). The guards of the eager path that read autograd's metadata (second
+# and double backward, the returned logits' gradient) do not apply there: the
+# compiled backward reads the stored gradient without changing it.
 
 
 def canonical_view(input: Tensor, layout: Any = None) -> Tensor:

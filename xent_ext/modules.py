@@ -77,7 +77,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr()] if super().extra_repr() else []
-        parts += [f"{name}={getattr(self, name)}" for name, default in _EXTRAS.items() if getattr(self, name) != default]
+        parts += [f"{name}={getattr(self, name)}" for name, default in _EXTRAS.items()
+                  if getattr(self, name) != default]
         return ", ".join(parts)
 
     def __setattr__(self, name: str, value: object) -> None:
