@@ -310,6 +310,26 @@ def test_power_of_two_scale_is_exact(dtype, case, device, fresh_seed):
         assert_bitwise_equal(mapped_[3], plain[3] * 2, f"{ctx}: prob gradient")
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_z_loss_leaves_the_row_statistics(case, device, fresh_seed):
+    """The z-loss alone runs the extras variant with the identity map: the row statistics
+    (and the weighted-mean denominator, the probability sums) are the default variant's
+    bits."""
+    (x, _), t = index_problem(case, torch.float32, device, copies=2)
+    q = canonical(restride(make_prob_target(CASES[case][0], device=device), CASES[case][1]))
+    ctx = f"seed={fresh_seed}"
+    for reduction in ("none", "mean"):
+        red = REDUCTION_ENUM[reduction]
+        plain = ops.cross_entropy_index_forward_with_grad(x, t, None, IGNORE, 0.1, red)
+        with_z = ops.cross_entropy_index_forward_with_grad(x, t, None, IGNORE, 0.1, red, None, 1.0, None, 0.05)
+        assert_bitwise_equal(with_z[1], plain[1], ctx + ": row_stats")
+        assert_bitwise_equal(with_z[2], plain[2], ctx + ": total_weight")
+        plain = ops.cross_entropy_prob_forward(x, q, None, 0.1, red)
+        with_z = ops.cross_entropy_prob_forward(x, q, None, 0.1, red, None, 1.0, None, 0.05)
+        assert_bitwise_equal(with_z[1], plain[1], ctx + ": prob row_stats")
+        assert_bitwise_equal(with_z[2], plain[2], ctx + ": prob coef_sum")
+
+
 def _huge_inputs(dtype, device, kind):
     shape = (6, 40)
     base = torch.randn(shape, dtype=torch.float64)
