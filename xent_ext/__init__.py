@@ -21,6 +21,10 @@ from ._C import cuda_target_check as _cuda_target_check
 from ._C import set_cuda_target_check as _set_cuda_target_check
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from . import functional as _functional
+
+_functional.linear_cross_entropy = linear_cross_entropy  # as torch.nn.functional has it (the patch routes by name)
 from ._patch import patch, patched, unpatch
 
 from ._compat import build_identity as _build_identity
@@ -31,6 +35,8 @@ __version__ = _build_identity().version if _build_identity() is not None else "0
 __all__ = [
     "cross_entropy",
     "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
     "patch",
     "unpatch",
     "patched",
