@@ -691,10 +691,8 @@ def linear_cross_entropy(
     v = num_classes * k
     w2 = linear_weight.reshape(v, in_features) if out_features else linear_weight
     b2 = linear_bias.reshape(v) if linear_bias is not None and out_features else linear_bias
-    device_type = x.device.type
     loss_dtype = compute_dtype
-    if compute_dtype != x.dtype or compute_dtype != w2.dtype or (b2 is not None and compute_dtype != b2.dtype) or \
-            _autocasting(input, device_type):
+    if _autocasting(input, x.device.type):
         # Autocast: torch's linear runs in the autocast dtype and its
         # cross_entropy in float32 (Note [Autocast], functional.py).
         x, w2 = x.to(compute_dtype), w2.to(compute_dtype)
