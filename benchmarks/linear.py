@@ -183,6 +183,41 @@ def table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def load_average() -> Optional[list[float]]:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def markdown(report: dict[str, Any]) -> list[str]:
+    """The report as Markdown: how it was run, on what, and the table."""
+    info = report["machine"]
+    machine = f"{info['cpu_model']}, {info['logical_cpus']} logical CPUs, {info['threads']} torch threads"
+    if "gpu" in info:
+        machine += f", {info['gpu']}"
+    lines = [
+        "# Linear cross-entropy: forward + backward",
+        "",
+        f"- command: `python benchmarks/linear.py {' '.join(report['argv'])}`",
+        f"- machine: {machine}",
+        f"- torch {info['torch_version']}",
+        f"- load average (1, 5, 15 min) at start {report.get('load_average_start')}, "
+        f"at end {report.get('load_average_end')}",
+        "- ms: median of interleaved samples; peak: largest extra allocation during one step (torch's "
+        "allocator), 'beyond grads' without the input's and the weight's gradients",
+        "",
+    ]
+    lines += table(report)
+    for row in report["rows"]:
+        if "grad_rel_diff_vs_torch_ref" in row:
+            gx, gw = row["grad_rel_diff_vs_torch_ref"]
+            lines.append("")
+            lines.append(f"{row['shape']}: xent-linear vs torch-ref gradients, max |diff| / max |ref|: "
+                         f"input {gx:.2e}, weight {gw:.2e}")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -194,6 +229,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None, help="write the results here as a Markdown report")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shapes = args.shapes.split(",") if args.shapes else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
@@ -205,7 +241,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, threads {info['threads']}"
           + (f", {info['gpu']}" if device.type == "cuda" else ""))
     print(f"torch {torch.__version__}; xent_ext {xent_ext.__version__}; fwd+bwd of input and weight, 'mean'")
-    report: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv, "machine": info, "rows": []}
+    report: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv, "machine": info, "rows": [],
+                              "load_average_start": load_average()}
     for spec in shapes:
         row = run_shape(spec, args, device, cfg)
         report["rows"].append(row)
@@ -216,6 +253,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if "grad_rel_diff_vs_torch_ref" in row:
             gx, gw = row["grad_rel_diff_vs_torch_ref"]
             print(f"  xent-linear vs torch-ref gradients: input {gx:.2e}, weight {gw:.2e} (max |diff| / max |ref|)")
+    report["load_average_end"] = load_average()
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write("\n".join(markdown(report)) + "\n")
 
 
 if __name__ == "__main__":

@@ -127,24 +127,30 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # the weights' dtype once at the end: the rounding error stays that of one
 # product, not one per chunk as accumulating in bf16 would make it. The cost
 # is the fp32 accumulator (4 bytes per weight) for the duration of the
-# forward. With one chunk the product is the gradient (no accumulator). The
-# bias gradient accumulates the same way (per-chunk sums, fp32 accumulator).
-# torch's CPU kernels would widen a whole bf16 operand for a mixed-dtype
-# add, so the CPU adds a bounded block of rows at a time.
+# forward, and one pass over it per chunk. With one chunk the product is the
+# gradient (no accumulator). The bias gradient accumulates the same way
+# (per-chunk sums, fp32 accumulator). torch's CPU kernels would widen a whole
+# bf16 operand into a fresh fp32 tensor for a mixed-dtype add (twice the
+# memory traffic, and page faults on every call), so the CPU widens a block
+# of rows at a time into one small reused buffer.
 
-_WIDEN_BLOCK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per block
+_WIDEN_BLOCK_ELEMENTS = 1 << 20  # 4 MiB of fp32: the widened block stays in cache
 
 
-def _add_widened_(acc: Tensor, part: Tensor) -> None:
-    """``acc += part`` for an fp32 ``acc`` and a bf16/fp16 ``part`` of the same 2-D shape,
-    without an fp32 copy of the whole of ``part`` on the CPU (Note [Weight gradient accumulation])."""
-    if acc.is_cuda or acc.dim() != 2:
+def _add_widened_(acc: Tensor, part: Tensor, block: Optional[Tensor]) -> None:
+    """``acc += part`` for an fp32 ``acc`` and a bf16/fp16 ``part`` of the same 2-D shape.
+    On the CPU a block of rows at a time is widened into ``block`` (a reused fp32 buffer),
+    never the whole of ``part`` (Note [Weight gradient accumulation])."""
+    if block is None:
         acc.add_(part)
         return
     n = acc.shape[0]
-    step = max(1, _WIDEN_BLOCK_ELEMENTS // max(acc.shape[1], 1))
+    step = max(1, block.numel() // max(acc.shape[1], 1))
     for start in range(0, n, step):
-        acc[start:start + step].add_(part[start:start + step])
+        dst = acc[start:start + step]
+        wide = block[: dst.numel()].view(dst.shape)
+        wide.copy_(part[start:start + step])
+        dst.add_(wide)
 
 
 def _scale_rows_(grad: Tensor, rows: Tensor) -> None:
@@ -171,8 +177,11 @@ class _GradientSink:
         if self.gw is not None and chunks == 0:
             self.gw.zero_()
         # Note [Weight gradient accumulation]
-        self.gw_acc = (torch.zeros(linear_weight.shape, dtype=acc, device=linear_weight.device)
+        self.gw_acc = (torch.empty(linear_weight.shape, dtype=acc, device=linear_weight.device)
                        if want_gw and linear_weight.dtype in _LOW_PRECISION and chunks > 1 else None)
+        # torch's CPU kernels would widen the whole bf16 operand of a mixed-dtype add.
+        self.widen_block = (torch.empty(min(_WIDEN_BLOCK_ELEMENTS, linear_weight.numel()), dtype=acc)
+                            if self.gw_acc is not None and not linear_weight.is_cuda else None)
         self.gb_acc = (torch.zeros(linear_bias.shape, dtype=acc, device=linear_bias.device)
                        if want_gb and linear_bias is not None else None)
         self.bias_dtype = linear_bias.dtype if linear_bias is not None else None
@@ -185,7 +194,10 @@ class _GradientSink:
         if self.gw is not None:
             if self.gw_acc is not None:
                 torch.mm(dl.t(), x, out=self.gw)
-                _add_widened_(self.gw_acc, self.gw)
+                if self.first:
+                    self.gw_acc.copy_(self.gw)
+                else:
+                    _add_widened_(self.gw_acc, self.gw, self.widen_block)
             elif self.first:
                 torch.mm(dl.t(), x, out=self.gw)
             else:
@@ -212,7 +224,7 @@ class _GradientSink:
                 if scale is not None:
                     self.gw_acc.mul_(scale)
                 self.gw.copy_(self.gw_acc)
-                self.gw_acc = None
+                self.gw_acc = self.widen_block = None
             elif scale is not None:
                 self.gw.mul_(scale)
         gb = None
