@@ -19,6 +19,7 @@ from . import _ops  # noqa: F401  (loads the compiled ops, registers their autog
 from ._C import build_info
 from ._C import cuda_target_check as _cuda_target_check
 from ._C import set_cuda_target_check as _set_cuda_target_check
+from ._extras import CrossEntropyAux
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
@@ -35,6 +36,7 @@ __version__ = _build_identity().version if _build_identity() is not None else "0
 __all__ = [
     "cross_entropy",
     "CrossEntropyLoss",
+    "CrossEntropyAux",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
     "patch",

@@ -26,7 +26,7 @@ from torch._C._functorch import TransformType
 
 # _ops imports this module while it is itself being imported; its names are
 # read at call time.
-from . import _ops
+from . import _extras, _ops
 
 
 # ---------------------------------------------------------------------------
@@ -61,6 +61,12 @@ from . import _ops
 # The formulas compute in the accumulation dtype by explicit casts, with
 # autocast off: a jvp runs inside the caller's autocast region, where
 # torch.matmul would otherwise round its products to bf16/fp16.
+#
+# Extras (Note [LLM extras in Python], _extras.py): the formulas hold for z =
+# map(x) with the tangent dz = dz/dx * dx, and the z-loss adds
+#   d (z_loss * lse^2) = 2 * z_loss * lse * sum_c p_c dz_c
+# on every counted row, reduced like the loss but with 'mean' dividing by the
+# number of counted rows rather than the total weight.
 #
 # Class weights: torch's index-target loss is not differentiable with respect
 # to the weight (its reverse mode raises, and its forward mode gives a
@@ -145,13 +151,13 @@ def index_jvp(ctx: Any, dx: Optional[Tensor], _dtarget: Any, dweight: Optional[T
     if dx is None:  # no tangent reached the loss (none for the logits, none possible for the target)
         shape = (n, k) if reduction == _ops.REDUCTION_NONE else ()
         return _output_tangents(ctx, torch.zeros(shape, dtype=acc, device=x.device))
-    dx = dx.to(acc)
+    z, dx = _mapped(ctx, x.to(acc), dx.to(acc))  # dx is dz from here on
     w = weight.to(acc) if weight is not None else None
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     w_target = w[safe_target] if w is not None else torch.ones_like(safe_target, dtype=acc)
     b = torch.where(valid, w_target, torch.zeros_like(w_target)) * (1.0 - label_smoothing)
-    p = torch.softmax(x.to(acc), dim=1)
+    p = torch.softmax(z, dim=1)
     p_dx = (p * dx).sum(1)
     dx_target = dx.gather(1, safe_target.unsqueeze(1)).squeeze(1)
     rows = b * (p_dx - dx_target)
@@ -159,7 +165,30 @@ def index_jvp(ctx: Any, dx: Optional[Tensor], _dtarget: Any, dweight: Optional[T
         d = valid.to(acc) * (label_smoothing / c)
         weight_sum = w.sum() if w is not None else c
         rows = rows + d * (weight_sum * p_dx - _class_sum(dx, w))
-    return _output_tangents(ctx, _reduce(rows, reduction, total_weight.to(acc)))
+    tangent = _reduce(rows, reduction, total_weight.to(acc))
+    z_rows = _z_loss_rows(ctx, z, p_dx, valid)
+    if z_rows is not None:
+        tangent = tangent + _reduce(z_rows, reduction, valid.to(acc).sum())
+    return _output_tangents(ctx, tangent)
+
+
+def _mapped(ctx: Any, x: Tensor, dx: Optional[Tensor]) -> tuple:
+    """(z, dz) for logits x and their tangent dx, both in the accumulation dtype (Note [Tangents])."""
+    logit_scale, softcap, _ = _extras.full(ctx.extras)
+    if softcap is None and logit_scale == 1.0:
+        return x, dx
+    z = _extras.logit_map(x, logit_scale, softcap)
+    return z, (None if dx is None else dx * _extras.logit_slope(x, logit_scale, softcap))
+
+
+def _z_loss_rows(ctx: Any, z: Tensor, p_dz: Tensor, valid: Optional[Tensor]) -> Optional[Tensor]:
+    """The z-loss's tangent per row, 2 z_loss lse(z) sum_c p_c dz_c, 0 on rows that do not
+    count (``valid``; None: all count); None when the z-loss is off (Note [Tangents])."""
+    z_loss = _extras.full(ctx.extras)[2]
+    if z_loss == 0.0:
+        return None
+    rows = (2.0 * z_loss) * torch.logsumexp(z, dim=1) * p_dz
+    return rows if valid is None else torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
 @_autocast_off
@@ -169,20 +198,23 @@ def prob_jvp(ctx: Any, dx: Optional[Tensor], dq: Optional[Tensor], dweight: Opti
     label_smoothing, reduction = ctx.xent_args[:2]
     acc = _ops.accumulation_dtype(x.dtype)
     n, c, k = x.shape
-    xa = x.to(acc)
+    xa, dx = _mapped(ctx, x.to(acc), None if dx is None else dx.to(acc))  # z and dz from here on
     q = q.to(acc)
     w = weight.to(acc) if weight is not None else None
     keep = 1.0 - label_smoothing
     uniform = label_smoothing / c
     rows = torch.zeros((n, k), dtype=acc, device=x.device)
     if dx is not None:
-        dx = dx.to(acc)
         p = torch.softmax(xa, dim=1)
         weight_sum = w.sum() if w is not None else c
         coef_sum = keep * _class_sum(q, w) + uniform * weight_sum
-        rows = rows + coef_sum * (p * dx).sum(1) - keep * _class_sum(q * dx, w)
+        p_dx = (p * dx).sum(1)
+        rows = rows + coef_sum * p_dx - keep * _class_sum(q * dx, w)
         if label_smoothing > 0:
             rows = rows - uniform * _class_sum(dx, w)
+        z_rows = _z_loss_rows(ctx, xa, p_dx, None)
+        if z_rows is not None:
+            rows = rows + z_rows  # 'mean' divides both by the number of rows
     if dq is not None or dweight is not None:
         log_p = torch.log_softmax(xa, dim=1)
         if dq is not None:
@@ -215,6 +247,9 @@ def prob_jvp(ctx: Any, dx: Optional[Tensor], dq: Optional[Tensor], dweight: Opti
 # logits whose vmapped and row dimensions cannot be merged are copied by
 # reshape. Batched class weights (a different weight per sample) cannot be
 # folded: those run the op once per sample, still through the kernels.
+# With z-loss the folded rows carry its term, and a sample's 'mean' divides it
+# by the sample's denominator, which is also the z-loss's (its counted rows)
+# except with class weights on class-index targets: those run per sample too.
 
 LOSS, ROW_STATS, DENOMINATOR, GRADIENT = "loss", "row_stats", "denominator", "gradient"
 
@@ -263,10 +298,15 @@ def vmap_rule(name: str, call: Callable[..., tuple]) -> Callable[..., Any]:
 
     def vmap(info: Any, in_dims: Sequence[Optional[int]], *args: Any) -> tuple:
         batch = info.batch_size
-        if in_dims[2] is not None:  # a weight per sample
-            return _per_sample(call, batch, in_dims, args)
         input, target, weight = args[0], args[1], args[2]
         reduction = args[reduction_arg]
+        z_loss = _extras.full(args[loss_dtype_arg + 1:])[2]
+        if in_dims[2] is not None or (is_index and weight is not None and z_loss != 0.0
+                                      and reduction == _ops.REDUCTION_MEAN):
+            # A weight per sample; or a weighted 'mean' with z-loss, whose two parts
+            # have different per-sample denominators, which no scaling of the folded
+            # rows (or of their gradients) reproduces.
+            return _per_sample(call, batch, in_dims, args)
         x_dim, t_dim = in_dims[0], in_dims[1]
         n = input.shape[0] if x_dim is None else input.movedim(x_dim, 0).shape[1]
         k = input.shape[-1]

@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from . import _functorch
+from . import _extras, _functorch
 from ._compat import load_compiled_module
 
 _C = load_compiled_module()  # registers the operators; a build for another torch raises a clear ImportError
@@ -52,18 +52,23 @@ def _rows_grad(grad_loss: Tensor, reduction: int, n: int, k: int, scale: Tensor 
     return g
 
 
-def _index_grad_composite(grad_loss, input, target, weight, total_weight, ignore_index, label_smoothing, reduction):
+def _index_grad_composite(grad_loss, input, target, weight, total_weight, ignore_index, label_smoothing, reduction,
+                          extras=_extras.DEFAULT_OP_ARGS):
     acc = accumulation_dtype(input.dtype)
     n, c, k = input.shape
-    p = torch.softmax(input.to(acc), dim=1)
+    logit_scale, softcap, z_loss = extras
+    x = input.to(acc)
+    z = _extras.logit_map(x, logit_scale, softcap)  # Note [Extras in the composite formulas]
+    p = torch.softmax(z, dim=1)
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     w_target = weight.to(acc)[safe_target] if weight is not None else torch.ones_like(safe_target, dtype=acc)
     w_target = torch.where(valid, w_target, torch.zeros_like(w_target))
+    zero = torch.zeros((), dtype=acc, device=input.device)
     g = _rows_grad(grad_loss, reduction, n, k, 1.0 / total_weight.to(acc), acc)
     # Ignored rows get no upstream gradient, as in the kernels (math::index_grad_coefs):
     # with every row ignored the mean's 1/denominator is inf, and inf * 0 would be nan.
-    g = torch.where(valid, g, torch.zeros((), dtype=acc, device=g.device))
+    g = torch.where(valid, g, zero)
     # A comparison, not F.one_hot: one_hot reads the largest target to size its
     # result, a data-dependent read that vmap (per-sample gradients) refuses.
     one_hot = (torch.arange(c, device=input.device).view(1, c, 1) == safe_target.unsqueeze(1)).to(acc)
@@ -73,17 +78,22 @@ def _index_grad_composite(grad_loss, input, target, weight, total_weight, ignore
         b = g * (1 - label_smoothing) * w_target
         d = g * (label_smoothing / c) * valid.to(acc)
         a = b + d * weight_sum
+        a = a + _z_loss_coef(grad_loss, reduction, z, valid, z_loss, acc)
         grad = a.unsqueeze(1) * p - d.unsqueeze(1) * weight_c - b.unsqueeze(1) * one_hot
     else:
-        b = (g * w_target).unsqueeze(1)
-        grad = b * p - b * one_hot
-    return grad.to(input.dtype)
+        b = g * w_target
+        a = b + _z_loss_coef(grad_loss, reduction, z, valid, z_loss, acc)
+        grad = a.unsqueeze(1) * p - b.unsqueeze(1) * one_hot
+    return _times_slope(grad, x, logit_scale, softcap).to(input.dtype)
 
 
-def _prob_grads_composite(grad_loss, input, target, weight, label_smoothing, reduction, want_input, want_target):
+def _prob_grads_composite(grad_loss, input, target, weight, label_smoothing, reduction, want_input, want_target,
+                          extras=_extras.DEFAULT_OP_ARGS):
     acc = accumulation_dtype(input.dtype)
     n, c, k = input.shape
+    logit_scale, softcap, z_loss = extras
     x = input.to(acc)
+    z = _extras.logit_map(x, logit_scale, softcap)  # Note [Extras in the composite formulas]
     g = _rows_grad(grad_loss, reduction, n, k, 1.0 / max(n * k, 1), acc).unsqueeze(1)
     q_scale = 1 - label_smoothing if label_smoothing > 0 else 1.0
     q = target.to(acc) * q_scale + (label_smoothing / c if label_smoothing > 0 else 0.0)
@@ -91,13 +101,52 @@ def _prob_grads_composite(grad_loss, input, target, weight, label_smoothing, red
     coef = q * weight_c if weight_c is not None else q
     grad_input = grad_target = None
     if want_input:
-        p = torch.softmax(x, dim=1)
-        grad_input = (g * (p * coef.sum(1, keepdim=True) - coef)).to(input.dtype)
+        p = torch.softmax(z, dim=1)
+        a = g * coef.sum(1, keepdim=True)
+        if z_loss != 0.0:
+            a = a + _z_loss_coef(grad_loss, reduction, z, None, z_loss, acc).unsqueeze(1)
+        grad_z = a * p - g * coef
+        grad_input = _times_slope(grad_z, x, logit_scale, softcap).to(input.dtype)
     if want_target:
-        log_p = torch.log_softmax(x, dim=1)
+        log_p = torch.log_softmax(z, dim=1)
         scaled = -g * q_scale * log_p
         grad_target = (scaled * weight_c if weight_c is not None else scaled).to(target.dtype)
     return grad_input, grad_target
+
+
+# Note [Extras in the composite formulas]
+# With the extras (Note [LLM extras in Python], _extras.py) the formulas above
+# are those of the plain loss evaluated on z = map(x), the z-loss adds
+# 2 * z_loss * lse(z) * (its row's upstream gradient) to the softmax
+# coefficient `a` of every counted row (csrc/common/xent_math.h,
+# z_loss_softmax_coef), with 'mean' taking 1/(number of counted rows) rather
+# than the cross-entropy's 1/(total weight), and the gradient for z is
+# multiplied by dz/dx. All of it in differentiable torch ops (lse from
+# torch.logsumexp, not the saved row statistics), so a double backward
+# differentiates the map and the z-loss as well.
+
+
+def _z_loss_coef(grad_loss: Tensor, reduction: int, z: Tensor, valid: Tensor | None, z_loss: float,
+                 acc: torch.dtype) -> Tensor | float:
+    """The z-loss's share of the softmax coefficient per row, (N, K) (0.0 when off;
+    Note [Extras in the composite formulas]); ``valid`` the counted rows (None: all)."""
+    if z_loss == 0.0:
+        return 0.0
+    n, _, k = z.shape
+    if valid is None:
+        count: Tensor | int = max(n * k, 1)
+        g = _rows_grad(grad_loss, reduction, n, k, 1.0 / count, acc)
+    else:
+        g = _rows_grad(grad_loss, reduction, n, k, 1.0 / valid.to(acc).sum(), acc)
+        g = torch.where(valid, g, torch.zeros((), dtype=acc, device=g.device))
+    return g * (2.0 * z_loss) * torch.logsumexp(z, dim=1)
+
+
+def _times_slope(grad_z: Tensor, x: Tensor, logit_scale: float, softcap: float | None) -> Tensor:
+    """The gradient for x from the gradient for z (Note [Extras in the composite formulas])."""
+    if softcap is None and logit_scale == 1.0:
+        return grad_z
+    return grad_z * _extras.logit_slope(x, logit_scale, softcap)
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +172,7 @@ def _index_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.ignore_index = ignore_index
     ctx.label_smoothing = label_smoothing
     ctx.reduction = reduction
+    ctx.extras = inputs[7:]  # the extras, after loss_dtype (maybe left out: _extras.full)
     ctx.mark_non_differentiable(row_stats, total_weight)
 
 
@@ -132,9 +182,13 @@ def _index_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_
     input, target, weight, row_stats, total_weight = ctx.saved_tensors
     args = (ctx.ignore_index, ctx.label_smoothing, ctx.reduction)
     if torch.is_grad_enabled():
-        grad_input = _index_grad_composite(grad_loss, input, target, weight, total_weight, *args)
+        grad_input = _index_grad_composite(
+            grad_loss, input, target, weight, total_weight, *args, _extras.full(ctx.extras)
+        )
     else:
-        grad_input = _ops.cross_entropy_index_backward(grad_loss, input, target, weight, row_stats, total_weight, *args)
+        grad_input = _ops.cross_entropy_index_backward(
+            grad_loss, input, target, weight, row_stats, total_weight, *args, *ctx.extras
+        )
     return _input_grads(ctx, grad_input)
 
 
@@ -193,14 +247,15 @@ def _is_one(grad_loss: Tensor, on_cuda: bool) -> bool:
     return float(grad_loss) == 1.0
 
 
-def _apply_upstream(grads: tuple, grad_loss: Tensor, reduction: int) -> tuple:
+def _apply_upstream(grads: tuple, grad_loss: Tensor, reduction: int, out_of_place: bool = False) -> tuple:
     """The gradients for the upstream gradient ``grad_loss`` from ``grads`` (each
     computed for an upstream gradient of 1, None where not computed), scaled in
-    place (Note [Gradient in the forward])."""
+    place (Note [Gradient in the forward]), or out of place while traced."""
     present = [g for g in grads if g is not None]
     if not present:
         return grads
-    traced = type(grad_loss) is not torch.Tensor  # fake/functional tensors (opcheck, AOTAutograd)
+    # Fake/functional tensors (opcheck, AOTAutograd), or a trace by dynamo.
+    traced = out_of_place or type(grad_loss) is not torch.Tensor
     g = grad_loss
     if reduction == REDUCTION_NONE and not traced and g.numel() > 0 and all(s == 0 for s in g.stride()):
         g = g.as_strided((), ())  # one value for every row (loss.sum().backward())
@@ -245,6 +300,7 @@ def _prob_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.set_materialize_grads(False)
     ctx.label_smoothing = label_smoothing
     ctx.reduction = reduction
+    ctx.extras = inputs[6:]  # the extras, after loss_dtype (maybe left out: _extras.full)
     ctx.mark_non_differentiable(row_stats, coef_sum)
 
 
@@ -255,11 +311,13 @@ def _prob_backward(ctx: Any, grad_loss: Tensor, _grad_row_stats: Tensor, _grad_c
     want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if torch.is_grad_enabled():
         grad_input, grad_target = _prob_grads_composite(
-            grad_loss, input, target, weight, ctx.label_smoothing, ctx.reduction, want_input, want_target
+            grad_loss, input, target, weight, ctx.label_smoothing, ctx.reduction, want_input, want_target,
+            _extras.full(ctx.extras),
         )
     else:
         grad_input, grad_target = _ops.cross_entropy_prob_backward(
-            grad_loss, input, target, weight, row_stats, coef_sum, ctx.label_smoothing, ctx.reduction, want_input, want_target
+            grad_loss, input, target, weight, row_stats, coef_sum, ctx.label_smoothing, ctx.reduction, want_input,
+            want_target, *ctx.extras
         )
         grad_input = grad_input if want_input else None
         grad_target = grad_target if want_target else None
@@ -270,6 +328,7 @@ def _prob_fused_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     input, target, weight, label_smoothing, reduction, input_grad, target_grad = inputs[:7]
     _prob_setup_context(ctx, (input, target, weight, label_smoothing, reduction), output[:3])
     ctx.num_inputs = len(inputs)
+    ctx.extras = inputs[8:]  # the extras, after loss_dtype (maybe left out: _extras.full)
     ctx.fused_grads = (output[3] if input_grad else None, output[4] if target_grad else None)
     ctx.mark_non_differentiable(*output[1:])
 
@@ -403,3 +462,160 @@ prob_loss = _eager_function(_ops.cross_entropy_prob_forward, _prob_setup_context
 fused_prob_loss = _eager_function(
     _ops.cross_entropy_prob_forward_with_grad, _prob_fused_setup_context, _prob_fused_backward, "fused_prob_loss"
 )
+
+
+# ---------------------------------------------------------------------------
+# Note [Gradient written into the logits]
+# inplace_backward=True (functional.py) calls the *_grad_into_ forwards, which
+# write the gradient for an upstream gradient of 1 into the logits themselves
+# while computing the loss: no logits-sized buffer is allocated, by the
+# forward or the backward. Autograd learns of the write through an
+# autograd.Function that calls mark_dirty on the logits and returns them as
+# an extra output (the front end drops it): the logits' version counter moves,
+# so any other node that saved them for its backward (torch.tanh and softmax
+# keep their output) raises torch's in-place error when its backward runs,
+# and the logits are rebased onto this node, so their producer (a Linear:
+# h @ W.T saves h and W, not its output) gets the gradient as usual. The
+# backward scales the stored gradient by the upstream gradient in place
+# (_apply_upstream, as the fused path) and hands the logits' own memory on as
+# the gradient. Because it consumes the stored gradient, a second backward
+# and a double backward are refused, as is an upstream gradient for the
+# returned logits (they hold the gradient, not a function of the input).
+# Logits that are a view (logits.view(-1, V) of a (B, T, V) product) are
+# written through their base: autograd lets a Function that modifies a view
+# return that view alone, and would rebuild the base's gradient through
+# CopySlices, with logits-sized copies. When the view covers every element of
+# its base (a reshape or permutation of a dense tensor, checked by the front
+# end), the base is the Function's input and is marked dirty, and the logits'
+# layout within it is passed along; a view of part of a larger tensor is
+# refused.
+# Under torch.compile the Function is traced without mark_dirty: the op's
+# declared write (Tensor(a!)) is functionalized, which also writes the
+# gradient back into logits that are a graph input (mark_dirty there cut the
+# loss's graph), the backward scales out of place (the traced branch of
+# _apply_upstream), and where the buffers go is the compiler's memory
+# planning (inductor reinplaces the write where nothing else reads the
+# logits). The guards of the eager path that read autograd's metadata (second
+# and double backward, the returned logits' gradient) do not apply there: the
+# compiled backward reads the stored gradient without changing it.
+
+
+def canonical_view(input: Tensor, layout: Any = None) -> Tensor:
+    """``input`` viewed as (N, C, K), never copied (the caller checked that it can be viewed);
+    ``layout``: (shape, strides, offset) of the logits within ``input``, when ``input`` is
+    the base of a view that covers it (Note [Gradient written into the logits])."""
+    if layout is not None:
+        input = input.as_strided(*layout)
+    if input.dim() == 1:
+        return input.unsqueeze(0).unsqueeze(-1)
+    if input.dim() == 2:
+        return input.unsqueeze(-1)
+    k = 1
+    for size in input.shape[2:]:
+        k *= size
+    return input.view(input.shape[0], input.shape[1], k)
+
+
+def _into_logits_setup(ctx: Any, input: Tensor, reduction: int, layout: Any) -> tuple:
+    """Tell autograd about the write into ``input``; returns the extra outputs (the logits, eager only)."""
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    ctx.layout = layout
+    ctx.consumed = False
+    if torch.compiler.is_compiling():
+        # Functionalization tracks the op's declared write (Tensor(a!)) itself, and
+        # writes the result back into a graph input; mark_dirty would cut the
+        # loss's graph there (Note [Gradient written into the logits]).
+        ctx.save_for_backward(input)
+        return ()
+    ctx.mark_dirty(input)
+    ctx.save_for_backward(input)  # an output now: autograd checks its version when it is read
+    return (input,)
+
+
+def _gradient_from_logits(ctx: Any, grad_loss: Any, grad_logits: tuple, grad_target: Any) -> tuple:
+    """(grad_input, grad_target) from the gradient stored in the logits (Note [Gradient
+    written into the logits]); grad_logits: the upstream gradient of the returned logits
+    (eager) or (); grad_target: the target's stored unit gradient or None."""
+    if torch.compiler.is_compiling():
+        # Traced: the compiled backward scales out of place, so running it twice is
+        # right, and there is no returned logits' gradient.
+        (input,) = ctx.saved_tensors
+        grad_input, grad_target = _apply_upstream(
+            (canonical_view(input, ctx.layout), grad_target), grad_loss, ctx.reduction, out_of_place=True
+        )
+        return grad_input.reshape(input.shape), grad_target
+    if grad_logits and grad_logits[0] is not None:
+        raise RuntimeError(
+            "xent_ext.cross_entropy(inplace_backward=True): after the forward the input holds the loss's "
+            "gradient, not logits, so it cannot be used in the computation being differentiated. Use its "
+            "values before the loss is computed, or call without inplace_backward."
+        )
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "xent_ext.cross_entropy(inplace_backward=True) does not support double backward "
+            "(create_graph=True): the forward overwrote the logits with their gradient, so there is nothing "
+            "to differentiate the gradient from. Call without inplace_backward."
+        )
+    if ctx.consumed:
+        raise RuntimeError(
+            "xent_ext.cross_entropy(inplace_backward=True): the loss was already backpropagated once; the "
+            "gradient stored in the input was used then (and scaled in place), so a second backward through "
+            "the same graph cannot be computed. Call without inplace_backward to backpropagate twice."
+        )
+    ctx.consumed = True
+    if grad_loss is None:
+        return None, None
+    (input,) = ctx.saved_tensors  # torch's error if the input was modified in place since
+    stored = input.detach()
+    _apply_upstream((canonical_view(stored, ctx.layout), grad_target), grad_loss, ctx.reduction)
+    return stored, grad_target
+
+
+class InplaceIndexLoss(torch.autograd.Function):
+    """The class-index loss with its gradient written into the logits (Note [Gradient
+    written into the logits]). Outputs: loss, row_stats, total_weight, and in eager mode
+    the logits (dirty), which the caller drops."""
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, layout: Any, target: Tensor, weight: Any, ignore_index: int,
+                label_smoothing: float, reduction: int, loss_dtype: Any, logit_scale: float, softcap: Any,
+                z_loss: float) -> tuple:
+        loss, row_stats, total_weight = _ops.cross_entropy_index_forward_grad_into_(
+            canonical_view(input, layout), target, weight, ignore_index, label_smoothing, reduction, loss_dtype,
+            logit_scale, softcap, z_loss,
+        )
+        logits = _into_logits_setup(ctx, input, reduction, layout)
+        ctx.mark_non_differentiable(row_stats, total_weight)
+        return (loss, row_stats, total_weight) + logits
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Any, _grad_row_stats: Any, _grad_total_weight: Any, *grad_logits: Any) -> tuple:
+        grad_input, _unused = _gradient_from_logits(ctx, grad_loss, grad_logits, None)
+        return (grad_input,) + (None,) * 10
+
+
+class InplaceProbLoss(torch.autograd.Function):
+    """The probability-target loss with the logits' gradient written into them (Note
+    [Gradient written into the logits]); the target's, when it requires grad, is kept
+    aside. Outputs: loss, row_stats, coef_sum, and in eager mode the logits (dirty),
+    which the caller drops."""
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, layout: Any, target: Tensor, weight: Any, label_smoothing: float,
+                reduction: int, target_grad: bool, loss_dtype: Any, logit_scale: float, softcap: Any,
+                z_loss: float) -> tuple:
+        loss, row_stats, coef_sum, grad_target = _ops.cross_entropy_prob_forward_grad_into_(
+            canonical_view(input, layout), target, weight, label_smoothing, reduction, target_grad, loss_dtype,
+            logit_scale, softcap, z_loss,
+        )
+        logits = _into_logits_setup(ctx, input, reduction, layout)
+        ctx.grad_target = grad_target if target_grad else None
+        ctx.mark_non_differentiable(row_stats, coef_sum)
+        return (loss, row_stats, coef_sum) + logits
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Any, _grad_row_stats: Any, _grad_coef_sum: Any, *grad_logits: Any) -> tuple:
+        stored, ctx.grad_target = ctx.grad_target, None
+        grad_input, grad_target = _gradient_from_logits(ctx, grad_loss, grad_logits, stored)
+        return (grad_input, None, grad_target) + (None,) * 8

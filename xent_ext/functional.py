@@ -16,10 +16,11 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _ops, _torchscript
+from . import _extras, _ops, _torchscript
 from ._C import build_info as _build_info
+from ._extras import CrossEntropyAux
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "CrossEntropyAux"]
 
 _KERNEL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # CUDA tensors go to the fused kernels only when this build compiled them.
@@ -70,7 +71,13 @@ def cross_entropy(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-) -> Tensor:
+    *,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    return_aux: bool = False,
+    inplace_backward: bool = False,
+) -> Any:
     r"""Cross-entropy between logits and targets; a drop-in for :func:`torch.nn.functional.cross_entropy`.
 
     Same arguments in the same positional order, same results (forward and
@@ -100,10 +107,46 @@ def cross_entropy(
             distribution exactly as torch does (with weights and
             ``ignore_index``).
 
+    Keyword Args:
+        (Extras for language-model training, each off at its default, where
+        the result is torch's bit for bit.)
+        logit_scale: multiplies the logits first (finite, non-zero): the loss
+            is computed on ``z = logit_scale * input``.
+        softcap: ``None`` (off) or a finite number > 0: the logits are then
+            capped smoothly, ``z = softcap * tanh(logit_scale * input / softcap)``.
+        z_loss: a coefficient >= 0: adds ``z_loss * logsumexp(z)**2`` for every
+            row that counts (not ignored), reduced like the loss, ``'mean'``
+            dividing it by the number of counted rows (not by the class
+            weights).
+        return_aux: return ``(loss, aux)``, ``aux`` a
+            :class:`xent_ext.CrossEntropyAux` ``(lse, z_loss)``: the
+            log-sum-exp of each row of ``z`` and the z-loss term, detached,
+            in float32 (float64 for float64 logits), at no extra pass over
+            the logits.
+        inplace_backward: when the input requires grad (under grad mode),
+            write its gradient into the input itself during the forward,
+            which saves a logits-sized buffer. **After the forward the input
+            holds the gradient, not the logits.** The backward only scales
+            it by the upstream gradient; a second backward and double
+            backward are refused. For logits computed in the graph (e.g. a
+            Linear's output, or a view of all of it such as
+            ``logits.view(-1, V)``); a leaf tensor, a view of part of a
+            larger tensor or one autograd forbids to modify in place, an
+            input whose elements overlap or whose trailing dimensions cannot
+            be viewed as one, and a mix of dtypes that needs a cast copy of
+            the logits raise before anything is written. If another operation saved the logits for its own
+            backward (``torch.tanh``, a softmax kept for later), backward
+            raises torch's in-place modification error. Without a gradient to
+            compute the input is left untouched. Not under torch.func
+            transforms or forward-mode AD. Under torch.compile the write is
+            functionalized (no mark_dirty; a graph input receives the
+            gradient on return).
+
     Returns:
         The loss, in the input's dtype (or the promoted dtype with probability
         targets): a 0-d tensor for ``'mean'``/``'sum'``, the target's shape
-        without the class dimension for ``'none'``.
+        without the class dimension for ``'none'``. With ``return_aux=True``,
+        ``(loss, aux)``.
 
     Example::
 
@@ -112,7 +155,21 @@ def cross_entropy(
         >>> loss = xent_ext.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
+    # Note [Extras on the hot path]: one chain of comparisons when every extra
+    # is at its default; the defaults then take exactly the path they took
+    # before the extras existed (ex is None).
+    ex = None
+    if logit_scale != 1.0 or softcap is not None or z_loss != 0.0 or return_aux is not False or (
+        inplace_backward is not False
+    ):
+        ex = _extras.parse(logit_scale, softcap, z_loss, return_aux, inplace_backward)
     if has_torch_function_variadic(input, target, weight):
+        # The extras only when set: a handler that forwards the call to torch's
+        # cross_entropy keeps working for the plain call.
+        extra_kwargs = {} if ex is None else dict(
+            logit_scale=logit_scale, softcap=softcap, z_loss=z_loss, return_aux=return_aux,
+            inplace_backward=inplace_backward,
+        )
         return handle_torch_function(
             cross_entropy,
             (input, target, weight),
@@ -124,6 +181,7 @@ def cross_entropy(
             reduce=reduce,
             reduction=reduction,
             label_smoothing=label_smoothing,
+            **extra_kwargs,
         )
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
@@ -145,6 +203,8 @@ def cross_entropy(
         _parse_like_torch(input, target, weight, reduction_enum, ignore_index, label_smoothing)
         raise
     if hand_over:
+        if ex is not None:
+            return _reference(input, target, weight, reduction_enum, ignore_index, label_smoothing, ex)
         return torch._C._nn.cross_entropy_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
     if input.shape == target.shape:
         # torch tells probability targets from class indices by shape alone.
@@ -155,10 +215,12 @@ def cross_entropy(
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
         if _prob_target_needs_torch(target, weight):
+            if ex is not None:
+                return _reference(input, target, weight, reduction_enum, ignore_index, label_smoothing, ex)
             return torch._C._nn.cross_entropy_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
-        return _prob_target_loss(input, target, weight, reduction_enum, label_smoothing)
+        return _prob_target_loss(input, target, weight, reduction_enum, label_smoothing, ex)
     _check_label_smoothing(label_smoothing)
-    return _index_target_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing)
+    return _index_target_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing, ex)
 
 
 # Note [Handing over to torch]
@@ -174,6 +236,10 @@ def cross_entropy(
 #   probability targets (_prob_target_needs_torch);
 # - uint8 targets with smoothing where torch's byte-wise ignore mask differs
 #   from ours (Note [uint8 targets with smoothing]).
+# With extras on, each of these goes to _reference instead: the definition in
+# torch ops, torch's cross_entropy on the mapped logits plus the z-loss (Note
+# [The reference for the extras], _extras.py), so torch's checks and
+# conventions still decide the cross-entropy part.
 def _hand_over_to_torch(input: Tensor, target: Tensor, weight: Optional[Tensor]) -> bool:
     if input.dim() == 0 or input.dtype not in _KERNEL_DTYPES or input.device.type not in _KERNEL_DEVICES:
         return True
@@ -270,7 +336,10 @@ def _as_ncK(t: Tensor) -> Tensor:
     return t.flatten(2)
 
 
-def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, label_smoothing: float) -> Tensor:
+def _prob_target_loss(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, label_smoothing: float,
+    ex: Optional[_extras.Extras],
+) -> Any:
     num_classes = input.shape[_class_dim(input)]
     if weight is not None and not (weight.dim() == 1 and weight.numel() == num_classes):
         raise RuntimeError(
@@ -290,6 +359,12 @@ def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], r
     # as they are, with an fp32 loss; other mixes are copied to the promoted
     # dtype, as autocast itself copies them.
     loss_dtype = _autocast_loss_dtype(input) if target.dtype == input.dtype and dtype == torch.float32 else None
+    if ex is not None:
+        if _weight_needs_grad(weight):
+            # Learned class weights: the definition in torch ops, differentiable in the
+            # weight (ignore_index plays no part with probability targets).
+            return _reference(input, target, weight, reduction, -100, label_smoothing, ex)
+        return _prob_loss_with_extras(input, target, w, reduction, smoothing, dtype, loss_dtype, ex)
     if _weight_needs_grad(weight):
         loss = _prob_loss_with_weight_grad(_as_ncK(input.to(dtype)), _as_ncK(target.to(dtype)), w, reduction, smoothing)
     else:
@@ -302,9 +377,52 @@ def _prob_target_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], r
         else:
             loss = _ops.prob_loss(x, q, w, smoothing, reduction, loss_dtype)[0]
     if reduction == _ops.REDUCTION_NONE:
-        out_shape = input.shape[:_class_dim(input)] + input.shape[_class_dim(input) + 1:]
-        loss = loss.reshape(out_shape)
+        loss = loss.reshape(_prob_loss_shape(input))
     return loss
+
+
+def _prob_loss_shape(input: Tensor) -> torch.Size:
+    return input.shape[:_class_dim(input)] + input.shape[_class_dim(input) + 1:]
+
+
+def _prob_loss_with_extras(
+    input: Tensor, target: Tensor, w: Optional[Tensor], reduction: int, smoothing: float, dtype: torch.dtype,
+    loss_dtype: Optional[torch.dtype], ex: _extras.Extras,
+) -> Any:
+    """_prob_target_loss's kernel path with extras on (the same steps, the extras passed on)."""
+    into = _gradient_into_input(input) if ex.inplace_backward else None
+    if into is not None:
+        if loss_dtype is None and dtype != input.dtype:
+            why = "under autocast" if torch.is_autocast_enabled(input.device.type) else "by type promotion"
+            raise RuntimeError(
+                f"xent_ext.cross_entropy(inplace_backward=True): the {input.dtype} logits would be cast to {dtype} "
+                f"({why}, with a {target.dtype} target), and the gradient cannot be written into a cast copy. "
+                "Give the target the logits' dtype, or call without inplace_backward."
+            )
+        _check_no_shared_memory(input, target, "target")
+        q = _as_ncK(target if loss_dtype is not None else target.to(dtype))
+        loss, row_stats = _ops.InplaceProbLoss.apply(
+            *into, q, w, smoothing, reduction, q.requires_grad and torch.is_grad_enabled(), loss_dtype, *ex.op_args
+        )[:2]
+        acc = _ops.accumulation_dtype(input.dtype)
+    else:
+        x = _as_ncK(input if loss_dtype is not None else input.to(dtype))
+        q = _as_ncK(target if loss_dtype is not None else target.to(dtype))
+        args = (x, q, w, smoothing, reduction)
+        if _gradient_in_forward(x, q):
+            outs = _ops.fused_prob_loss(*args, x.requires_grad, q.requires_grad, loss_dtype, *ex.op_args)
+        elif torch.compiler.is_compiling():
+            outs = torch.ops.xent_ext.cross_entropy_prob_forward(*args, loss_dtype, *ex.op_args)
+        else:
+            outs = _ops.prob_loss(*args, loss_dtype, *ex.op_args)
+        loss, row_stats = outs[0], outs[1]
+        acc = _ops.accumulation_dtype(x.dtype)
+    shape = _prob_loss_shape(input)
+    if reduction == _ops.REDUCTION_NONE:
+        loss = loss.reshape(shape)
+    if not ex.return_aux:
+        return loss
+    return loss, _extras.aux_from_row_stats(row_stats, None, ex.z_loss, reduction, shape, acc)
 
 
 def _prob_loss_with_weight_grad(x: Tensor, q: Tensor, w: Tensor, reduction: int, label_smoothing: float) -> Tensor:
@@ -399,8 +517,9 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Optional[Tensor],
 
 
 def _index_target_loss(
-    input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int, label_smoothing: float
-) -> Tensor:
+    input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int, label_smoothing: float,
+    ex: Optional[_extras.Extras],
+) -> Any:
     _check_index_target(input, target, weight, reduction)
     x = _as_ncK(input)
     if input.dim() == 1:
@@ -413,6 +532,10 @@ def _index_target_loss(
     # torch applies smoothing only for label_smoothing > 0 (negative and nan act as 0).
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
     loss_dtype = _autocast_loss_dtype(input)
+    if ex is not None:
+        return _index_loss_with_extras(
+            input, target, x, y, w, weight, reduction, ignore_index, label_smoothing, smoothing, loss_dtype, ex
+        )
     # Note [Autograd on the hot path] (_ops.py): eager calls skip torch.library's wrapper.
     if _gradient_in_forward(x):
         loss = _ops.fused_index_loss(x, y, w, ignore_index, smoothing, reduction, loss_dtype)[0]
@@ -424,6 +547,51 @@ def _index_target_loss(
         torch_loss = _uint8_smoothing_like_torch(input, target, weight, reduction, ignore_index, label_smoothing)
         if torch_loss is not None:
             return torch_loss
+    return _index_loss_like_torch(loss, input, target, y, reduction, ignore_index, smoothing)
+
+
+def _index_loss_with_extras(
+    input: Tensor, target: Tensor, x: Tensor, y: Tensor, w: Optional[Tensor], weight: Optional[Tensor], reduction: int,
+    ignore_index: int, label_smoothing: float, smoothing: float, loss_dtype: Optional[torch.dtype], ex: _extras.Extras,
+) -> Any:
+    """_index_target_loss's steps with extras on: the kernels with the extras passed on,
+    or the reference where torch's result would be used (Note [Handing over to torch])."""
+    uint8_smoothing = target.dtype == torch.uint8 and smoothing > 0
+    args = (y, w, ignore_index, smoothing, reduction, loss_dtype, *ex.op_args)
+    into = _gradient_into_input(input) if ex.inplace_backward else None
+    if into is not None:
+        if uint8_smoothing and _uint8_smoothing_differs(input, target, weight, reduction, ignore_index):
+            raise RuntimeError(
+                "xent_ext.cross_entropy(inplace_backward=True) does not support uint8 class indices with "
+                "label_smoothing where a target equals ignore_index's low byte (torch's own smoothing mask "
+                "differs there, and its result is computed from the logits after the forward). Use int64 "
+                "targets, or call without inplace_backward."
+            )
+        _check_no_shared_memory(input, y, "target")
+        loss, row_stats = _ops.InplaceIndexLoss.apply(*into, *args)[:2]
+    else:
+        if _gradient_in_forward(x):
+            outs = _ops.fused_index_loss(x, *args)
+        elif torch.compiler.is_compiling():
+            outs = torch.ops.xent_ext.cross_entropy_index_forward(x, *args)
+        else:
+            outs = _ops.index_loss(x, *args)
+        loss, row_stats = outs[0], outs[1]
+        if uint8_smoothing and _uint8_smoothing_differs(input, target, weight, reduction, ignore_index):
+            return _reference(input, target, weight, reduction, ignore_index, label_smoothing, ex)
+    loss = _index_loss_like_torch(loss, input, target, y, reduction, ignore_index, smoothing)
+    if not ex.return_aux:
+        return loss
+    shape = target.shape if input.dim() > 1 else torch.Size()
+    keep = _extras.counted_rows(y, ignore_index)
+    acc = _ops.accumulation_dtype(input.dtype)
+    return loss, _extras.aux_from_row_stats(row_stats, keep, ex.z_loss, reduction, shape, acc)
+
+
+def _index_loss_like_torch(
+    loss: Tensor, input: Tensor, target: Tensor, y: Tensor, reduction: int, ignore_index: int, smoothing: float
+) -> Tensor:
+    """The kernels' loss with torch's conventions for a single CUDA row and its 'none' shape."""
     if (
         input.dim() == 1
         and input.is_cuda
@@ -437,7 +605,7 @@ def _index_target_loss(
         # in [0, 255]; the tensor comparison would wrap any other.)
         loss = torch.where(y.reshape(()) == ignore_index, torch.zeros_like(loss), loss)
     if reduction == _ops.REDUCTION_NONE:
-        if smoothing > 0 and x.shape[1] == 0:
+        if smoothing > 0 and input.shape[_class_dim(input)] == 0:
             # torch's smoothing term is 0 * (eps / C): nan for every row when C = 0.
             loss = loss + float("nan")
         loss = loss.reshape(target.shape if input.dim() > 1 else ())
@@ -500,6 +668,170 @@ def _gradient_in_forward(*tensors: Tensor) -> bool:
     )
 
 
+def _reference(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int,
+    label_smoothing: float, ex: _extras.Extras,
+) -> Any:
+    """A configuration handed over to torch (Note [Handing over to torch]) with extras on:
+    the definition in torch ops (Note [The reference for the extras], _extras.py), whose
+    loss has the dtype torch's own call would give."""
+    device_type = input.device.type
+    dtype = _autocast_dtype(input.dtype, device_type)
+    if input.shape == target.shape:
+        # Probability targets: torch promotes over the logits, target and weight (Note [Autocast]).
+        dtype = torch.promote_types(dtype, _autocast_dtype(target.dtype, device_type))
+        if weight is not None:
+            dtype = torch.promote_types(dtype, _autocast_dtype(weight.dtype, device_type))
+    result = _extras.reference_loss(input, target, weight, reduction, ignore_index, label_smoothing, ex, dtype)
+    if ex.inplace_backward and input.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "xent_ext.cross_entropy(inplace_backward=True) is not available for this call: its configuration "
+            f"(logits of {input.dtype} on {input.device}, a target of {target.dtype}"
+            f"{'' if weight is None else ', class weights'}) is computed by torch operations rather than the "
+            "fused kernels, and those keep the logits. Call without inplace_backward."
+        )
+    return result
+
+
+# Note [inplace_backward checks]
+# inplace_backward=True overwrites the logits with their gradient (Note
+# [Gradient written into the logits], _ops.py). Every reason to refuse is
+# checked before the kernels write anything, from metadata alone (no host
+# sync): a leaf that requires grad (its values are the user's, and torch
+# forbids it anyway), a view that torch forbids to modify in place (of such a
+# leaf, made under no_grad or inference mode, or one of several views returned
+# by one function), elements that may share memory (the kernels need one
+# gradient element per logit: refused unless the strides prove them
+# distinct, a sufficient rule that every strided layout torch makes passes),
+# trailing dimensions that cannot be viewed as one (the kernels would write a
+# copy), a view of part of a larger tensor (Note [Gradient written into the
+# logits]), and a probability target that overlaps the logits. Under
+# torch.compile the view and shared-memory checks are left out (dynamo cannot
+# trace them); the leaf check runs when the graph is traced, which dynamo does
+# not guard on, so a graph traced for a non-leaf and called with a leaf
+# overwrites it.
+
+
+def _gradient_into_input(input: Tensor) -> Optional[tuple]:
+    """Where inplace_backward writes the gradient of ``input``, when it requires grad under
+    grad mode: (the tensor the write is declared on, the logits' layout within it or None),
+    Note [Gradient written into the logits] (_ops.py); None when no gradient is needed.
+    Raises where it cannot write (Note [inplace_backward checks])."""
+    if not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active() or _ops._functorch.gradient_in_forward_unused()
+    ):
+        if _ops._functorch.gradient_in_forward_unused() or (input.requires_grad and torch.is_grad_enabled()):
+            raise RuntimeError(
+                "xent_ext.cross_entropy(inplace_backward=True) is not supported under torch.func transforms "
+                "(grad, vjp, jvp, vmap) or forward-mode AD, whose gradients cannot be written into the "
+                "logits. Call without inplace_backward there."
+            )
+        return None
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return None
+    problem = None
+    if input.is_leaf:
+        problem = (
+            "is a leaf tensor that requires grad (a parameter, or a tensor made with requires_grad=True), "
+            "whose values would be replaced by the gradient. inplace_backward is for logits computed in "
+            "the graph, e.g. the output of a Linear layer"
+        )
+    elif not torch.compiler.is_compiling():
+        if input._is_view() and input._base.is_leaf and input._base.requires_grad:
+            problem = (
+                "is a view of a leaf tensor that requires grad, whose values would be replaced by the "
+                "gradient. inplace_backward is for logits computed in the graph, e.g. the output of a Linear layer"
+            )
+        elif input._is_view() and torch._C._autograd._get_creation_meta(input) != _DEFAULT_CREATION:
+            problem = (
+                "is a view that autograd does not allow to modify in place (made under no_grad or inference "
+                "mode, or one of several views returned by one function such as unbind or split); clone it first"
+            )
+    if problem is None and not _elements_distinct(input):
+        problem = (
+            "may have elements that share memory (e.g. an expanded tensor), and the gradient needs one "
+            "element per logit; make it contiguous first"
+        )
+    if problem is None and not _viewable_as_ncK(input):
+        problem = (
+            f"cannot be viewed as (N, C, K) without a copy (shape {list(input.shape)}, strides "
+            f"{list(input.stride())}: its dimensions after the class dimension do not merge), so the "
+            "gradient could not be written into it; make it contiguous first"
+        )
+    written, layout = input, None
+    if problem is None and not torch.compiler.is_compiling() and input._is_view():
+        base = input._base
+        if not (input.storage_offset() == base.storage_offset() and input.numel() == base.numel()
+                and _dense(input) and _dense(base)):
+            problem = (
+                "is a view of part of a larger tensor, whose gradient autograd would assemble with "
+                "logits-sized copies; make it a tensor of its own first (.clone())"
+            )
+        written, layout = base, (input.shape, input.stride(), input.storage_offset())
+    if problem is not None:
+        raise RuntimeError(
+            f"xent_ext.cross_entropy(inplace_backward=True): the input {problem}, or call without inplace_backward."
+        )
+    return written, layout
+
+
+_DEFAULT_CREATION = torch._C._autograd.CreationMeta.DEFAULT
+
+
+def _elements_distinct(t: Tensor) -> bool:
+    """Whether the strides prove that no two elements of ``t`` share memory: sorted by
+    stride, each dimension steps past everything the smaller ones span (Note
+    [inplace_backward checks])."""
+    if t.numel() <= 1:
+        return True
+    dims = sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            return False
+        span += stride * (size - 1)
+    return True
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill the storage from its offset on without holes or overlap."""
+    if t.numel() <= 1:
+        return True
+    reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return reach == t.numel() - 1 and _elements_distinct(t)
+
+
+def _viewable_as_ncK(t: Tensor) -> bool:
+    """Whether _as_ncK views ``t`` rather than copying it: its dimensions after the class
+    dimension merge (torch's rule for view; dimensions of size 1 take no part)."""
+    if t.dim() <= 3 or t.numel() == 0:
+        return True
+    dims = [(sz, st) for sz, st in zip(t.shape[2:], t.stride()[2:]) if sz != 1]
+    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
+
+
+def _check_no_shared_memory(input: Tensor, other: Tensor, name: str) -> None:
+    """Refuse a ``name`` tensor whose memory overlaps the logits', which the gradient overwrites."""
+    if torch.compiler.is_compiling() or other.device != input.device or other.numel() == 0 or input.numel() == 0:
+        return
+    if other.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
+        return
+
+    def extent(t: Tensor) -> tuple[int, int]:
+        lo = hi = t.storage_offset() * t.element_size()
+        for size, stride in zip(t.shape, t.stride()):
+            reach = (size - 1) * stride * t.element_size()
+            lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+        return lo, hi + t.element_size()
+
+    (a_lo, a_hi), (b_lo, b_hi) = extent(input), extent(other)
+    if a_lo < b_hi and b_lo < a_hi:
+        raise RuntimeError(
+            f"xent_ext.cross_entropy(inplace_backward=True): the {name} shares memory with the input, which the "
+            f"gradient overwrites while the {name} is read. Pass a separate {name}, or call without inplace_backward."
+        )
+
+
 # Note [uint8 targets with smoothing]
 # torch's smoothing term masks ignored positions with `target == ignore_index`,
 # a tensor comparison that converts ignore_index to the target's dtype: for
@@ -518,18 +850,26 @@ def _uint8_smoothing_like_torch(
 ) -> Optional[Tensor]:
     """torch's result where its uint8 smoothing mask differs from ours, else None (raises torch's
     error for a weighted 'mean'); Note [uint8 targets with smoothing]."""
+    if not _uint8_smoothing_differs(input, target, weight, reduction, ignore_index):
+        return None
+    return torch._C._nn.cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing)
+
+
+def _uint8_smoothing_differs(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int
+) -> bool:
+    """Whether torch's uint8 smoothing mask differs from ours for these targets (raises
+    torch's error for a weighted 'mean'); Note [uint8 targets with smoothing]."""
     wrapped = ignore_index & 0xFF
     if weight is not None and reduction == _ops.REDUCTION_MEAN and bool((target != wrapped).any()):
         raise RuntimeError("gather(): Expected dtype int32/int64 for index")
     num_classes = input.shape[_class_dim(input)]
     if wrapped == ignore_index or wrapped >= num_classes or not bool((target == wrapped).any()):
-        return None
+        return False
     # Every class index is valid (torch's CUDA kernels assert on a bad one): the
     # forward checked them, unless the CUDA check is off. (Compared as a Python
     # int: a uint8 tensor comparison would wrap num_classes too.)
-    if int(target.max()) >= num_classes:
-        return None
-    return torch._C._nn.cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing)
+    return int(target.max()) < num_classes
 
 
 # Note [TorchScript] (_torchscript.py): scripted code that calls cross_entropy

@@ -8,6 +8,8 @@
 // Everything the kernels need is described here with plain structs.
 #pragma once
 
+#include "common/xent_math.h"  // Extras; no torch header either
+
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
@@ -49,10 +51,19 @@ struct Strided3 {
 // (double for float64 logits).
 struct IndexScratch {
   double* scalars;     // 4 doubles: [0] total weight (double), [1] Σ_c w_c
-  double* partials;    // 2 * reduce_tiles(R) doubles
+  double* partials;    // loss_sums(smoothing, z-loss on) * reduce_tiles(R) doubles
   void* row_nll;       // R acc values (reduced forward only)
   void* row_smooth;    // R acc values (reduced forward with smoothing only)
+  void* row_z;         // R acc values (reduced forward with z-loss only)
 };
+
+// Per-row values a reduced forward sums (Note [Z-loss on the GPU],
+// kernels.cu): the cross-entropy (the nll for class indices), the smoothing
+// term when smoothing is on, the z-loss term when it is on. The wrapper sizes
+// the partials with it.
+inline int64_t loss_sums(bool smoothing, bool z_loss) {
+  return 1 + (smoothing ? 1 : 0) + (z_loss ? 1 : 0);
+}
 
 struct IndexForwardLaunch {
   Logits x;
@@ -66,8 +77,11 @@ struct IndexForwardLaunch {
   bool loss_acc;       // loss in the accumulation dtype (else the input's)
   double* row_stats;   // (2, N, K) contiguous
   void* total_weight;  // 0-d acc
-  Strided3 grad;       // the fused gradient (upstream gradient 1, per row for 'none'); data nullptr: none
+  Strided3 grad;       // the fused gradient (upstream gradient 1, per row for 'none'); data nullptr: none;
+                       // may be the logits themselves (Note [Gradient into the logits], kernels.cu)
   int64_t* bad_row;    // 1 int64, preset to INT64_MAX; the first row with a bad target
+  Extras extras;       // Note [Logit scale, softcap and z-loss] (common/xent_math.h)
+  const void* z_loss_count;  // 0-d acc: the z-loss 'mean' denominator; nullptr: the total weight
   IndexScratch scratch;
 };
 
@@ -84,6 +98,8 @@ struct IndexBackwardLaunch {
   int64_t ignore_index;
   double label_smoothing;
   int64_t reduction;
+  Extras extras;
+  const void* z_loss_count;  // as IndexForwardLaunch
   Strided3 grad;
   double* scalars;  // 1 double of scratch: Σ_c w_c
 };
@@ -98,8 +114,10 @@ struct ProbForwardLaunch {
   bool loss_acc;     // as IndexForwardLaunch
   double* row_stats;
   void* coef_sum;    // (N, K) contiguous acc
-  double* partials;  // reduce_tiles(R) doubles
+  Extras extras;     // the z-loss 'mean' denominator is R
+  double* partials;  // loss_sums(false, z-loss on) * reduce_tiles(R) doubles
   void* row_loss;    // R acc values (reduced only)
+  void* row_z;       // R acc values (reduced with z-loss only)
 };
 
 struct ProbBackwardLaunch {
@@ -113,7 +131,8 @@ struct ProbBackwardLaunch {
   const void* coef_sum;
   double label_smoothing;
   int64_t reduction;
-  Strided3 grad_input;   // data nullptr: not wanted
+  Extras extras;
+  Strided3 grad_input;   // data nullptr: not wanted; may be the logits themselves
   Strided3 grad_target;  // data nullptr: not wanted
 };
 

@@ -62,7 +62,10 @@ constexpr int kReduceThreads = 256;
 // fit without spilling, except, with 4 packs per lane for 2-byte types, the
 // bf16/fp16 forwards with label smoothing or probability targets (a few
 // values, not yet timed); warp and thread walks spill a few per-row values,
-// outside the inner loops (-Xptxas -v). float64 kernels get 128 registers.
+// outside the inner loops (-Xptxas -v). The kernels with a logit map (Note
+// [Logit map on the GPU], row_walk.cuh) carry its tanh and slope too and
+// spill more, about 100 bytes in the bf16/fp16 block walks (not yet timed;
+// scripts/gpu/tune.sh prints them apart). float64 kernels get 128 registers.
 #define XENT_ROW_KERNEL_BOUNDS(walk, T)                                  \
   __launch_bounds__((walk) == Walk::kBlock ? kBlockThreads : 256,         \
                     sizeof(T) == 8 ? 1 : ((walk) == Walk::kBlock ? XENT_CUDA_BLOCK_MIN_BLOCKS : 4))
@@ -139,31 +142,45 @@ cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
-// Launches KERNEL<T, walk, MODE> over R rows.
-#define XENT_LAUNCH_ROWS(KERNEL, T, MODE, WALK, R, STREAM, ARGS)                              \
-  do {                                                                                        \
-    const Grid grid_ = grid_for(WALK, R);                                                     \
-    switch (WALK) {                                                                           \
-      case Walk::kThread:                                                                     \
-        KERNEL<T, Walk::kThread, MODE><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);     \
-        break;                                                                                \
-      case Walk::kWarp:                                                                       \
-        KERNEL<T, Walk::kWarp, MODE><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);       \
-        break;                                                                                \
-      default:                                                                                \
-        KERNEL<T, Walk::kBlock, MODE><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);      \
-        break;                                                                                \
-    }                                                                                         \
+// Launches KERNEL<T, walk, MODE, MAP> over R rows.
+#define XENT_LAUNCH_ROWS(KERNEL, T, MODE, MAP, WALK, R, STREAM, ARGS)                             \
+  do {                                                                                           \
+    const Grid grid_ = grid_for(WALK, R);                                                        \
+    switch (WALK) {                                                                              \
+      case Walk::kThread:                                                                        \
+        KERNEL<T, Walk::kThread, MODE, MAP><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);   \
+        break;                                                                                   \
+      case Walk::kWarp:                                                                          \
+        KERNEL<T, Walk::kWarp, MODE, MAP><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);     \
+        break;                                                                                   \
+      default:                                                                                   \
+        KERNEL<T, Walk::kBlock, MODE, MAP><<<grid_.blocks, grid_.threads, 0, STREAM>>>(ARGS);    \
+        break;                                                                                   \
+    }                                                                                            \
   } while (0)
 
-// Index kernels come in two modes: with label smoothing (coefficients) or without.
-#define XENT_LAUNCH_INDEX_ROWS(KERNEL, T, SMOOTHING, WALK, R, STREAM, ARGS)       \
-  do {                                                                            \
-    if (SMOOTHING) {                                                              \
-      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kIndex, WALK, R, STREAM, ARGS);       \
-    } else {                                                                      \
-      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kNone, WALK, R, STREAM, ARGS);        \
-    }                                                                             \
+// Index kernels come in three variants: without label smoothing (no
+// coefficients), with it, and with a logit map, which serves both (Note
+// [Logit map on the GPU], row_walk.cuh).
+#define XENT_LAUNCH_INDEX_ROWS(KERNEL, T, SMOOTHING, MAP, WALK, R, STREAM, ARGS)  \
+  do {                                                                           \
+    if (MAP) {                                                                   \
+      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kIndex, true, WALK, R, STREAM, ARGS);  \
+    } else if (SMOOTHING) {                                                      \
+      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kIndex, false, WALK, R, STREAM, ARGS); \
+    } else {                                                                     \
+      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kNone, false, WALK, R, STREAM, ARGS);  \
+    }                                                                            \
+  } while (0)
+
+// Probability kernels: with a logit map or without.
+#define XENT_LAUNCH_PROB_ROWS(KERNEL, T, MAP, WALK, R, STREAM, ARGS)             \
+  do {                                                                          \
+    if (MAP) {                                                                  \
+      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kProb, true, WALK, R, STREAM, ARGS);  \
+    } else {                                                                    \
+      XENT_LAUNCH_ROWS(KERNEL, T, CoefMode::kProb, false, WALK, R, STREAM, ARGS); \
+    }                                                                           \
   } while (0)
 
 }  // namespace cuda

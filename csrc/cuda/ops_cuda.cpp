@@ -106,12 +106,15 @@ void CudaDevice::index_forward(const IndexForwardCall& c) {
   const int64_t R = input.size(0) * input.size(2);
   const bool reduce = c.reduction != kReductionNone;
   const bool smoothing = c.label_smoothing > 0;
+  const bool z_loss = c.extras.has_z_loss();
   const Tensor bad_row =
       at::full({1}, std::numeric_limits<int64_t>::max(), input.options().dtype(at::kLong));
   const Tensor scalars = at::empty({4}, input.options().dtype(at::kDouble));
-  const Tensor partials = at::empty({2 * cuda::reduce_tiles(R)}, input.options().dtype(at::kDouble));
+  const Tensor partials = at::empty({cuda::loss_sums(smoothing, z_loss) * cuda::reduce_tiles(R)},
+                                    input.options().dtype(at::kDouble));
   const Tensor row_nll = reduce ? at::empty({R}, input.options().dtype(acc)) : Tensor();
   const Tensor row_smooth = reduce && smoothing ? at::empty({R}, input.options().dtype(acc)) : Tensor();
+  const Tensor row_z = reduce && z_loss ? at::empty({R}, input.options().dtype(acc)) : Tensor();
 
   cuda::IndexForwardLaunch a;
   a.x = logits_of(input);
@@ -128,7 +131,10 @@ void CudaDevice::index_forward(const IndexForwardCall& c) {
   a.total_weight = c.out.total_weight.data_ptr();
   a.grad = strided_of(c.out.grad_input);
   a.bad_row = bad_row.data_ptr<int64_t>();
-  a.scratch = {scalars.data_ptr<double>(), partials.data_ptr<double>(), data_or_null(row_nll), data_or_null(row_smooth)};
+  a.extras = c.extras;
+  a.z_loss_count = data_or_null(c.z_loss_count);
+  a.scratch = {scalars.data_ptr<double>(), partials.data_ptr<double>(), data_or_null(row_nll), data_or_null(row_smooth),
+               data_or_null(row_z)};
   C10_CUDA_CHECK(cuda::launch_index_forward(a, stream));
   raise_if_bad_target(bad_row, c.target, stream);
 }
@@ -154,6 +160,8 @@ void CudaDevice::index_backward(const IndexBackwardCall& c) {
   a.ignore_index = c.ignore_index;
   a.label_smoothing = c.label_smoothing;
   a.reduction = c.reduction;
+  a.extras = c.extras;
+  a.z_loss_count = data_or_null(c.z_loss_count);
   a.grad = strided_of(c.grad_input);
   a.scalars = scalars.data_ptr<double>();
   C10_CUDA_CHECK(cuda::launch_index_backward(a, stream));
@@ -164,10 +172,13 @@ void CudaDevice::prob_forward(const ProbForwardCall& c) {
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t R = input.size(0) * input.size(2);
-  const Tensor partials = at::empty({cuda::reduce_tiles(R)}, input.options().dtype(at::kDouble));
-  const Tensor row_loss = c.reduction != kReductionNone
-                              ? at::empty({R}, input.options().dtype(accumulation_dtype(input.scalar_type())))
-                              : Tensor();
+  const bool reduce = c.reduction != kReductionNone;
+  const bool z_loss = c.extras.has_z_loss();
+  const at::ScalarType acc = accumulation_dtype(input.scalar_type());
+  const Tensor partials =
+      at::empty({cuda::loss_sums(false, z_loss) * cuda::reduce_tiles(R)}, input.options().dtype(at::kDouble));
+  const Tensor row_loss = reduce ? at::empty({R}, input.options().dtype(acc)) : Tensor();
+  const Tensor row_z = reduce && z_loss ? at::empty({R}, input.options().dtype(acc)) : Tensor();
 
   cuda::ProbForwardLaunch a;
   a.x = logits_of(c.input);
@@ -179,8 +190,10 @@ void CudaDevice::prob_forward(const ProbForwardCall& c) {
   a.loss_acc = in_accumulation_dtype(c.out.loss, input);
   a.row_stats = c.out.row_stats.data_ptr<double>();
   a.coef_sum = c.out.coef_sum.data_ptr();
+  a.extras = c.extras;
   a.partials = partials.data_ptr<double>();
   a.row_loss = data_or_null(row_loss);
+  a.row_z = data_or_null(row_z);
   C10_CUDA_CHECK(cuda::launch_prob_forward(a, stream));
 }
 
@@ -202,6 +215,7 @@ void CudaDevice::prob_backward(const ProbBackwardCall& c) {
   a.coef_sum = c.coef_sum.data_ptr();
   a.label_smoothing = c.label_smoothing;
   a.reduction = c.reduction;
+  a.extras = c.extras;
   a.grad_input = strided_of(c.out.grad_input);
   a.grad_target = strided_of(c.out.grad_target);
   C10_CUDA_CHECK(cuda::launch_prob_backward(a, stream));

@@ -101,6 +101,68 @@ struct SavedRow {
   __device__ __forceinline__ bool finite() const { return math::finite_softmax(max, log_sum); }
 };
 
+// One logit as the math sees it: z = map(x) in a mapped kernel (Note [Logit
+// map on the GPU], row_walk.cuh), x itself otherwise.
+template <bool kMap, typename A>
+__device__ __forceinline__ A mapped(const math::LogitMap<A>& map, A x) {
+  if constexpr (kMap) {
+    return map(x);
+  } else {
+    return x;
+  }
+}
+
+// Note [One tanh per logit]
+// With softcap on, z = cap * tanh(x * inner) and dz/dx = scale * (1 - t^2)
+// take the same tanh (LogitMap, xent_math.h). Called one after the other,
+// each behind LogitMap's own test of cap, the compiler forms that tanh twice;
+// inside one branch on cap both tests fold away and it forms it once. So
+// map_pack tests cap once per pack, and map_logits once per step rather than
+// once per logit, each arm the same code (the branch is uniform: cap is the
+// launch's).
+template <int kW, typename A>
+__device__ __forceinline__ void map_pack(const math::LogitMap<A>& map, const A (&x)[kW], A (&z)[kW], A (&slope)[kW]) {
+  if (map.cap != A(0)) {
+#pragma unroll
+    for (int i = 0; i < kW; ++i) {
+      z[i] = map(x[i]);
+      slope[i] = map.slope(x[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kW; ++i) {
+      z[i] = map(x[i]);
+      slope[i] = map.slope(x[i]);
+    }
+  }
+}
+
+// Maps a step's valid packs of logits to z in place.
+template <int kW, int kU, typename A>
+__device__ __forceinline__ void map_logits(const math::LogitMap<A>& map, const bool (&valid)[kU], A (&x)[kU][kW]) {
+  if (map.cap != A(0)) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (valid[u]) {
+#pragma unroll
+        for (int i = 0; i < kW; ++i) {
+          x[u][i] = map(x[u][i]);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (valid[u]) {
+#pragma unroll
+        for (int i = 0; i < kW; ++i) {
+          x[u][i] = map(x[u][i]);
+        }
+      }
+    }
+  }
+}
+
 // Elements in a 16-byte vector pack.
 template <typename T>
 constexpr int kVecOf = 16 / sizeof(T);

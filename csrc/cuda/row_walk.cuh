@@ -17,6 +17,20 @@
 // its packs into RowStats (one chunk max, one exp per logit, one merge per
 // step) and the team merges lane results in a fixed tree, so the result is the
 // same bitwise on every run.
+//
+// Note [Logit map on the GPU]
+// logit_scale and softcap (Note [Logit scale, softcap and z-loss],
+// xent_math.h) are a template flag, kMap, of the row kernels and of the
+// steps below: with kMap each logit is mapped to z = map(x) in registers as
+// it is loaded, and everything after (the chunk max, the exps, the
+// coefficient dot, the softmax of the gradient, the target gradient) sees z;
+// the input gradient, formed for z, is multiplied by map.slope(x) as it is
+// stored. Without kMap the steps compile to the code they had before the map
+// existed: the default call pays nothing. The map's tanh and its slope's tanh
+// are one (Note [One tanh per logit], row_io.cuh). The mapped index kernels
+// are instantiated in CoefMode::kIndex only (launch_shape.cuh,
+// XENT_LAUNCH_INDEX_ROWS), smoothing or not, which keeps the extra kernels
+// to half of the unmapped ones'.
 #pragma once
 
 #include "common/xent_math.h"
@@ -91,11 +105,12 @@ __device__ __forceinline__ void load_logits(const RowPtrs<T>& io, const int64_t 
 // chunk's ref is then set to NaN, which `merge` propagates to the whole row,
 // as a NaN-propagating max would (a chunk of NaNs next to -inf must not pass
 // for a chunk of -inf that adds no probability mass).
-template <typename T, CoefMode kMode>
+template <typename T, CoefMode kMode, bool kMap>
 struct StatsStep {
   using A = math::acc_type<T>;
   const RowPtrs<T>& io;
   const Coefs<A, kMode>& coefs;
+  const math::LogitMap<A>& map;
   RowStats<A> st;
 
   template <int kW, int kU>
@@ -105,6 +120,9 @@ struct StatsStep {
     }
     A x[kU][kW];
     load_logits<kW, kU>(io, idx, valid, x);
+    if constexpr (kMap) {  // from here on x holds z (Note [Logit map on the GPU])
+      map_logits<kW, kU>(map, valid, x);
+    }
     A m = math::neg_inf<A>();
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
@@ -147,13 +165,22 @@ struct StatsStep {
 // Writes grad_c = a * softmax_c - d * coef_c - (c == y ? b : 0) (xent_math.h,
 // GradCoefs) and, for probability targets, the target gradient
 // e * w_c * log_softmax_c, both from the row max and log-sum kept apart (Note
-// [Row max and log-sum apart], xent_math.h). Loads of a step come first: the compiler cannot move
-// them above the stores (it can't prove the gradient doesn't alias the logits).
-template <typename T, CoefMode kMode>
+// [Row max and log-sum apart], xent_math.h). With a logit map both are formed
+// for z = map(x) and the input gradient is multiplied by dz/dx as it is stored
+// (Note [Logit map on the GPU]).
+//
+// Loads of a step come first: the compiler cannot move them above the stores
+// (it can't prove the gradient doesn't alias the logits). The gradient may be
+// the logits themselves (Note [Gradient into the logits], kernels.cu): every
+// element of a step is read, into registers, before any of the step's
+// gradient is stored, and the lane that reads an element is the lane that
+// writes its gradient; no later step reads it again.
+template <typename T, CoefMode kMode, bool kMap>
 struct GradStep {
   using A = math::acc_type<T>;
   const RowPtrs<T>& io;
   const Coefs<A, kMode>& coefs;
+  const math::LogitMap<A>& map;
   math::GradCoefs<A> k;
   math::SoftmaxShift<A> shift;
   int64_t y;  // -1: no one-hot term
@@ -171,6 +198,17 @@ struct GradStep {
       if (!valid[u]) {
         continue;
       }
+      // z and dz/dx of this pack (without a map, z is x and no slope is formed).
+      A z[kW];
+      A slope[kW];
+      if constexpr (kMap) {
+        map_pack<kW>(map, x[u], z, slope);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kW; ++i) {
+          z[i] = x[u][i];
+        }
+      }
       if (io.g != nullptr) {
         A cf[kW];
         if constexpr (kMode != CoefMode::kNone) {
@@ -183,12 +221,15 @@ struct GradStep {
         A g[kW];
 #pragma unroll
         for (int i = 0; i < kW; ++i) {
-          A v = k.a * std::exp(math::log_softmax(x[u][i], shift));
+          A v = k.a * std::exp(math::log_softmax(z[i], shift));
           if constexpr (kMode != CoefMode::kNone) {
             v = v - k.d * cf[i];
           }
           if (i == hit) {
             v = v - k.b;
+          }
+          if constexpr (kMap) {
+            v = v * slope[i];
           }
           g[i] = v;
         }
@@ -199,7 +240,7 @@ struct GradStep {
 #pragma unroll
         for (int i = 0; i < kW; ++i) {
           const A wc = coefs.w != nullptr ? coefs.w[idx[u] + i] : A(1);
-          gt[i] = e * wc * math::log_softmax(x[u][i], shift);
+          gt[i] = e * wc * math::log_softmax(z[i], shift);
         }
         store_pack<kW>(io.gq, idx[u], io.sgq, gt);
       }

@@ -7,7 +7,8 @@
 #
 # For each variant (a set of -D flags, passed to nvcc through NVCC_APPEND_FLAGS)
 # it recompiles the CUDA kernels only (the rest of the build is reused), prints
-# ptxas's registers and spills of the block-walk kernels, and runs the GPU
+# ptxas's registers and spills of the block-walk kernels (without and with a
+# logit map), and runs the GPU
 # benchmark on the shapes that matter (no torch.compile; eager and the
 # installed peers, such as Liger Kernel, are timed in every run, so each
 # variant's ratios come from one process). It ends with one table: variant,
@@ -72,9 +73,13 @@ for v in "${LIST[@]}"; do
     grep -E "error" "$WORK/build_$name.log" | head -10 | tee -a "$LOG"
     continue
   fi
-  # Registers and spills of the block-walk kernels (mangled names contain "WalkE2E": kBlock = 2).
-  grep -A3 -E "Compiling entry function '.*(index|prob)_(forward|backward)_kernel.*WalkE2E" "$WORK/build_$name.log" 2>/dev/null |
-    grep -E "registers|spill" | sort | uniq -c | head -6 | sed 's/^/  ptxas: /' | tee -a "$LOG"
+  # Registers and spills of the block-walk kernels (mangled names contain "WalkE2E": kBlock = 2),
+  # without and with the logit map (the last template argument, "Lb0E" / "Lb1E").
+  for map in 0 1; do
+    grep -A3 -E "Compiling entry function '.*(index|prob)_(forward|backward)_kernel.*WalkE2E.*Lb${map}E" \
+      "$WORK/build_$name.log" 2>/dev/null |
+      grep -E "registers|spill" | sort | uniq -c | head -6 | sed "s/^/  ptxas (logit map $map): /" | tee -a "$LOG"
+  done
   left=$((DEADLINE - $(date +%s)))
   timeout $((left > 30 ? left - 15 : 15)) $PY benchmarks/run.py --device cuda --shapes "$SHAPES" --no-compile \
     --max-time 0.5 --json "$WORK/$name.json" --budget $((left > 60 ? left - 45 : 10)) >>"$LOG" 2>&1

@@ -60,6 +60,8 @@ struct Layout {
   const T* q = nullptr;   // probability target of the same shape, or null
   int64_t qc = 1;
   RowStrides qs;
+  // z = map(x) (Note [Logit map on the CPU]); read only by the kMapped kernels.
+  math::LogitMap<acc_type<T>> map{acc_type<T>(1), acc_type<T>(0), acc_type<T>(0)};
 
   int64_t rows() const {
     return N * K;
@@ -73,8 +75,9 @@ struct Layout {
 };
 
 template <typename T>
-Layout<T> make_layout(const at::Tensor& input, const at::Tensor* prob_target) {
+Layout<T> make_layout(const at::Tensor& input, const at::Tensor* prob_target, const Extras& extras) {
   Layout<T> L;
+  L.map = math::logit_map<acc_type<T>>(extras);
   L.N = input.size(0);
   L.C = input.size(1);
   L.K = input.size(2);
@@ -98,12 +101,13 @@ Layout<T> make_layout(const at::Tensor& input, const at::Tensor* prob_target) {
 // because their class stride is 1.
 
 // Scratch for gathering strided chunks into contiguous accumulation-dtype
-// buffers.
+// buffers (and, for mapped logits, z in x and dz/dx in s).
 template <typename acc_t>
 struct Scratch {
   acc_t x[kChunk];
   acc_t q[kChunk];
   acc_t g[kChunk];
+  acc_t s[kChunk];
 };
 
 // Whether a row's chunks can be read in place: its classes, and its
@@ -127,6 +131,22 @@ CoefSource<T> chunk_source(const CoefSource<T>& coef, const RowView<T>& row, int
   return chunk;
 }
 
+// The coefficients of a chunk whose logits were moved into scratch.x: the
+// target's classes (when kCoef reads them) are gathered into scratch.q.
+template <Coef kCoef, typename T>
+CoefSource<acc_type<T>> gathered_chunk_source(
+    const RowView<T>& row, const CoefSource<T>& coef, int64_t c_begin, int64_t len, Scratch<acc_type<T>>& scratch) {
+  using acc_t = acc_type<T>;
+  CoefSource<acc_t> gathered = gathered_source(chunk_source<kCoef>(coef, row, c_begin));
+  if (uses_target(kCoef)) {
+    for (int64_t i = 0; i < len; ++i) {
+      scratch.q[i] = static_cast<acc_t>(row.q[(c_begin + i) * row.q_stride]);
+    }
+    gathered.q = scratch.q;
+  }
+  return gathered;
+}
+
 // Gathers classes [c_begin, c_begin + len) of a row into scratch.x (and of
 // its target into scratch.q when kCoef reads one), and returns the
 // coefficients that go with the gathered chunk.
@@ -137,14 +157,7 @@ CoefSource<acc_type<T>> gather_chunk(
   for (int64_t i = 0; i < len; ++i) {
     scratch.x[i] = static_cast<acc_t>(row.x[(c_begin + i) * row.x_stride]);
   }
-  CoefSource<acc_t> gathered = gathered_source(chunk_source<kCoef>(coef, row, c_begin));
-  if (uses_target(kCoef)) {
-    for (int64_t i = 0; i < len; ++i) {
-      scratch.q[i] = static_cast<acc_t>(row.q[(c_begin + i) * row.q_stride]);
-    }
-    gathered.q = scratch.q;
-  }
-  return gathered;
+  return gathered_chunk_source<kCoef>(row, coef, c_begin, len, scratch);
 }
 
 // Note [Three walks]

@@ -7,6 +7,7 @@
 #include "cpu/kernel/coef.h"
 #include "cpu/kernel/exp.h"
 #include "cpu/kernel/layout.h"
+#include "cpu/kernel/map.h"
 #include "cpu/kernel/vec.h"
 
 #include <ATen/Parallel.h>
@@ -46,9 +47,12 @@ inline acc_t nan_if_sum_is(acc_t ref, acc_t sum_exp) {
 
 // Statistics of one contiguous chunk of a row. keep_exp, when not null,
 // receives exp(x_i - accumulation_shift(ref)) for the chunk (Note [Kept
-// exps]).
-template <typename T, Coef kCoef>
-RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t n, acc_type<T>* keep_exp = nullptr) {
+// exps]). The exp pass prefetches the chunk one ahead of x (Note [Prefetch]),
+// or, when `next` is given, from `next` on: a chunk mapped into scratch
+// (Note [Logit map on the CPU]) prefetches the logits it came from.
+template <typename T, Coef kCoef, typename P = T>
+RowStats<acc_type<T>> chunk_stats(
+    const T* x, const CoefSource<T>& coef, int64_t n, acc_type<T>* keep_exp = nullptr, const P* next = nullptr) {
   using acc_t = acc_type<T>;
   using V = Vectorized<acc_t>;
   using IO = VecIO<T>;
@@ -80,8 +84,15 @@ RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t
   const V shift(math::accumulation_shift(ref));
   V s0 = zero, s1 = zero, t0 = zero, t1 = zero, c0 = zero, c1 = zero;
   V ca, cb;
+  static_assert(VecIO<P>::kStep == kStep, "one prefetch step per step");
+  const P* ahead = next;
+  if constexpr (std::is_same_v<P, T>) {
+    ahead = next ? next : x + kChunk;
+  }
   for (int64_t i = 0; i < n_full; i += kStep) {
-    prefetch_step(x + i + kChunk);  // Note [Prefetch]
+    if (std::is_same_v<P, T> || ahead) {
+      prefetch_step(ahead + i);  // Note [Prefetch]
+    }
     IO::load(x + i, xa, xb);
     const V da = xa - shift;
     const V db = xb - shift;
@@ -131,16 +142,26 @@ RowStats<acc_type<T>> chunk_stats(const T* x, const CoefSource<T>& coef, int64_t
   return st;
 }
 
-// One chunk of a row, any class stride (Note [Strided class dim]).
-template <typename T, Coef kCoef>
+// One chunk of a row, any class stride (Note [Strided class dim]). Mapped
+// logits (kMapped, `map`) are mapped into scratch first and the
+// accumulation-type code runs on their z; `slope`, when not null, receives
+// dz/dx of the chunk (Note [Logit map on the CPU]).
+template <typename T, Coef kCoef, bool kMapped = false>
 RowStats<acc_type<T>> row_chunk_stats(
     const RowView<T>& row,
     const CoefSource<T>& coef,
     int64_t c_begin,
     int64_t len,
     Scratch<acc_type<T>>& scratch,
-    acc_type<T>* keep_exp = nullptr) {
+    acc_type<T>* keep_exp = nullptr,
+    const VecMap<acc_type<T>>* map = nullptr,
+    acc_type<T>* slope = nullptr) {
   using acc_t = acc_type<T>;
+  if constexpr (kMapped) {
+    const CoefSource<acc_t> gathered = map_gather_chunk<kCoef>(row, coef, c_begin, len, scratch, *map, slope);
+    const T* next = row.x_stride == 1 ? row.x + c_begin + kChunk : nullptr;
+    return chunk_stats<acc_t, kCoef, T>(scratch.x, gathered, len, keep_exp, next);
+  }
   if (classes_contiguous<kCoef>(row)) {
     return chunk_stats<T, kCoef>(row.x + c_begin, chunk_source<kCoef>(coef, row, c_begin), len, keep_exp);
   }
@@ -158,8 +179,10 @@ RowStats<acc_t> empty_stats() {
 // sums, classes in order (the same order for every lane and every thread).
 // keep_exp, when not null, receives exp(x - shift) at keep_exp[c * keep_stride
 // + j] and keep_shift[j] the shift (math::accumulation_shift of the max), for
-// kStep lanes (Note [Kept exps in a tile]).
-template <typename T, Coef kCoef>
+// kStep lanes (Note [Kept exps in a tile]). kMapped: every logit is mapped in
+// registers as it is loaded, in both passes (the same function, so the same
+// z), and keep_slope, when not null, receives dz/dx as keep_exp its exps.
+template <typename T, Coef kCoef, bool kMapped = false>
 void column_stats(
     const T* x,
     int64_t xc,
@@ -171,7 +194,9 @@ void column_stats(
     RowStats<acc_type<T>>* out,
     acc_type<T>* keep_exp = nullptr,
     int64_t keep_stride = 0,
-    acc_type<T>* keep_shift = nullptr) {
+    acc_type<T>* keep_shift = nullptr,
+    const VecMap<acc_type<T>>* map = nullptr,
+    acc_type<T>* keep_slope = nullptr) {
   using acc_t = acc_type<T>;
   using V = Vectorized<acc_t>;
   using IO = VecIO<T>;
@@ -181,6 +206,10 @@ void column_stats(
   V xa, xb, m0 = neg_inf, m1 = neg_inf;
   for (int64_t c = 0; c < C; ++c) {
     load_upto(x + c * xc, npos, xa, xb);
+    if constexpr (kMapped) {
+      xa = map->z(xa);
+      xb = map->z(xb);
+    }
     m0 = at::vec::maximum(m0, xa);
     m1 = at::vec::maximum(m1, xb);
   }
@@ -194,6 +223,15 @@ void column_stats(
   V s0 = zero, s1 = zero, t0 = zero, t1 = zero, c0 = zero, c1 = zero;
   for (int64_t c = 0; c < C; ++c) {
     load_upto(x + c * xc, npos, xa, xb);
+    if constexpr (kMapped) {
+      V sa, sb;
+      map->z_slope(xa, xa, sa);
+      map->z_slope(xb, xb, sb);
+      if (keep_slope) {
+        sa.store(keep_slope + c * keep_stride);
+        sb.store(keep_slope + c * keep_stride + V::size());
+      }
+    }
     const V da = xa - shift0;
     const V db = xb - shift1;
     const V ea = vexp(da);
@@ -246,8 +284,9 @@ constexpr int64_t kMaxFinishRows = kTileRows;
 // walk with C <= kMaxKeptExps (the kept row must stay in cache to pay off).
 template <typename acc_t>
 struct RowExps {
-  const acc_t* e;    // exp(x_c - accumulation_shift(ref of c's chunk)), c in [0, C)
-  const acc_t* ref;  // each chunk's max (RowStats::ref)
+  const acc_t* e;      // exp(x_c - accumulation_shift(ref of c's chunk)), c in [0, C)
+  const acc_t* ref;    // each chunk's max (RowStats::ref)
+  const acc_t* slope;  // mapped logits: dz/dx of each class (Note [Kept slopes]); else null
 };
 
 constexpr int64_t kMaxKeptExps = 1 << 18;
@@ -289,7 +328,20 @@ struct TileExps {
   acc_t* e;            // e[c * stride + j] = exp(x - shift[j]) of row r0 + j, class c
   const acc_t* shift;  // accumulation shift of each row of the tile
   int64_t stride;      // kTileRows (gathered columns) or the vector step (columns)
+  const acc_t* slope = nullptr;  // mapped logits: dz/dx, indexed as e (Note [Kept slopes])
 };
+
+// Note [Kept slopes]
+// With mapped logits the gradient is formed for z and multiplied by dz/dx
+// (Note [Logit scale, softcap and z-loss]). With softcap, dz/dx takes the
+// tanh the stats pass already took, so wherever exps are kept for the fused
+// gradient (Note [Kept exps], Note [Kept exps in a tile]) the slopes are kept
+// beside them, from the same tanh: the gradient from kept exps then reads
+// neither the logits nor a second tanh, and never reads a logit after its
+// gradient was written (the *_grad_into_ ops write into the logits). The
+// recomputing backward keeps them the same way (Note [Recomputed equals
+// fused]). The paths that recompute the gradient from x take z and its slope
+// from one tanh per logit.
 
 // No-op hook for for_each_row_stats.
 struct NoAfter {
@@ -330,11 +382,12 @@ void row_logs(const RowStats<acc_t>* st, int64_t n, double* log_sum) {
 // calls after(r0, n) while their logits are still in cache (the fused
 // forward+backward writes their gradient there: Note [Gradient in the
 // forward]); n and r0 follow the walk's tiles.
-template <typename T, Coef kCoef, typename Finish, typename After = NoAfter>
+template <typename T, Coef kCoef, bool kMapped, typename Finish, typename After = NoAfter>
 void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Finish& finish, const After& after = After{}) {
   using acc_t = acc_type<T>;
   constexpr int64_t kStep = VecIO<T>::kStep;
   const int64_t R = L.rows(), C = L.C;
+  const VecMap<acc_t> map(L.map);
   switch (choose_walk(L)) {
     case Walk::kColumns: {
       const Layout<T> Lc = columns_view(L);
@@ -348,16 +401,18 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
         double log_sum[kStep];
         acc_t shift[kStep];
         std::vector<acc_t> kept(keep ? static_cast<size_t>(C * kStep) : 0);
+        std::vector<acc_t> kept_slope(keep && kMapped ? static_cast<size_t>(C * kStep) : 0);
         for (int64_t t = begin; t < end; ++t) {
           const int64_t r0 = tiles.n(t) * Lc.K + tiles.k0(t);
           const int64_t npos = tiles.size(t);
           const RowView<T> first = Lc.row(r0);
-          column_stats<T, kCoef>(
-              first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st, keep ? kept.data() : nullptr, kStep, shift);
+          column_stats<T, kCoef, kMapped>(
+              first.x, Lc.xc, first.q, Lc.qc, coef, C, npos, st, keep ? kept.data() : nullptr, kStep, shift, &map,
+              keep && kMapped ? kept_slope.data() : nullptr);
           row_logs<kStep>(st, npos, log_sum);
           finish(r0, npos, st, log_sum);
           if (keep) {
-            const TileExps<acc_t> tile{kept.data(), shift, kStep};
+            const TileExps<acc_t> tile{kept.data(), shift, kStep, kMapped ? kept_slope.data() : nullptr};
             after(r0, npos, &tile);
           } else {
             after(r0, npos, static_cast<const RowExps<acc_t>*>(nullptr));
@@ -382,6 +437,9 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
           const int64_t r0 = t * kTileRows;
           const int64_t n = std::min(kTileRows, R - r0);
           gather_tile(L.x, L.xs, L, r0, n, scratch.x);
+          if constexpr (kMapped) {
+            map_tile(map, scratch.x, kKeep ? scratch.s : nullptr, kTileRows, C, n);
+          }
           if (uses_target(kCoef)) {
             gather_tile(L.q, L.qs, L, r0, n, scratch.q);
           }
@@ -394,7 +452,7 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
             finish(r0 + j0, npos, st, log_sum);
           }
           if constexpr (kKeep) {
-            const TileExps<acc_t> kept{scratch.g, shift, kTileRows};
+            const TileExps<acc_t> kept{scratch.g, shift, kTileRows, kMapped ? scratch.s : nullptr};
             after(r0, n, &kept);
           } else {
             after(r0, n, static_cast<const RowExps<acc_t>*>(nullptr));
@@ -417,14 +475,16 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
     at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch;
       std::vector<acc_t> kept(keep ? static_cast<size_t>(C) : 0);
+      std::vector<acc_t> kept_slope(keep && kMapped ? static_cast<size_t>(C) : 0);
       std::vector<acc_t> refs(keep ? static_cast<size_t>(chunks) : 0);
-      const RowExps<acc_t> exps{kept.data(), refs.data()};
+      const RowExps<acc_t> exps{kept.data(), refs.data(), kMapped ? kept_slope.data() : nullptr};
       for (int64_t r = begin; r < end; ++r) {
         const RowView<T> row = L.row(r);
         RowStats<acc_t> st = empty_stats<acc_t>();
         for (int64_t c = 0; c < chunks; ++c) {
-          const RowStats<acc_t> part = row_chunk_stats<T, kCoef>(
-              row, coef, c * kChunk, chunk_len(C, c), scratch, keep ? kept.data() + c * kChunk : nullptr);
+          const RowStats<acc_t> part = row_chunk_stats<T, kCoef, kMapped>(
+              row, coef, c * kChunk, chunk_len(C, c), scratch, keep ? kept.data() + c * kChunk : nullptr, &map,
+              keep && kMapped ? kept_slope.data() + c * kChunk : nullptr);
           if (keep) {
             refs[c] = part.ref;
           }
@@ -441,14 +501,16 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
   // at most 4 x threads x kMaxKeptExps values.
   std::vector<RowStats<acc_t>> partial(static_cast<size_t>(R * chunks));
   std::vector<acc_t> kept(keep ? static_cast<size_t>(R * C) : 0);
+  std::vector<acc_t> kept_slope(keep && kMapped ? static_cast<size_t>(R * C) : 0);
   std::vector<acc_t> refs(keep ? static_cast<size_t>(R * chunks) : 0);
   at::parallel_for(0, R * chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> scratch;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / chunks;
       const int64_t c = item % chunks;
-      partial[item] = row_chunk_stats<T, kCoef>(
-          L.row(r), coef, c * kChunk, chunk_len(C, c), scratch, keep ? kept.data() + r * C + c * kChunk : nullptr);
+      partial[item] = row_chunk_stats<T, kCoef, kMapped>(
+          L.row(r), coef, c * kChunk, chunk_len(C, c), scratch, keep ? kept.data() + r * C + c * kChunk : nullptr,
+          &map, keep && kMapped ? kept_slope.data() + r * C + c * kChunk : nullptr);
       if (keep) {
         refs[item] = partial[item].ref;
       }
@@ -464,7 +526,8 @@ void for_each_row_stats(const Layout<T>& L, const CoefSource<T>& coef, const Fin
   }
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const RowExps<acc_t> exps{kept.data() + r * C, refs.data() + r * chunks};
+      const RowExps<acc_t> exps{kept.data() + r * C, refs.data() + r * chunks,
+                                kMapped ? kept_slope.data() + r * C : nullptr};
       after(r, 1, keep ? &exps : nullptr);
     }
   });
