@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _ops
+from . import _extras, _ops
 from . import functional as _functional
 from ._C import build_info as _build_info
 
@@ -816,28 +816,20 @@ def _composite(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias
 
 
 def _parse_extras(logit_scale: Any, softcap: Any, z_loss: Any, return_aux: Any) -> tuple:
-    """(logit_scale, softcap, z_loss, return_aux), validated: ValueError for a value with no meaning."""
+    """(logit_scale, softcap, z_loss, return_aux), validated as xent_ext.cross_entropy
+    validates them (TypeError for a wrong type, ValueError for a value with no meaning)."""
     if logit_scale == 1.0 and softcap is None and z_loss == 0.0 and return_aux is False:
         return 1.0, None, 0.0, False
-    logit_scale = float(logit_scale)
-    if not math.isfinite(logit_scale) or logit_scale == 0.0:
-        raise ValueError(f"xent_ext.linear_cross_entropy: logit_scale must be finite and non-zero, got {logit_scale}")
-    if softcap is not None:
-        softcap = float(softcap)
-        if not (math.isfinite(softcap) and softcap > 0.0):
-            raise ValueError(
-                f"xent_ext.linear_cross_entropy: softcap must be None (off) or a finite number > 0, got {softcap}")
-    z_loss = float(z_loss)
-    if not (math.isfinite(z_loss) and z_loss >= 0.0):
-        raise ValueError(f"xent_ext.linear_cross_entropy: z_loss must be a finite number >= 0, got {z_loss}")
-    return logit_scale, softcap, z_loss, bool(return_aux)
+    try:
+        e = _extras.parse(logit_scale, softcap, z_loss, return_aux, False)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(str(exc).replace("xent_ext.cross_entropy:", "xent_ext.linear_cross_entropy:")) from None
+    return e.logit_scale, e.softcap, e.z_loss, e.return_aux
 
 
 def _aux(row_stats: Tensor, keep: Optional[Tensor], z_loss: float, reduction: int, shape: tuple,
          acc: torch.dtype) -> Any:
-    from ._extras import aux_from_row_stats
-
-    return aux_from_row_stats(row_stats, keep, z_loss, reduction, shape, acc)
+    return _extras.aux_from_row_stats(row_stats, keep, z_loss, reduction, shape, acc)
 
 
 # ---------------------------------------------------------------------------
