@@ -22,6 +22,10 @@ from ._C import set_cuda_target_check as _set_cuda_target_check
 from ._extras import CrossEntropyAux
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from . import functional as _functional
+
+_functional.linear_cross_entropy = linear_cross_entropy  # as torch.nn.functional has it (the patch routes by name)
 from ._patch import patch, patched, unpatch
 
 from ._compat import build_identity as _build_identity
@@ -33,6 +37,8 @@ __all__ = [
     "cross_entropy",
     "CrossEntropyLoss",
     "CrossEntropyAux",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
     "patch",
     "unpatch",
     "patched",

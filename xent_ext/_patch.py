@@ -85,6 +85,7 @@ class _Route(NamedTuple):
 # attribute is missing (an older torch) is skipped.
 _ROUTES: tuple[_Route, ...] = (
     _Route("torch.nn.functional", "cross_entropy", ("torch.nn.CrossEntropyLoss",)),
+    _Route("torch.nn.functional", "linear_cross_entropy", ("torch.nn.LinearCrossEntropyLoss",)),
 )
 
 _lock = threading.Lock()
