@@ -72,7 +72,7 @@ def reference(x, target, weight, grad_out, wrt_target, **kw):
     return loss.detach(), lse.detach(), zl.detach(), grads[0], (grads[1] if wrt_target else None)
 
 
-def assert_close(name, got, ref, dtype, ctx):
+def assert_close(name, got, ref, dtype, ctx, atol=0.0):
     got = got.detach().double().cpu()
     ref = ref.detach().double().cpu()
     assert got.shape == ref.shape, f"{ctx}: {name} shape {tuple(got.shape)} != {tuple(ref.shape)}"
@@ -83,7 +83,7 @@ def assert_close(name, got, ref, dtype, ctx):
         assert torch.equal(both_nan | (got == ref), torch.ones_like(fin)), f"{ctx}: {name} {got} != {ref}"
         return
     scale = ref[fin].abs().max().item()
-    tol = TOL[dtype] * max(scale, 1e-30)
+    tol = max(TOL[dtype] * max(scale, 1e-30), atol)
     err = (got[fin] - ref[fin]).abs().max().item()
     assert err <= tol, f"{ctx}: {name} off by {err:.3g} (allowed {tol:.3g}, largest |ref| {scale:.3g})"
 
@@ -226,7 +226,9 @@ def test_softcap_bounds_huge_logits(device):
     r_loss, _, _, r_gx, _ = reference(x, t, None, torch.ones(()), False, softcap=30.0, z_loss=1e-4)
     assert torch.isfinite(loss) and torch.isfinite(xi.grad).all()
     assert_close("loss", loss, r_loss, torch.float32, "softcap 30, logits ~1e5")
-    assert_close("grad", xi.grad, r_gx, torch.float32, "softcap 30, logits ~1e5")
+    # Saturated: dz/dx = 1 - tanh^2 is 0 in fp32 (~1e-13 in fp64), so the gradient is ~0;
+    # allowed an fp32 rounding of the gradient with respect to z (at most 1 / N).
+    assert_close("grad", xi.grad, r_gx, torch.float32, "softcap 30, logits ~1e5", atol=1e-7)
 
 
 # ---------------------------------------------------------------------------

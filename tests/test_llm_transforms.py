@@ -190,17 +190,17 @@ def test_autocast(kind, inplace, device, fresh_seed):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["index", "prob"])
 def test_gradgradcheck(kind, reduction, device, fresh_seed):
-    C = 5
-    x = (torch.randn(3, C, 2, dtype=torch.float64) * 2).to(device).requires_grad_()
+    C = 4
+    x = (torch.randn(2, C, 2, dtype=torch.float64) * 2).to(device).requires_grad_()
     w = (torch.rand(C, dtype=torch.float64) + 0.3).to(device)
     if kind == "index":
-        t = torch.tensor([[0, 4], [-100, 2], [1, 1]], device=device)
+        t = torch.tensor([[0, 3], [-100, 2]], device=device)
         inputs = (x,)
 
         def f(x):
             return xent_ext.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.2, **ALL)
     else:
-        q = _prob_target((3, C, 2), torch.float64, device).requires_grad_()
+        q = _prob_target((2, C, 2), torch.float64, device).requires_grad_()
         inputs = (x, q)
 
         def f(x, q):
