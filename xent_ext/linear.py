@@ -846,7 +846,9 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
     parameters (``linear.weight``, ``linear.bias``) and ``weight`` buffer, so
     its ``state_dict`` loads into torch's module and back. It adds the
     keyword-only LLM extras ``logit_scale``, ``softcap``, ``z_loss`` and
-    ``return_aux`` (plain attributes, not in the state_dict).
+    ``return_aux`` (plain attributes, not in the state_dict). Unlike torch's
+    module with ``options=None``, it does not script with ``torch.jit.script``
+    (its forward calls Python); ``torch.compile`` traces it.
 
     Example::
 
