@@ -101,10 +101,13 @@ def test_edit_after_forward(dtype, reduction, target_case, edit, on_leaf, device
     with pytest.raises(RuntimeError, match=INPLACE_ERROR):
         edited.again()
     # without the edit it is the same gradient, up to the rounding of the first one's
-    # scaling (bit for bit for an upstream gradient of 1: test_magnitude.py)
+    # scaling (bit for bit for an upstream gradient of 1: test_magnitude.py). The second
+    # backward multiplies the upstream gradient into the coefficients before the terms
+    # a * p - d * w - b cancel at the target; the first scales their rounded difference:
+    # a few roundings of the largest term apart, which 2 eps missed for some seeds.
     eps = torch.finfo(dtype).eps
     for a, b in zip(untouched.again(), untouched.grads):
-        torch.testing.assert_close(a, b, rtol=2 * eps, atol=2 * eps * b.abs().max().item(),
+        torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps * b.abs().max().item(),
                                    msg=lambda m: f"{ctx}: second backward without an edit: {m}")
 
 
