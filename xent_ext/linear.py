@@ -836,7 +836,17 @@ def _aux(row_stats: Tensor, keep: Optional[Tensor], z_loss: float, reduction: in
 # The module.
 
 
-class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+class _TorchLinearCrossEntropyLoss(torch.nn.Module):
+    """Stands in for torch.nn.LinearCrossEntropyLoss on a torch that has none (before 2.13)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"xent_ext.LinearCrossEntropyLoss needs torch.nn.LinearCrossEntropyLoss (torch 2.13 or later); "
+            f"this is torch {torch.__version__}. xent_ext.linear_cross_entropy works with it."
+        )
+
+
+class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", _TorchLinearCrossEntropyLoss)):
     r"""Drop-in for :class:`torch.nn.LinearCrossEntropyLoss`, backed by :func:`xent_ext.linear_cross_entropy`.
 
     It *is* a ``torch.nn.LinearCrossEntropyLoss`` (a subclass): the same
