@@ -265,7 +265,8 @@ def test_vmap_and_per_sample_grad(kind, reduction, weighted, device, fresh_seed)
     w = (torch.rand(C, dtype=torch.float64) + 0.3).to(device) if weighted else None
     t = _index_target((B, N), C, device) if kind == "index" else _prob_target((B, N, C), torch.float64, device)
     if kind == "index":
-        t[1] = -100
+        t[:, 0] = torch.randint(0, C, (B,), device=device)  # every sample counts a row: an all-ignored
+        t[1] = -100                                          # 'mean' is nan, which is not the question here
         t[1, 0] = 2
     kw = dict(reduction=reduction, label_smoothing=0.1, **ALL)
 
