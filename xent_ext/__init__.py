@@ -47,7 +47,17 @@ __all__ = [
     "cuda_target_check",
     "set_cuda_target_check",
     "__version__",
+    "distributed",
 ]
+
+
+def __getattr__(name: str):
+    # xent_ext.distributed on first use: importing xent_ext does not import torch.distributed.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cpu_capability() -> str:
