@@ -1,0 +1,415 @@
+"""xent_ext.distributed: vocabulary-parallel cross-entropy against the single-process loss.
+
+Each test spawns 2 or 3 processes that form one gloo process group on the CPU (NCCL on
+GPUs for the CUDA twin). Every rank builds the FULL logits (or the full projection) from
+the test's fresh seed, computes xent_ext.cross_entropy on them in one process, and
+compares that with what vocab_parallel_cross_entropy / vocab_parallel_linear_cross_entropy
+compute from its slice: the loss, the aux result, and its slice of the gradient (the
+linear form: its rows of the projection's gradient, the full input gradient). One spawn
+runs many cases in one process group; each rank writes what failed to a file that the
+parent reads, so pytest shows it. A rank that hangs is killed at the timeout (a hang is a
+failure).
+"""
+
+import json
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+
+import xent_ext
+from helpers import dtype_name
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+V = 1000
+# Uneven shards: world size -> classes per rank (a 1-class shard with two ranks).
+SHARDS = {2: [999, 1], 3: [400, 350, 250]}
+# Relative to the largest magnitude of the compared tensor.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+EXTRAS = {
+    "off": {},
+    "all": dict(logit_scale=0.7, softcap=3.0, z_loss=0.01, return_aux=True),
+    "scale_z": dict(logit_scale=1.3, z_loss=0.05, return_aux=True),
+}
+SPAWN_TIMEOUT = 90.0
+
+
+# ----------------------------------------------------------------------------------
+# spawning
+# ----------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir, scenario, seed, device):
+    result = {"failures": [], "outcomes": []}
+    try:
+        torch.set_num_threads(1)
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        SCENARIOS[scenario](rank, world, seed, device, result)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        result["failures"].append(f"rank {rank}: {traceback.format_exc()}")
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _launch(tmp_path, world, scenario, seed, device="cpu", timeout=SPAWN_TIMEOUT):
+    """Run SCENARIOS[scenario] on `world` ranks; returns each rank's result (dict)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), scenario, seed, device))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0.1))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    results = []
+    for r in range(world):
+        path = tmp_path / f"{r}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else {"failures": [], "outcomes": []})
+    assert not hung, f"ranks {hung} of {world} hung (killed after {timeout} s); {_failures(results)}"
+    failures = _failures(results)
+    assert not failures, f"seed={seed}: {len(failures)} failure(s):\n" + "\n".join(failures[:30])
+    return results
+
+
+def _failures(results):
+    return [f for res in results for f in res["failures"]]
+
+
+# ----------------------------------------------------------------------------------
+# the cases (run inside the ranks)
+# ----------------------------------------------------------------------------------
+
+
+def _shard(world, rank, explicit):
+    """(start, size) of this rank: rank order, or (explicit) reversed rank order, so the
+    starts given as vocab_start do not follow the ranks."""
+    sizes = SHARDS[world]
+    order = list(reversed(range(world))) if explicit else list(range(world))
+    start = sum(sizes[r] for r in order[: order.index(rank)])
+    return start, sizes[rank]
+
+
+def _close(name, ours, ref, dtype, ctx, failures):
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    if ours.shape != ref.shape:
+        failures.append(f"{ctx}: {name} shape {list(ours.shape)} != {list(ref.shape)}")
+        return
+    scale = max(ref.nan_to_num(0.0).abs().max().item() if ref.numel() else 0.0, 1.0)
+    both_nan = torch.isnan(ours) & torch.isnan(ref)
+    err = torch.where(both_nan, torch.zeros_like(ours), (ours - ref).abs().nan_to_num(float("inf")))
+    worst = err.max().item() if err.numel() else 0.0
+    if not worst <= TOL[dtype] * scale:  # nan-safe
+        failures.append(f"{ctx}: {name} max error {worst:.3g} > {TOL[dtype] * scale:.3g}")
+
+
+def _case(rank, world, seed, device, i, form, dtype, reduction, weighted, smoothing, extras, ignore, ndim, explicit):
+    """One case; returns its failures."""
+    failures = []
+    ctx = (f"case {i} rank {rank}/{world}: form={form} {dtype_name(dtype)} {reduction} weighted={weighted} "
+           f"smoothing={smoothing} extras={extras} ignore={ignore} ndim={ndim} explicit_start={explicit}")
+    g = torch.Generator().manual_seed((seed * 1000 + i) % (1 << 63))
+    n, h, k = 5, 16, 3
+    start, size = _shard(world, rank, explicit)
+    kw = dict(reduction=reduction, label_smoothing=smoothing, ignore_index=-100, **EXTRAS[extras])
+    shape = {1: (), 2: (n,), 3: (n, k)}[ndim]
+    target = torch.randint(0, V, shape, generator=g)
+    if ignore and ndim > 1:
+        target.view(-1)[:: 3] = -100
+    elif ignore:
+        target = torch.tensor(-100)
+    weight = (torch.rand(V, generator=g, dtype=torch.float64) * 1.9 + 0.1).to(dtype) if weighted else None
+
+    def randn(*s):
+        t = torch.randn(tuple(s), generator=g, dtype=torch.float64)
+        return torch.where(t == 0, torch.full_like(t, 0.5), t)
+
+    if form == "logits":
+        # (N, V) / (V,) / (N, V, K): the class dim 1 (0 for 1-D)
+        full_shape = {1: (V,), 2: (n, V), 3: (n, V, k)}[ndim]
+        full = (randn(*full_shape) * 2).to(dtype)
+        cd = 0 if ndim == 1 else 1
+        ref_x = full.clone().to(device).requires_grad_()
+        ref = xent_ext.cross_entropy(ref_x, target.to(device), None if weight is None else weight.to(device), **kw)
+        local = full.narrow(cd, start, size).clone().to(device).requires_grad_()
+        ours = xent_ext.distributed.vocab_parallel_cross_entropy(
+            local, target.to(device), weight=None if weight is None else weight[start:start + size].to(device),
+            vocab_start=start if explicit else None, **kw)
+    else:
+        in_shape = {1: (h,), 2: (n, h), 3: (n, k, h)}[ndim]
+        inp = (randn(*in_shape)).to(dtype)
+        lin_w = (randn(V, h) * 0.5).to(dtype)
+        lin_b = (randn(V) * 0.5).to(dtype)
+        ref_in = inp.clone().to(device).requires_grad_()
+        ref_w = lin_w.clone().to(device).requires_grad_()
+        ref_b = lin_b.clone().to(device).requires_grad_()
+        logits = (ref_in @ ref_w.t() + ref_b).reshape(-1, V)
+        ref = xent_ext.cross_entropy(logits, target.reshape(-1).to(device),
+                                     None if weight is None else weight.to(device), **kw)
+        if reduction == "none":
+            ref = (ref[0].reshape(shape), ref[1]) if isinstance(ref, tuple) else ref.reshape(shape)
+        if isinstance(ref, tuple):
+            lse, zl = ref[1]
+            ref = (ref[0], xent_ext.CrossEntropyAux(lse.reshape(shape), zl.reshape(shape) if reduction == "none" else zl))
+        local_in = inp.clone().to(device).requires_grad_()
+        local_w = lin_w[start:start + size].clone().to(device).requires_grad_()
+        local_b = lin_b[start:start + size].clone().to(device).requires_grad_()
+        ours = xent_ext.distributed.vocab_parallel_linear_cross_entropy(
+            local_in, local_w, target.to(device), local_linear_bias=local_b,
+            weight=None if weight is None else weight[start:start + size].to(device),
+            vocab_start=start if explicit else None, **kw)
+    if EXTRAS[extras].get("return_aux"):
+        (ref, ref_aux), (ours, our_aux) = ref, ours
+        _close("aux.lse", our_aux.lse, ref_aux.lse, dtype, ctx, failures)
+        _close("aux.z_loss", our_aux.z_loss, ref_aux.z_loss, dtype, ctx, failures)
+        if our_aux.lse.dtype != ref_aux.lse.dtype:
+            failures.append(f"{ctx}: aux dtype {our_aux.lse.dtype} != {ref_aux.lse.dtype}")
+    _close("loss", ours, ref, dtype, ctx, failures)
+    if ours.dtype != ref.dtype:
+        failures.append(f"{ctx}: loss dtype {ours.dtype} != {ref.dtype}")
+    upstream = randn(*ref.shape).to(ref.dtype).to(device)
+    ref.backward(upstream)
+    ours.backward(upstream)
+    if form == "logits":
+        _close("grad", local.grad, ref_x.grad.narrow(cd, start, size), dtype, ctx, failures)
+    else:
+        _close("input.grad", local_in.grad, ref_in.grad, dtype, ctx, failures)
+        _close("linear_weight.grad", local_w.grad, ref_w.grad[start:start + size], dtype, ctx, failures)
+        _close("linear_bias.grad", local_b.grad, ref_b.grad[start:start + size], dtype, ctx, failures)
+    return failures
+
+
+def _parity(rank, world, seed, device, result):
+    """Every reduction x weight x smoothing x extras x dtype x form, with ignored rows,
+    1-D/2-D/K-dim inputs and explicit/derived vocab_start cycled through them."""
+    i = 0
+    for form in ("logits", "linear"):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            for reduction in ("none", "mean", "sum"):
+                for weighted in (False, True):
+                    for smoothing in (0.0, 0.1):
+                        for extras in EXTRAS:
+                            ignore = i % 2 == 1
+                            ndim = (1, 2, 3)[(i // 2) % 3]
+                            explicit = (i // 3) % 2 == 1
+                            result["failures"] += _case(rank, world, seed, device, i, form, dtype, reduction,
+                                                        weighted, smoothing, extras, ignore, ndim, explicit)
+                            i += 1
+    result["cases"] = i
+
+
+# ----------------------------------------------------------------------------------
+# errors and collective counts (run inside the ranks)
+# ----------------------------------------------------------------------------------
+
+
+def _outcome(fn):
+    try:
+        fn()
+        return ["ok", ""]
+    except Exception as e:  # noqa: BLE001 - compared across ranks by the parent
+        return [type(e).__name__, str(e)]
+
+
+def _errors(rank, world, seed, device, result):
+    """Each bad call raises on every rank (the parent compares them), and the group still
+    works afterwards (a desync would hang or fail the next call)."""
+    D = xent_ext.distributed
+    g = torch.Generator().manual_seed(seed)
+    sizes = [600, 400]
+    start, size = sum(sizes[:rank]), sizes[rank]
+    x = torch.randn(4, size, generator=g)
+    y = torch.randint(0, V, (4,), generator=g)
+    cases = {
+        "overlap": lambda: D.vocab_parallel_cross_entropy(x, y, vocab_start=[0, 500][rank]),
+        "gap": lambda: D.vocab_parallel_cross_entropy(x, y, vocab_start=[0, 700][rank]),
+        "mixed_start": lambda: D.vocab_parallel_cross_entropy(x, y, vocab_start=[0, None][rank]),
+        "target_range": lambda: D.vocab_parallel_cross_entropy(x, torch.tensor([1, V, 2, -100])),
+        "negative_target": lambda: D.vocab_parallel_cross_entropy(x, torch.tensor([1, 3, -5, 2])),
+        "rows": lambda: D.vocab_parallel_cross_entropy(x[: 3 + rank], y[: 3 + rank]),
+        "target_differs": lambda: D.vocab_parallel_cross_entropy(x, y + rank),
+        "weight_one_rank": lambda: D.vocab_parallel_cross_entropy(
+            x, y, weight=torch.ones(size + rank)),
+        "dtype_one_rank": lambda: D.vocab_parallel_cross_entropy(x.double() if rank else x, y, weight=torch.ones(size)),
+        "target_shape": lambda: D.vocab_parallel_cross_entropy(x, y[:3]),
+        "reduction": lambda: D.vocab_parallel_cross_entropy(x, y, reduction="avg"),
+        "linear_hidden_one_rank": lambda: D.vocab_parallel_linear_cross_entropy(
+            torch.randn(4, 8), torch.randn(size, 8 + rank), y),
+        "good_after": lambda: D.vocab_parallel_cross_entropy(x, y, label_smoothing=0.1),
+    }
+    result["outcomes"] = [[name] + _outcome(fn) for name, fn in cases.items()]
+
+
+def _counting(result_counts):
+    D = xent_ext.distributed
+    real_gather, real_reduce = D._funcol.all_gather_single, D._funcol.all_reduce
+
+    def gather(*a, **k):
+        result_counts.append(("all_gather", a[0].numel()))
+        return real_gather(*a, **k)
+
+    def reduce(*a, **k):
+        result_counts.append(("all_reduce", a[0].numel()))
+        return real_reduce(*a, **k)
+
+    D._funcol.all_gather_single, D._funcol.all_reduce = gather, reduce
+    return lambda: setattr(D._funcol, "all_gather_single", real_gather) or setattr(D._funcol, "all_reduce", real_reduce)
+
+
+def _collectives(rank, world, seed, device, result):
+    """How many collectives each call makes, and of how many elements."""
+    D = xent_ext.distributed
+    sizes = [600, 400]
+    start, size = sum(sizes[:rank]), sizes[rank]
+    n = 7
+    x = torch.randn(n, size, requires_grad=True)
+    y = torch.randint(0, V, (n,))
+    w = torch.rand(size) + 0.1
+    counts = {}
+    calls = []
+    restore = _counting(calls)
+    try:
+        loss = D.vocab_parallel_cross_entropy(x, y, weight=w, label_smoothing=0.1, z_loss=0.01, return_aux=True)[0]
+        counts["logits_forward"], calls[:] = list(calls), []
+        loss.backward()
+        counts["logits_backward"], calls[:] = list(calls), []
+        loss = D.vocab_parallel_cross_entropy(x, y, reduction="none")
+        counts["logits_none_forward"], calls[:] = list(calls), []
+        loss.sum().backward()
+        counts["logits_none_backward"], calls[:] = list(calls), []
+        inp = torch.randn(n, 8, requires_grad=True)
+        lw = torch.randn(size, 8, requires_grad=True)
+        loss = D.vocab_parallel_linear_cross_entropy(inp, lw, y, weight=w, label_smoothing=0.1)
+        counts["linear_forward"], calls[:] = list(calls), []
+        loss.backward()
+        counts["linear_backward"], calls[:] = list(calls), []
+    finally:
+        restore()
+    result["counts"] = counts
+    result["n"] = n
+
+
+def _compiled(rank, world, seed, device, result):
+    """Under torch.compile (aot_eager: dynamo and AOTAutograd trace the functional
+    collectives) the loss and gradient match eager's."""
+    D = xent_ext.distributed
+    g = torch.Generator().manual_seed(seed)
+    sizes = [600, 400]
+    start, size = sum(sizes[:rank]), sizes[rank]
+    full = torch.randn(6, V, generator=g)
+    y = torch.randint(0, V, (6,), generator=g)
+    y[2] = -100
+    w = torch.rand(V, generator=g) + 0.1
+    kw = dict(label_smoothing=0.1, z_loss=0.01, softcap=5.0)
+    ref_x = full.clone().requires_grad_()
+    ref = xent_ext.cross_entropy(ref_x, y, w, **kw)
+    ref.backward()
+
+    def f(x, t, wl):
+        return D.vocab_parallel_cross_entropy(x, t, weight=wl, **kw)
+
+    local = full[:, start:start + size].clone().requires_grad_()
+    loss = torch.compile(f, backend="aot_eager")(local, y, w[start:start + size])
+    loss.backward()
+    failures = []
+    _close("compiled loss", loss, ref, torch.float32, f"rank {rank}", failures)
+    _close("compiled grad", local.grad, ref_x.grad[:, start:start + size], torch.float32, f"rank {rank}", failures)
+    result["failures"] += failures
+
+
+SCENARIOS = {"parity": _parity, "errors": _errors, "collectives": _collectives, "compiled": _compiled}
+
+
+# ----------------------------------------------------------------------------------
+# the tests
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_matches_single_process(tmp_path, fresh_seed, world):
+    """Loss, aux and gradients equal xent_ext.cross_entropy on the concatenated logits
+    (uneven shards: 999/1 on two ranks, 400/350/250 on three)."""
+    results = _launch(tmp_path, world, "parity", fresh_seed)
+    assert results[0]["cases"] >= 200
+
+
+def test_errors_raise_on_every_rank(tmp_path, fresh_seed):
+    """A bad call raises the same exception on every rank (never a hang), also when only
+    one rank's arguments are wrong; the group keeps working afterwards."""
+    results = _launch(tmp_path, 2, "errors", fresh_seed, timeout=60)
+    per_rank = [{name: (kind, msg) for name, kind, msg in res["outcomes"]} for res in results]
+    expected = {
+        "overlap": ("ValueError", "overlap"),
+        "gap": ("ValueError", "gap"),
+        "mixed_start": ("ValueError", "on every rank or on none"),
+        "target_range": ("IndexError", f"Target {V} is out of bounds."),
+        "negative_target": ("IndexError", "Target -5 is out of bounds."),
+        "rows": ("ValueError", "same rows on every rank"),
+        "target_differs": ("ValueError", "target differs between ranks"),
+        "weight_one_rank": ("ValueError", "[on rank 1 of 2]"),
+        "dtype_one_rank": ("TypeError", "[on rank 1 of 2]"),
+        "target_shape": ("ValueError", "does not match local_logits"),
+        "reduction": ("ValueError", "not a valid value for reduction"),
+        "linear_hidden_one_rank": ("ValueError", "[on rank 1 of 2]"),
+        "good_after": ("ok", ""),
+    }
+    for name, (kind, words) in expected.items():
+        outcomes = [r[name] for r in per_rank]
+        assert all(o == outcomes[0] for o in outcomes), f"{name}: ranks differ: {outcomes}"
+        assert outcomes[0][0] == kind and words in outcomes[0][1], f"{name}: {outcomes[0]}"
+
+
+def test_collective_counts(tmp_path, fresh_seed):
+    """At most three collectives per call, each of O(rows) elements (no logits-sized
+    all-gather); none in the backward of the logits; one in the linear form's backward
+    (the input's gradient)."""
+    counts = _launch(tmp_path, 2, "collectives", fresh_seed, timeout=60)[0]["counts"]
+    n = 7
+    for name in ("logits_forward", "logits_none_forward", "linear_forward"):
+        kinds = [kind for kind, _ in counts[name]]
+        assert kinds == ["all_gather", "all_reduce", "all_reduce"], (name, counts[name])
+        assert all(numel <= 5 * n + 1 or kind == "all_gather" and numel <= 100 for kind, numel in counts[name]), (
+            name, counts[name])
+    assert counts["logits_backward"] == [] and counts["logits_none_backward"] == [], counts
+    assert [kind for kind, _ in counts["linear_backward"]] == ["all_reduce"], counts
+    assert counts["linear_backward"][0][1] == n * 8, counts
+
+
+@pytest.mark.slow
+def test_under_torch_compile(tmp_path, fresh_seed):
+    """torch.compile traces the functional collectives; loss and gradient as in eager."""
+    _launch(tmp_path, 2, "compiled", fresh_seed, timeout=120)
+
+
+@pytest.mark.cuda
+def test_nccl_matches_single_process(tmp_path, fresh_seed):
+    """The CUDA twin: two GPUs, NCCL."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL is not available")
+    _launch(tmp_path, 2, "parity", fresh_seed, device="cuda", timeout=300)
