@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import xent_ext
-from helpers import dtype_name
+from helpers import SEED_ENV, dtype_name, new_seed
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
@@ -52,8 +52,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir, scenario, seed, device):
-    result = {"failures": [], "outcomes": []}
+def _worker(rank, world, port, out_dir, scenarios, seed, device):
+    """One rank: joins the group, runs each scenario (its failures kept apart), writes them."""
+    result = {"failures": []}
     try:
         torch.set_num_threads(1)
         if device == "cuda":
@@ -61,7 +62,12 @@ def _worker(rank, world, port, out_dir, scenario, seed, device):
         backend = "nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
-        SCENARIOS[scenario](rank, world, seed, device, result)
+        for name in scenarios:
+            res = result[name] = {"failures": []}
+            try:
+                SCENARIOS[name](rank, world, seed, device, res)
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                res["failures"].append(f"rank {rank}: {traceback.format_exc()}")
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -70,11 +76,13 @@ def _worker(rank, world, port, out_dir, scenario, seed, device):
         json.dump(result, f)
 
 
-def _launch(tmp_path, world, scenario, seed, device="cpu", timeout=SPAWN_TIMEOUT):
-    """Run SCENARIOS[scenario] on `world` ranks; returns each rank's result (dict)."""
+def _launch(out_dir, world, scenarios, seed, device="cpu", timeout=SPAWN_TIMEOUT):
+    """Run the named SCENARIOS on `world` ranks in one process group; returns
+    {scenario: [each rank's result]} after checking that no rank hung or failed outside
+    the scenarios."""
     ctx = torch.multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), scenario, seed, device))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out_dir), scenarios, seed, device))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -88,16 +96,19 @@ def _launch(tmp_path, world, scenario, seed, device="cpu", timeout=SPAWN_TIMEOUT
             p.join()
     results = []
     for r in range(world):
-        path = tmp_path / f"{r}.json"
-        results.append(json.loads(path.read_text()) if path.exists() else {"failures": [], "outcomes": []})
-    assert not hung, f"ranks {hung} of {world} hung (killed after {timeout} s); {_failures(results)}"
-    failures = _failures(results)
+        path = out_dir / f"{r}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else {"failures": [f"rank {r} wrote nothing"]})
+    everything = [f for res in results for v in res.values() for f in (v if isinstance(v, list) else v["failures"])]
+    assert not hung, f"seed={seed}: ranks {hung} of {world} hung (killed after {timeout} s); {everything[:10]}"
+    outside = [f for res in results for f in res["failures"]]
+    assert not outside, f"seed={seed}: " + "\n".join(outside)
+    return {name: [res.get(name, {"failures": [f"{name} did not run"]}) for res in results] for name in scenarios}
+
+
+def _check(per_rank, seed):
+    """Fail with what the ranks reported for one scenario."""
+    failures = [f for res in per_rank for f in res["failures"]]
     assert not failures, f"seed={seed}: {len(failures)} failure(s):\n" + "\n".join(failures[:30])
-    return results
-
-
-def _failures(results):
-    return [f for res in results for f in res["failures"]]
 
 
 # ----------------------------------------------------------------------------------
@@ -242,42 +253,48 @@ def _errors(rank, world, seed, device, result):
     g = torch.Generator().manual_seed(seed)
     sizes = [600, 400]
     start, size = sum(sizes[:rank]), sizes[rank]
-    x = torch.randn(4, size, generator=g)
-    y = torch.randint(0, V, (4,), generator=g)
+    y = torch.randint(0, V, (4,), generator=g).to(device)
+    x = torch.randn(4, size, generator=g).to(device)
     cases = {
         "overlap": lambda: D.vocab_parallel_cross_entropy(x, y, vocab_start=[0, 500][rank]),
         "gap": lambda: D.vocab_parallel_cross_entropy(x, y, vocab_start=[0, 700][rank]),
         "mixed_start": lambda: D.vocab_parallel_cross_entropy(x, y, vocab_start=[0, None][rank]),
-        "target_range": lambda: D.vocab_parallel_cross_entropy(x, torch.tensor([1, V, 2, -100])),
-        "negative_target": lambda: D.vocab_parallel_cross_entropy(x, torch.tensor([1, 3, -5, 2])),
+        "target_range": lambda: D.vocab_parallel_cross_entropy(x, torch.tensor([1, V, 2, -100], device=device)),
+        "negative_target": lambda: D.vocab_parallel_cross_entropy(x, torch.tensor([1, 3, -5, 2], device=device)),
         "rows": lambda: D.vocab_parallel_cross_entropy(x[: 3 + rank], y[: 3 + rank]),
         "target_differs": lambda: D.vocab_parallel_cross_entropy(x, y + rank),
         "weight_one_rank": lambda: D.vocab_parallel_cross_entropy(
-            x, y, weight=torch.ones(size + rank)),
-        "dtype_one_rank": lambda: D.vocab_parallel_cross_entropy(x.double() if rank else x, y, weight=torch.ones(size)),
+            x, y, weight=torch.ones(size + rank, device=device)),
+        "dtype_one_rank": lambda: D.vocab_parallel_cross_entropy(x.double() if rank else x, y, weight=torch.ones(size, device=device)),
         "target_shape": lambda: D.vocab_parallel_cross_entropy(x, y[:3]),
         "reduction": lambda: D.vocab_parallel_cross_entropy(x, y, reduction="avg"),
         "linear_hidden_one_rank": lambda: D.vocab_parallel_linear_cross_entropy(
-            torch.randn(4, 8), torch.randn(size, 8 + rank), y),
+            torch.randn(4, 8, device=device), torch.randn(size, 8 + rank, device=device), y),
         "good_after": lambda: D.vocab_parallel_cross_entropy(x, y, label_smoothing=0.1),
     }
     result["outcomes"] = [[name] + _outcome(fn) for name, fn in cases.items()]
 
 
-def _counting(result_counts):
+def _counting(calls):
+    """Count every collective: xent_ext.distributed sends each through _all_gather or
+    _all_reduce (Note [Collectives in eager and compiled code]); returns the undo."""
     D = xent_ext.distributed
-    real_gather, real_reduce = D._funcol.all_gather_single, D._funcol.all_reduce
+    real_gather, real_reduce = D._all_gather, D._all_reduce
 
-    def gather(*a, **k):
-        result_counts.append(("all_gather", a[0].numel()))
-        return real_gather(*a, **k)
+    def gather(t, group):
+        calls.append(("all_gather", t.numel()))
+        return real_gather(t, group)
 
-    def reduce(*a, **k):
-        result_counts.append(("all_reduce", a[0].numel()))
-        return real_reduce(*a, **k)
+    def reduce(t, op, group):
+        calls.append(("all_reduce", t.numel()))
+        return real_reduce(t, op, group)
 
-    D._funcol.all_gather_single, D._funcol.all_reduce = gather, reduce
-    return lambda: setattr(D._funcol, "all_gather_single", real_gather) or setattr(D._funcol, "all_reduce", real_reduce)
+    D._all_gather, D._all_reduce = gather, reduce
+
+    def restore():
+        D._all_gather, D._all_reduce = real_gather, real_reduce
+
+    return restore
 
 
 def _collectives(rank, world, seed, device, result):
@@ -286,9 +303,9 @@ def _collectives(rank, world, seed, device, result):
     sizes = [600, 400]
     start, size = sum(sizes[:rank]), sizes[rank]
     n = 7
-    x = torch.randn(n, size, requires_grad=True)
-    y = torch.randint(0, V, (n,))
-    w = torch.rand(size) + 0.1
+    y = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
+    x = torch.randn(n, size, device=device, requires_grad=True)
+    w = torch.rand(size, device=device) + 0.1
     counts = {}
     calls = []
     restore = _counting(calls)
@@ -301,8 +318,8 @@ def _collectives(rank, world, seed, device, result):
         counts["logits_none_forward"], calls[:] = list(calls), []
         loss.sum().backward()
         counts["logits_none_backward"], calls[:] = list(calls), []
-        inp = torch.randn(n, 8, requires_grad=True)
-        lw = torch.randn(size, 8, requires_grad=True)
+        inp = torch.randn(n, 8, device=device, requires_grad=True)
+        lw = torch.randn(size, 8, device=device, requires_grad=True)
         loss = D.vocab_parallel_linear_cross_entropy(inp, lw, y, weight=w, label_smoothing=0.1)
         counts["linear_forward"], calls[:] = list(calls), []
         loss.backward()
@@ -349,19 +366,36 @@ SCENARIOS = {"parity": _parity, "errors": _errors, "collectives": _collectives, 
 # ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_matches_single_process(tmp_path, fresh_seed, world):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One spawn of two gloo ranks for every two-rank scenario (the processes' start-up,
+    seconds each, paid once): (seed, {scenario: [rank results]})."""
+    seed = new_seed()
+    print(f"xent_ext test seed for the two-rank spawn: {seed}   reproduce: {SEED_ENV}={seed}")
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    return seed, _launch(out_dir, 2, ["parity", "errors", "collectives", "compiled"], seed, timeout=150)
+
+
+def test_matches_single_process_two_ranks(two_ranks):
     """Loss, aux and gradients equal xent_ext.cross_entropy on the concatenated logits
-    (uneven shards: 999/1 on two ranks, 400/350/250 on three)."""
-    results = _launch(tmp_path, world, "parity", fresh_seed)
-    assert results[0]["cases"] >= 200
+    (uneven shards 999/1: one rank holds a single class)."""
+    seed, results = two_ranks
+    _check(results["parity"], seed)
+    assert results["parity"][0]["cases"] >= 200
 
 
-def test_errors_raise_on_every_rank(tmp_path, fresh_seed):
+def test_matches_single_process_three_ranks(tmp_path, fresh_seed):
+    """The same on three ranks, shards 400/350/250."""
+    results = _launch(tmp_path, 3, ["parity"], fresh_seed)
+    _check(results["parity"], fresh_seed)
+
+
+def test_errors_raise_on_every_rank(two_ranks):
     """A bad call raises the same exception on every rank (never a hang), also when only
     one rank's arguments are wrong; the group keeps working afterwards."""
-    results = _launch(tmp_path, 2, "errors", fresh_seed, timeout=60)
-    per_rank = [{name: (kind, msg) for name, kind, msg in res["outcomes"]} for res in results]
+    seed, results = two_ranks
+    _check(results["errors"], seed)
+    per_rank = [{name: (kind, msg) for name, kind, msg in res["outcomes"]} for res in results["errors"]]
     expected = {
         "overlap": ("ValueError", "overlap"),
         "gap": ("ValueError", "gap"),
@@ -383,11 +417,13 @@ def test_errors_raise_on_every_rank(tmp_path, fresh_seed):
         assert outcomes[0][0] == kind and words in outcomes[0][1], f"{name}: {outcomes[0]}"
 
 
-def test_collective_counts(tmp_path, fresh_seed):
+def test_collective_counts(two_ranks):
     """At most three collectives per call, each of O(rows) elements (no logits-sized
     all-gather); none in the backward of the logits; one in the linear form's backward
     (the input's gradient)."""
-    counts = _launch(tmp_path, 2, "collectives", fresh_seed, timeout=60)[0]["counts"]
+    seed, results = two_ranks
+    _check(results["collectives"], seed)
+    counts = results["collectives"][0]["counts"]
     n = 7
     for name in ("logits_forward", "logits_none_forward", "linear_forward"):
         kinds = [kind for kind, _ in counts[name]]
@@ -399,10 +435,10 @@ def test_collective_counts(tmp_path, fresh_seed):
     assert counts["linear_backward"][0][1] == n * 8, counts
 
 
-@pytest.mark.slow
-def test_under_torch_compile(tmp_path, fresh_seed):
+def test_under_torch_compile(two_ranks):
     """torch.compile traces the functional collectives; loss and gradient as in eager."""
-    _launch(tmp_path, 2, "compiled", fresh_seed, timeout=120)
+    seed, results = two_ranks
+    _check(results["compiled"], seed)
 
 
 @pytest.mark.cuda
@@ -412,4 +448,6 @@ def test_nccl_matches_single_process(tmp_path, fresh_seed):
         pytest.skip("needs two CUDA devices")
     if not dist.is_nccl_available():
         pytest.skip("NCCL is not available")
-    _launch(tmp_path, 2, "parity", fresh_seed, device="cuda", timeout=300)
+    results = _launch(tmp_path, 2, ["parity", "errors", "collectives"], fresh_seed, device="cuda", timeout=300)
+    for name in ("parity", "errors", "collectives"):
+        _check(results[name], fresh_seed)

@@ -94,23 +94,34 @@ def is_available() -> bool:
 # ---------------------------------------------------------------------------
 # Collectives.
 #
-# Note [Functional collectives]
-# The collectives are torch.distributed._functional_collectives: out-of-place
-# ops that dynamo and AOTAutograd trace, so the same code runs eagerly (gloo or
-# NCCL) and under torch.compile. In eager they return AsyncCollectiveTensor,
-# waited on here before use. Every call goes through the two functions below
-# (three calls per loss, one more in the linear form's backward).
+# Note [Collectives in eager and compiled code]
+# Every collective goes through the two functions below (three calls per loss,
+# one more in the linear form's backward). Under torch.compile they are
+# torch.distributed._functional_collectives: out-of-place ops that dynamo and
+# AOTAutograd trace into the graph. In eager they are the plain c10d calls on a
+# copy: the functional ones work there too (gloo and NCCL), but their first
+# eager call imports torch._dynamo (seconds, once per process), and they add a
+# custom-op dispatch to each call.
 
 
 def _all_gather(t: Tensor, group: Any) -> Tensor:
     """(world * n,) from each rank's (n,) ``t``, in rank order."""
-    gather = getattr(_funcol, "all_gather_single", None) or _funcol.all_gather_tensor
-    return _wait(gather(t, 0, group))
+    if torch.compiler.is_compiling():
+        gather = getattr(_funcol, "all_gather_single", None) or _funcol.all_gather_tensor
+        return _wait(gather(t, 0, group))
+    out = t.new_empty((_dist.get_world_size(group) * t.numel(),))
+    gather = getattr(_dist, "all_gather_single", None) or _dist.all_gather_into_tensor
+    gather(out, t.contiguous(), group=group)
+    return out
 
 
 def _all_reduce(t: Tensor, op: str, group: Any) -> Tensor:
     """``t`` reduced with ``op`` ('sum', 'max') over the group, out of place."""
-    return _wait(_funcol.all_reduce(t, op, group))
+    if torch.compiler.is_compiling():
+        return _wait(_funcol.all_reduce(t, op, group))
+    out = t.clone(memory_format=torch.contiguous_format)
+    _dist.all_reduce(out, op=_dist.ReduceOp.SUM if op == "sum" else _dist.ReduceOp.MAX, group=group)
+    return out
 
 
 def _wait(t: Tensor) -> Tensor:
