@@ -331,8 +331,9 @@ def _collectives(rank, world, seed, device, result):
 
 
 def _compiled(rank, world, seed, device, result):
-    """Under torch.compile (aot_eager: dynamo and AOTAutograd trace the functional
-    collectives) the loss and gradient match eager's."""
+    """Under torch.compile(fullgraph=True) (aot_eager: dynamo and AOTAutograd trace the
+    functional collectives, the linear form's backward one too) loss and gradients match
+    the single-process ones."""
     D = xent_ext.distributed
     g = torch.Generator().manual_seed(seed)
     sizes = [600, 400]
@@ -342,19 +343,34 @@ def _compiled(rank, world, seed, device, result):
     y[2] = -100
     w = torch.rand(V, generator=g) + 0.1
     kw = dict(label_smoothing=0.1, z_loss=0.01, softcap=5.0)
+    failures = []
+
     ref_x = full.clone().requires_grad_()
     ref = xent_ext.cross_entropy(ref_x, y, w, **kw)
     ref.backward()
-
-    def f(x, t, wl):
-        return D.vocab_parallel_cross_entropy(x, t, weight=wl, **kw)
-
     local = full[:, start:start + size].clone().requires_grad_()
-    loss = torch.compile(f, backend="aot_eager")(local, y, w[start:start + size])
+    f = torch.compile(lambda x, t, wl: D.vocab_parallel_cross_entropy(x, t, weight=wl, **kw), backend="aot_eager",
+                      fullgraph=True)
+    loss = f(local, y, w[start:start + size])
     loss.backward()
-    failures = []
     _close("compiled loss", loss, ref, torch.float32, f"rank {rank}", failures)
     _close("compiled grad", local.grad, ref_x.grad[:, start:start + size], torch.float32, f"rank {rank}", failures)
+
+    inp = torch.randn(6, 16, generator=g)
+    lin_w = torch.randn(V, 16, generator=g) * 0.3
+    ref_in, ref_w = inp.clone().requires_grad_(), lin_w.clone().requires_grad_()
+    ref = xent_ext.cross_entropy(ref_in @ ref_w.t(), y, reduction="sum", label_smoothing=0.1)
+    ref.backward()
+    local_in, local_w = inp.clone().requires_grad_(), lin_w[start:start + size].clone().requires_grad_()
+    f = torch.compile(lambda i, lw, t: D.vocab_parallel_linear_cross_entropy(i, lw, t, reduction="sum",
+                                                                             label_smoothing=0.1),
+                      backend="aot_eager", fullgraph=True)
+    loss = f(local_in, local_w, y)
+    loss.backward()
+    _close("compiled linear loss", loss, ref, torch.float32, f"rank {rank}", failures)
+    _close("compiled input.grad", local_in.grad, ref_in.grad, torch.float32, f"rank {rank}", failures)
+    _close("compiled linear_weight.grad", local_w.grad, ref_w.grad[start:start + size], torch.float32,
+           f"rank {rank}", failures)
     result["failures"] += failures
 
 
