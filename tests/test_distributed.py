@@ -374,7 +374,70 @@ def _compiled(rank, world, seed, device, result):
     result["failures"] += failures
 
 
-SCENARIOS = {"parity": _parity, "errors": _errors, "collectives": _collectives, "compiled": _compiled}
+def _dtensor(rank, world, seed, device, result):
+    """xent_ext.cross_entropy on a DTensor sharded on the class dimension (uneven: 999
+    classes on two ranks, 500/499): the single-process loss and gradient, in the layout
+    torch's loss_parallel returns (a replicated loss, a gradient sharded like the input)."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    mesh = init_device_mesh(device, (world,))
+    g = torch.Generator().manual_seed(seed)
+    n, k, classes = 5, 2, 999
+    failures = result["failures"]
+    cases = [
+        dict(reduction="mean"),
+        dict(reduction="sum", weighted=True),
+        dict(reduction="none", label_smoothing=0.1, weighted=True, z_loss=0.01),
+        dict(reduction="mean", label_smoothing=0.1, softcap=4.0, return_aux=True, kdim=True),
+        dict(reduction="mean", weighted=True, target_dtensor=True),
+    ]
+    for i, case in enumerate(cases):
+        case = dict(case)
+        weighted, kdim = case.pop("weighted", False), case.pop("kdim", False)
+        target_dtensor = case.pop("target_dtensor", False)
+        ctx = f"dtensor case {i} rank {rank}: {case} weighted={weighted} kdim={kdim}"
+        shape = (n, classes, k) if kdim else (n, classes)
+        full = torch.randn(shape, generator=g)
+        y = torch.randint(0, classes, (n, k) if kdim else (n,), generator=g)
+        y.view(-1)[1] = -100
+        w = torch.rand(classes, generator=g) + 0.1 if weighted else None
+        ref_x = full.clone().requires_grad_()
+        ref = xent_ext.cross_entropy(ref_x, y, w, **case)
+        dx = distribute_tensor(full.clone().to(device), mesh, [Shard(1)]).requires_grad_()
+        dy = distribute_tensor(y.to(device), mesh, [Replicate()]) if target_dtensor else y.to(device)
+        dw = None if w is None else distribute_tensor(w.to(device), mesh, [Replicate()])
+        out = xent_ext.cross_entropy(dx, dy, dw, **case)
+        if case.get("return_aux"):
+            (ref, ref_aux), (out, out_aux) = ref, out
+            _close("aux.lse", out_aux.lse.full_tensor(), ref_aux.lse, torch.float32, ctx, failures)
+        if not isinstance(out, DTensor) or tuple(out.placements) != (Replicate(),):
+            failures.append(f"{ctx}: expected a replicated DTensor, got {type(out).__name__} "
+                            f"{getattr(out, 'placements', None)}")
+            continue
+        _close("loss", out.full_tensor(), ref, torch.float32, ctx, failures)
+        upstream = torch.randn(ref.shape, generator=g)
+        ref.backward(upstream)
+        out.backward(DTensor.from_local(upstream.to(device), mesh, [Replicate()]))
+        if tuple(dx.grad.placements) != (Shard(1),):
+            failures.append(f"{ctx}: gradient placements {dx.grad.placements}")
+        _close("grad", dx.grad.full_tensor(), ref_x.grad, torch.float32, ctx, failures)
+        if not case.get("label_smoothing") and not case.get("return_aux"):
+            # torch's own loss_parallel (no smoothing, no extras) gives the same numbers and layout.
+            tx = distribute_tensor(full.clone().to(device), mesh, [Shard(1)])
+            with loss_parallel():
+                theirs = F.cross_entropy(tx, dy, dw, reduction=case["reduction"])
+            if tuple(theirs.placements) != tuple(out.placements):
+                failures.append(f"{ctx}: loss_parallel's placements {theirs.placements} != ours {out.placements}")
+            _close("loss vs loss_parallel", out.full_tensor(), theirs.full_tensor(), torch.float32, ctx, failures)
+            result["compared_with_loss_parallel"] = result.get("compared_with_loss_parallel", 0) + 1
+    result["cases"] = len(cases)
+
+
+SCENARIOS = {"parity": _parity, "errors": _errors, "collectives": _collectives, "compiled": _compiled,
+             "dtensor": _dtensor}
 
 
 # ----------------------------------------------------------------------------------
@@ -389,7 +452,7 @@ def two_ranks(tmp_path_factory):
     seed = new_seed()
     print(f"xent_ext test seed for the two-rank spawn: {seed}   reproduce: {SEED_ENV}={seed}")
     out_dir = tmp_path_factory.mktemp("two_ranks")
-    return seed, _launch(out_dir, 2, ["parity", "errors", "collectives", "compiled"], seed, timeout=150)
+    return seed, _launch(out_dir, 2, ["parity", "errors", "collectives", "compiled", "dtensor"], seed, timeout=150)
 
 
 def test_matches_single_process_two_ranks(two_ranks):
@@ -455,6 +518,14 @@ def test_under_torch_compile(two_ranks):
     """torch.compile traces the functional collectives; loss and gradient as in eager."""
     seed, results = two_ranks
     _check(results["compiled"], seed)
+
+
+def test_dtensor_sharded_on_classes(two_ranks):
+    """xent_ext.cross_entropy on a DTensor sharded on the class dimension: the
+    single-process numbers, torch loss_parallel's layout."""
+    seed, results = two_ranks
+    _check(results["dtensor"], seed)
+    assert results["dtensor"][0]["cases"] == 5 and results["dtensor"][0]["compared_with_loss_parallel"] == 3
 
 
 @pytest.mark.cuda

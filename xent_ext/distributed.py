@@ -746,7 +746,81 @@ def vocab_parallel_linear_cross_entropy(
 # DTensor.
 
 
-def dtensor_cross_entropy(input: Any, target: Any, weight: Any, ignore_index: int, reduction: str,
-                          label_smoothing: float, **extras: Any) -> Any:
-    """``xent_ext.cross_entropy`` on a DTensor ``input`` sharded on the class dimension (placeholder)."""
-    raise NotImplementedError("xent_ext.cross_entropy: DTensor inputs are not supported yet")
+# Note [DTensor logits]
+# xent_ext.cross_entropy on a DTensor sharded on the class dimension of a 1-D
+# mesh (Shard(class_dim)) is vocab_parallel_cross_entropy on its local shard,
+# with the shard's start from DTensor's own layout (uneven shards included) and
+# the mesh's process group; the result is what torch's loss_parallel returns on
+# a 1-D mesh: the loss as a replicated DTensor (the aux result too). The target
+# must be replicated (a DTensor placed Replicate, or a plain tensor, the same on
+# every rank); the class weights are the full (V,) weights, replicated (as
+# loss_parallel takes them), of which each rank uses its slice. The gradient
+# flows back through from_local / to_local to a DTensor gradient sharded like
+# the input. Other layouts (a 2-D mesh, sharding on another dimension) are
+# refused with a ValueError rather than redistributed behind the caller's back.
+
+
+def _dtensor_module() -> Any:
+    import torch.distributed.tensor as dtensor
+
+    return dtensor
+
+
+def dtensor_cross_entropy(input: Any, target: Any, weight: Any = None, size_average: Optional[bool] = None,
+                          ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
+                          label_smoothing: float = 0.0, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                          z_loss: float = 0.0, return_aux: bool = False, inplace_backward: bool = False) -> Any:
+    """``xent_ext.cross_entropy`` on a DTensor ``input`` sharded on the class dimension
+    (Note [DTensor logits]); the arguments are cross_entropy's. Returns a replicated
+    DTensor loss (and aux)."""
+    dt = _dtensor_module()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    where = "xent_ext.cross_entropy"
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    if inplace_backward:
+        raise ValueError(f"{where}: inplace_backward is not supported for DTensor logits")
+    mesh = input.device_mesh
+    class_dim = 0 if input.dim() == 1 else 1
+    placements = tuple(input.placements)
+    if mesh.ndim != 1 or not (placements[0].is_shard() and placements[0].dim % max(input.dim(), 1) == class_dim):
+        raise ValueError(
+            f"{where}: DTensor logits must be sharded on the class dimension {class_dim} of a 1-D device mesh "
+            f"(placements (Shard({class_dim}),)), got placements {placements} on a {mesh.ndim}-D mesh; "
+            "redistribute them first"
+        )
+
+    def replicated(t: Any, name: str) -> Any:
+        if isinstance(t, dt.DTensor):
+            if not all(p.is_replicate() for p in t.placements):
+                raise ValueError(f"{where}: the {name} of DTensor logits must be replicated, got {tuple(t.placements)}")
+            return t.to_local()
+        return t
+
+    target = replicated(target, "target")
+    weight = replicated(weight, "weight")
+    if isinstance(target, Tensor) and target.shape == input.shape:
+        raise ValueError(f"{where}: DTensor logits take class-index targets only (not probabilities)")
+    _, offset = compute_local_shape_and_global_offset(input.shape, mesh, placements)
+    local = input.to_local()
+    start = offset[class_dim]
+    size = local.shape[class_dim]
+    if isinstance(weight, Tensor) and weight.dim() == 1 and weight.numel() == input.shape[class_dim]:
+        weight = weight[start:start + size]
+    out = vocab_parallel_cross_entropy(
+        local, target, group=mesh.get_group(0), vocab_start=start, weight=weight, ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
+        z_loss=z_loss, return_aux=return_aux)
+    replicate = [dt.Replicate()]
+
+    def wrap(t: Tensor) -> Any:
+        return dt.DTensor.from_local(t, mesh, replicate, run_check=False)
+
+    if return_aux:
+        loss, aux = out
+        return wrap(loss), CrossEntropyAux(wrap(aux.lse), wrap(aux.z_loss))
+    return wrap(out)
+

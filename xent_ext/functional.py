@@ -9,6 +9,7 @@ exactly torch's result or error (Note [Handing over to torch]).
 
 from __future__ import annotations
 
+import sys as _sys
 from typing import Any, Optional
 
 import torch
@@ -154,7 +155,19 @@ def cross_entropy(
         >>> target = torch.randint(32000, (8,))
         >>> loss = xent_ext.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
+
+    A DTensor ``input`` sharded on the class dimension of a 1-D device mesh
+    is computed by ``xent_ext.distributed`` without gathering the logits
+    (Note [DTensor logits], distributed.py).
     """
+    if type(input) is not Tensor and _is_dtensor(input):
+        from .distributed import dtensor_cross_entropy
+
+        return dtensor_cross_entropy(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+            logit_scale=logit_scale, softcap=softcap, z_loss=z_loss, return_aux=return_aux,
+            inplace_backward=inplace_backward,
+        )
     # Note [Extras on the hot path]: one chain of comparisons when every extra
     # is at its default; the defaults then take exactly the path they took
     # before the extras existed (ex is None).
@@ -221,6 +234,13 @@ def cross_entropy(
         return _prob_target_loss(input, target, weight, reduction_enum, label_smoothing, ex)
     _check_label_smoothing(label_smoothing)
     return _index_target_loss(input, target, weight, reduction_enum, ignore_index, label_smoothing, ex)
+
+
+def _is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a DTensor; costs a dict lookup (a DTensor exists only once
+    torch.distributed.tensor is imported, and xent_ext does not import it)."""
+    mod = _sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, getattr(mod, "DTensor", ()))
 
 
 # Note [Handing over to torch]
