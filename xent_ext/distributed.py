@@ -165,14 +165,15 @@ def _resolve_group(group: Any, fn: str) -> tuple[Any, int, int]:
 _ERROR_TYPES = {1: TypeError, 2: ValueError, 3: IndexError, 4: RuntimeError}
 _ERROR_CODES = {TypeError: 1, ValueError: 2, IndexError: 3, RuntimeError: 4}
 _MESSAGE_BYTES = 512  # of the message that travels (truncated beyond)
-_HEADER = 6  # [N, rows, V_r, vocab_start or -1, fingerprint, error code]
+_HEADER = 7  # [N, rows, V_r, vocab_start or -1, fingerprint, error code, configuration]
 
 
 class _Args:
     """The validated arguments of one call, in the kernels' (N, V_r, K) view."""
 
     x: Tensor  # (N, V_r, K)
-    y: Tensor  # (N, K) the class indices as given (int64 or uint8)
+    y: Tensor  # (N, K) the class indices as given (int64 or uint8); probabilities: (N, V_r, K)
+    prob: bool  # probability targets (this rank's slice of them)
     w: Optional[Tensor]  # (V_r,)
     reduction: int
     ignore_index: int
@@ -206,27 +207,35 @@ def _check_args(fn: str, local_logits: Any, target: Any, weight: Any, vocab_star
         raise TypeError(f"{where}: target must be a Tensor, got {type(target).__name__}")
     if local_logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"{where}: local_logits must be float64, float32, bfloat16 or float16, got {local_logits.dtype}")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(
-            f"{where}: target must hold class indices as int64 (or uint8), got {target.dtype} "
-            "(probability targets are not supported)"
-        )
     if local_logits.dim() == 0:
         raise ValueError(f"{where}: local_logits must have at least one dimension, got a 0-d tensor")
     if target.device != local_logits.device:
         raise RuntimeError(f"{where}: target is on {target.device} but local_logits on {local_logits.device}")
     shape = tuple(local_logits.shape)
-    if len(shape) == 1:
-        expected: tuple = ()
-        if tuple(target.shape) not in ((), (1,)):
-            raise ValueError(f"{where}: for 1-D local_logits the target must be 0-d, got shape {list(target.shape)}")
-    else:
-        expected = (shape[0],) + shape[2:]
-        if tuple(target.shape) != expected:
-            raise ValueError(
-                f"{where}: target of shape {list(target.shape)} does not match local_logits of shape {list(shape)} "
-                f"(expected {list(expected)}: the logits' shape without the class dimension 1)"
-            )
+    # As torch: probabilities when the target has the logits' shape (and, unlike torch, a
+    # floating dtype: (V_r,) logits of one class and a (1,) class index are class indices).
+    prob = tuple(target.shape) == shape and target.is_floating_point()
+    if prob:
+        if target.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"{where}: probability targets must be floating point, got {target.dtype}")
+        if ignore_index >= 0:
+            raise ValueError(f"{where}: ignore_index is not supported for probability targets, got {ignore_index}")
+        if target.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{where}: probability targets are not differentiable here; pass target.detach()")
+    elif target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(
+            f"{where}: target must hold class indices as int64 (or uint8), or this rank's slice of the class "
+            f"probabilities (the logits' shape), got {target.dtype} of shape {list(target.shape)}"
+        )
+    expected: tuple = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    if not prob and len(shape) == 1 and tuple(target.shape) not in ((), (1,)):
+        raise ValueError(f"{where}: for 1-D local_logits the target must be 0-d, got shape {list(target.shape)}")
+    if not prob and len(shape) > 1 and tuple(target.shape) != expected:
+        raise ValueError(
+            f"{where}: target of shape {list(target.shape)} does not match local_logits of shape {list(shape)} "
+            f"(expected {list(expected)}: the logits' shape without the class dimension 1, or the logits' shape "
+            "for probabilities)"
+        )
     v_r = shape[0] if len(shape) == 1 else shape[1]
     if weight is not None:
         if not isinstance(weight, Tensor):
@@ -236,19 +245,22 @@ def _check_args(fn: str, local_logits: Any, target: Any, weight: Any, vocab_star
                 f"{where}: weight must be this rank's slice of the class weights, of shape [{v_r}] (local_logits' "
                 f"classes), got {list(weight.shape)}"
             )
-        if weight.dtype != local_logits.dtype:
+        if not prob and weight.dtype != local_logits.dtype:
             raise TypeError(f"{where}: weight must have local_logits' dtype {local_logits.dtype}, got {weight.dtype}")
+        if prob and weight.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"{where}: weight must be floating point, got {weight.dtype}")
         if weight.device != local_logits.device:
             raise RuntimeError(f"{where}: weight is on {weight.device} but local_logits on {local_logits.device}")
         if weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"{where}: the class weights are not differentiable; pass weight.detach()")
     a = _Args()
+    a.prob = prob
     if len(shape) == 1:
-        a.x, a.y = local_logits.reshape(1, v_r, 1), target.reshape(1, 1)
+        a.x, a.y = local_logits.reshape(1, v_r, 1), target.reshape(1, v_r, 1) if prob else target.reshape(1, 1)
     elif len(shape) == 2:
         a.x, a.y = local_logits.unsqueeze(-1), target.unsqueeze(-1)
     else:
-        a.x, a.y = local_logits.flatten(2), target.flatten(1)
+        a.x, a.y = local_logits.flatten(2), target.flatten(2) if prob else target.flatten(1)
     a.w = weight
     a.reduction = _REDUCTIONS[reduction]
     a.ignore_index = ignore_index
@@ -257,6 +269,13 @@ def _check_args(fn: str, local_logits: Any, target: Any, weight: Any, vocab_star
     a.loss_shape = torch.Size(expected)
     a.vocab_start = vocab_start
     return a
+
+
+def _configuration(a: _Args) -> int:
+    """What decides the collectives' sizes and the math, as one integer: compared
+    across ranks, so a mismatch raises rather than mixing incompatible tensors."""
+    return (int(a.prob) | int(a.w is not None) << 1 | int(a.smoothing > 0.0) << 2 | a.reduction << 3
+            | int(a.ex.z_loss != 0.0) << 5 | int(a.ex.softcap is not None) << 6)
 
 
 def _fingerprint(y: Tensor) -> Tensor:
@@ -280,14 +299,15 @@ def _exchange(fn: str, a: Optional[_Args], error: Optional[BaseException], devic
     where = f"xent_ext.distributed.{fn}"
     compiling = torch.compiler.is_compiling()
     if error is None:
-        n, k = a.y.shape
-        head = torch.tensor([n, n * k, a.x.shape[1], -1 if a.vocab_start is None else a.vocab_start, 0, 0],
-                            dtype=torch.int64, device=device)
-        head = torch.cat([head[:4], _fingerprint(a.y).to(device), head[5:]])
+        n, _, k = a.x.shape
+        head = torch.tensor([n, n * k, a.x.shape[1], -1 if a.vocab_start is None else a.vocab_start, 0, 0,
+                             _configuration(a)], dtype=torch.int64, device=device)
+        if not a.prob:  # a probability target is each rank's own slice
+            head = torch.cat([head[:4], _fingerprint(a.y).to(device), head[5:]])
         message = torch.zeros(_MESSAGE_BYTES // 8, dtype=torch.int64, device=device)
     else:
         code = _ERROR_CODES.get(type(error), 4)
-        head = torch.tensor([0, 0, 0, -1, 0, code], dtype=torch.int64, device=device)
+        head = torch.tensor([0, 0, 0, -1, 0, code, 0], dtype=torch.int64, device=device)
         raw = str(error).encode("utf-8")[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0")
         message = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(torch.int64).to(device)
     gathered = _all_gather(torch.cat([head, message]), pg).view(world, _HEADER + _MESSAGE_BYTES // 8)
@@ -310,6 +330,11 @@ def _exchange(fn: str, a: Optional[_Args], error: Optional[BaseException], devic
         raise ValueError(
             f"{where}: local_logits must have the same rows on every rank (the same batch, each rank a slice of "
             f"the classes), got batch sizes {ns} and row counts {counts} on ranks 0..{world - 1}"
+        )
+    if len({row[6] for row in rows}) != 1:
+        raise ValueError(
+            f"{where}: the arguments differ between ranks (class indices or probabilities, weight or none, "
+            "label_smoothing on or off, the reduction, the extras): every rank must make the same call"
         )
     if len({row[4] for row in rows}) != 1:
         raise ValueError(f"{where}: the target differs between ranks; every rank must pass the same class indices")
@@ -389,6 +414,8 @@ class _Result:
 def _loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> _Result:
     """Collectives 2 and 3, the loss and (``want_grad``) the gradient for the local logits
     (Note [Vocabulary-parallel cross-entropy])."""
+    if a.prob:
+        return _prob_loss_and_grad(a, layout, pg, want_grad)
     x, y, w = a.x, a.y, a.w
     n, v_r, k = x.shape
     acc = _extras.accumulation_dtype(x.dtype)
@@ -480,6 +507,63 @@ def _loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> _Resu
     return out
 
 
+# Note [Probability targets, vocabulary-parallel]
+# With probabilities q (each rank holds its classes' slice) and q' = (1 - eps) q
+# + eps / V, a row's loss is sum_c w_c q'_c (L - z_c) = L A - B with A = sum_c
+# w_c q'_c and B = sum_c w_c q'_c z_c, both sums of per-rank parts: the third
+# collective carries [exp(lse_r - M), A_r, B_r]. Every row counts (no
+# ignore_index, as in torch); 'mean' divides by the number of rows, the z-loss
+# too. The gradient for z is s (A p_c - w_c q'_c) + s 2 z_loss L p_c. The loss
+# has the type torch promotes the logits, target and weight to; the gradient the
+# logits' dtype. The target gets no gradient.
+
+
+def _prob_loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> _Result:
+    """_loss_and_grad for probability targets (Note [Probability targets, vocabulary-parallel])."""
+    x, w = a.x, a.w
+    n, v_r, k = x.shape
+    acc = _extras.accumulation_dtype(x.dtype)
+    f64 = torch.float64
+    eps, V = a.smoothing, layout.num_classes
+    q = a.y.to(acc)
+    if eps > 0.0:
+        q = q * (1.0 - eps) + eps / V
+    wq = q * w.to(acc).view(1, v_r, 1) if w is not None else q
+    z = _extras.logit_map(x.to(acc), a.ex.logit_scale, a.ex.softcap)
+    lse_r = _local_lse(a)
+    m = _all_reduce(lse_r, "max", pg)
+    packed = torch.stack([torch.exp(lse_r - m), wq.sum(1).to(f64), (wq * z).sum(1).to(f64)])
+    total = _all_reduce(packed.reshape(-1), "sum", pg).view(3, n, k)
+    lse = m + torch.log(total[0])
+    coef_sum = total[1]
+    rows = lse * coef_sum - total[2]
+    z_loss = a.ex.z_loss
+    count = n * k
+    if a.reduction == _extras.REDUCTION_NONE:
+        loss = rows
+    else:
+        loss = rows.sum() / count if a.reduction == _extras.REDUCTION_MEAN else rows.sum()
+    if z_loss != 0.0:
+        loss = loss + _extras.reduce_z_loss(z_loss * lse * lse, a.reduction, count)
+    dtype = torch.promote_types(x.dtype, a.y.dtype)
+    if w is not None:
+        dtype = torch.promote_types(dtype, w.dtype)
+    out = _Result()
+    out.loss = loss.to(dtype)
+    out.aux = None
+    if a.ex.return_aux:
+        out.aux = _extras.aux_from_row_stats(torch.stack([m, lse - m]), None, z_loss, a.reduction, a.loss_shape, acc)
+    out.grad = None
+    if want_grad:
+        scale = 1.0 / count if a.reduction == _extras.REDUCTION_MEAN else 1.0
+        coef = (scale * (coef_sum + (2.0 * z_loss) * lse)).to(acc).unsqueeze(1)
+        g = torch.exp(z - lse.to(acc).unsqueeze(1)) * coef - scale * wq
+        if a.ex.softcap is not None or a.ex.logit_scale != 1.0:
+            g = g * _extras.logit_slope(x.to(acc), a.ex.logit_scale, a.ex.softcap)
+        out.grad = g.to(x.dtype)
+    return out
+
+
 def _scale_rows(grad: Tensor, grad_loss: Tensor, reduction: int) -> Tensor:
     """The stored gradient (N, V_r, K) times the upstream gradient: per row for 'none'."""
     acc = _extras.accumulation_dtype(grad.dtype)
@@ -555,7 +639,7 @@ def _run(fn: str, local_logits: Any, target: Any, weight: Any, vocab_start: Any,
         except (TypeError, ValueError, IndexError, RuntimeError) as e:
             error = e
     layout = _exchange(fn, a, error, device, pg, rank, world)
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not a.prob:
         _check_target_range(a, int(layout.num_classes))
     with torch.no_grad():
         result = _loss_and_grad(a, layout, pg, want_grad)
