@@ -206,7 +206,8 @@ def _case(rank, world, seed, device, i, form, dtype, reduction, weighted, smooth
             ref = (ref[0].reshape(shape), ref[1]) if isinstance(ref, tuple) else ref.reshape(shape)
         if isinstance(ref, tuple):
             lse, zl = ref[1]
-            ref = (ref[0], xent_ext.CrossEntropyAux(lse.reshape(shape), zl.reshape(shape) if reduction == "none" else zl))
+            zl = zl.reshape(shape) if reduction == "none" else zl
+            ref = (ref[0], xent_ext.CrossEntropyAux(lse.reshape(shape), zl))
         local_in = inp.clone().to(device).requires_grad_()
         local_w = lin_w[start:start + size].clone().to(device).requires_grad_()
         local_b = lin_b[start:start + size].clone().to(device).requires_grad_()
@@ -291,11 +292,15 @@ def _errors(rank, world, seed, device, result):
         "target_differs": lambda: D.vocab_parallel_cross_entropy(x, y + rank),
         "weight_one_rank": lambda: D.vocab_parallel_cross_entropy(
             x, y, weight=torch.ones(size + rank, device=device)),
-        "dtype_one_rank": lambda: D.vocab_parallel_cross_entropy(x.double() if rank else x, y, weight=torch.ones(size, device=device)),
+        "dtype_one_rank": lambda: D.vocab_parallel_cross_entropy(
+            x.double() if rank else x, y, weight=torch.ones(size, device=device)),
         "target_shape": lambda: D.vocab_parallel_cross_entropy(x, y[:3]),
         "reduction": lambda: D.vocab_parallel_cross_entropy(x, y, reduction="avg"),
         "linear_hidden_one_rank": lambda: D.vocab_parallel_linear_cross_entropy(
             torch.randn(4, 8, device=device), torch.randn(size, 8 + rank, device=device), y),
+        "calls_differ": lambda: D.vocab_parallel_cross_entropy(x, y, label_smoothing=0.1 * rank),
+        "prob_ignore_index": lambda: D.vocab_parallel_cross_entropy(x, torch.softmax(x, 1), ignore_index=0),
+        "not_a_tensor": lambda: D.vocab_parallel_cross_entropy(x.tolist() if rank else x, y),
         "good_after": lambda: D.vocab_parallel_cross_entropy(x, y, label_smoothing=0.1),
     }
     result["outcomes"] = [[name] + _outcome(fn) for name, fn in cases.items()]
@@ -462,8 +467,27 @@ def _dtensor(rank, world, seed, device, result):
     result["cases"] = len(cases)
 
 
+def _autocast(rank, world, seed, device, result):
+    """Under autocast the loss has the dtype xent_ext.cross_entropy gives there (float32
+    for bfloat16 logits), with the same numbers."""
+    D = xent_ext.distributed
+    g = torch.Generator().manual_seed(seed)
+    sizes = [600, 400]
+    start, size = sum(sizes[:rank]), sizes[rank]
+    full = torch.randn(6, V, generator=g).to(torch.bfloat16).to(device)
+    y = torch.randint(0, V, (6,), generator=g).to(device)
+    probs = torch.softmax(torch.randn(6, V, generator=g), 1).to(torch.bfloat16).to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        for name, target, local_target in (("index", y, y), ("prob", probs, probs[:, start:start + size])):
+            ref = xent_ext.cross_entropy(full, target, label_smoothing=0.1)
+            ours = D.vocab_parallel_cross_entropy(full[:, start:start + size], local_target, label_smoothing=0.1)
+            if ours.dtype != ref.dtype:
+                result["failures"].append(f"rank {rank} {name}: autocast loss dtype {ours.dtype} != {ref.dtype}")
+            _close(f"autocast {name} loss", ours, ref, torch.float32, f"rank {rank}", result["failures"])
+
+
 SCENARIOS = {"parity": _parity, "errors": _errors, "collectives": _collectives, "compiled": _compiled,
-             "dtensor": _dtensor}
+             "dtensor": _dtensor, "autocast": _autocast}
 
 
 # ----------------------------------------------------------------------------------
@@ -478,7 +502,8 @@ def two_ranks(tmp_path_factory):
     seed = new_seed()
     print(f"xent_ext test seed for the two-rank spawn: {seed}   reproduce: {SEED_ENV}={seed}")
     out_dir = tmp_path_factory.mktemp("two_ranks")
-    return seed, _launch(out_dir, 2, ["parity", "errors", "collectives", "compiled", "dtensor"], seed, timeout=150)
+    return seed, _launch(out_dir, 2, ["parity", "errors", "collectives", "compiled", "dtensor", "autocast"], seed,
+                         timeout=150)
 
 
 def test_matches_single_process_two_ranks(two_ranks):
@@ -514,6 +539,9 @@ def test_errors_raise_on_every_rank(two_ranks):
         "target_shape": ("ValueError", "does not match local_logits"),
         "reduction": ("ValueError", "not a valid value for reduction"),
         "linear_hidden_one_rank": ("ValueError", "[on rank 1 of 2]"),
+        "calls_differ": ("ValueError", "the arguments differ between ranks"),
+        "prob_ignore_index": ("ValueError", "ignore_index is not supported for probability targets"),
+        "not_a_tensor": ("TypeError", "local_logits must be a Tensor, got list [on rank 1 of 2]"),
         "good_after": ("ok", ""),
     }
     for name, (kind, words) in expected.items():
@@ -552,6 +580,34 @@ def test_dtensor_sharded_on_classes(two_ranks):
     seed, results = two_ranks
     _check(results["dtensor"], seed)
     assert results["dtensor"][0]["cases"] == 5 and results["dtensor"][0]["compared_with_loss_parallel"] == 3
+
+
+def test_import_without_torch_distributed(tmp_path):
+    """Where torch.distributed is unavailable xent_ext still imports, and the functions
+    say what is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch.distributed as d; d.is_available = lambda: False\n"
+        "import xent_ext, xent_ext.distributed as D\n"
+        "assert not D.is_available()\n"
+        "try:\n"
+        "    D.vocab_parallel_cross_entropy(None, None)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'without torch.distributed' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_autocast_loss_dtype(two_ranks):
+    """Under autocast, the loss dtype and value of xent_ext.cross_entropy there."""
+    seed, results = two_ranks
+    _check(results["autocast"], seed)
 
 
 @pytest.mark.cuda

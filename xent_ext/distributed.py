@@ -49,7 +49,13 @@ The gradient for the local z, per counted row, is
 
 with s, t the reduction's scales of the two parts (1, or 1/sum w_y and
 1/count for 'mean'): everything it needs is local once L is known, so the
-backward needs no collective.
+backward needs no collective. Probability targets: Note [Probability targets,
+vocabulary-parallel].
+
+Not covered: a uint8 target with label smoothing where torch's byte-wise
+ignore mask differs from the integer comparison (Note [uint8 targets with
+smoothing], functional.py: class indices are compared as integers here), and
+differentiable class weights or probability targets (refused).
 """
 
 from __future__ import annotations
@@ -206,7 +212,9 @@ def _check_args(fn: str, local_logits: Any, target: Any, weight: Any, vocab_star
     if not isinstance(target, Tensor):
         raise TypeError(f"{where}: target must be a Tensor, got {type(target).__name__}")
     if local_logits.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"{where}: local_logits must be float64, float32, bfloat16 or float16, got {local_logits.dtype}")
+        raise TypeError(
+            f"{where}: local_logits must be float64, float32, bfloat16 or float16, got {local_logits.dtype}"
+        )
     if local_logits.dim() == 0:
         raise ValueError(f"{where}: local_logits must have at least one dimension, got a 0-d tensor")
     if target.device != local_logits.device:
@@ -345,7 +353,8 @@ def _exchange(fn: str, a: Optional[_Args], error: Optional[BaseException], devic
         out.start = sum(sizes[:rank])
     elif any(s == -1 for s in given):
         raise ValueError(
-            f"{where}: vocab_start must be given on every rank or on none, got {['None' if s == -1 else s for s in given]}"
+            f"{where}: vocab_start must be given on every rank or on none, got "
+            f"{['None' if s == -1 else s for s in given]}"
         )
     else:
         spans = sorted(zip(given, sizes, range(world)))
@@ -409,6 +418,14 @@ class _Result:
     loss: Tensor
     grad: Optional[Tensor]  # (N, V_r, K) in the logits' dtype, for an upstream gradient of 1 (per row for 'none')
     aux: Optional[CrossEntropyAux]
+
+
+def _loss_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` gives the loss: its own, or float32 for float32,
+    bfloat16 and float16 under autocast for ``device`` (Note [Autocast], functional.py)."""
+    if dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.is_autocast_enabled(device.type):
+        return torch.float32
+    return dtype
 
 
 def _loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> _Result:
@@ -479,7 +496,7 @@ def _loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> _Resu
     if z_loss != 0.0:
         loss = loss + _extras.reduce_z_loss(zl_rows, a.reduction, count)
     out = _Result()
-    out.loss = loss.to(x.dtype)
+    out.loss = loss.to(_loss_dtype(x.dtype, x.device))
     out.aux = None
     if a.ex.return_aux:
         out.aux = _extras.aux_from_row_stats(torch.stack([m, lse - m]), counted, z_loss, a.reduction,
@@ -545,9 +562,9 @@ def _prob_loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> 
         loss = rows.sum() / count if a.reduction == _extras.REDUCTION_MEAN else rows.sum()
     if z_loss != 0.0:
         loss = loss + _extras.reduce_z_loss(z_loss * lse * lse, a.reduction, count)
-    dtype = torch.promote_types(x.dtype, a.y.dtype)
+    dtype = torch.promote_types(_loss_dtype(x.dtype, x.device), _loss_dtype(a.y.dtype, x.device))
     if w is not None:
-        dtype = torch.promote_types(dtype, w.dtype)
+        dtype = torch.promote_types(dtype, _loss_dtype(w.dtype, x.device))
     out = _Result()
     out.loss = loss.to(dtype)
     out.aux = None
@@ -602,7 +619,7 @@ class _AttachLinearGrad(torch.autograd.Function):
         ctx.save_for_backward(input, linear_weight, grad)
         ctx.reduction = reduction
         ctx.group = group
-        ctx.has_bias = linear_bias is not None
+        ctx.bias_dtype = None if linear_bias is None else linear_bias.dtype
         return loss.clone()
 
     @staticmethod
@@ -618,8 +635,8 @@ class _AttachLinearGrad(torch.autograd.Function):
             grad_input = _all_reduce(partial, "sum", ctx.group).reshape(input.shape)
         if ctx.needs_input_grad[1]:
             grad_weight = (g.t().to(flat.dtype) @ flat).to(linear_weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
@@ -792,8 +809,9 @@ def vocab_parallel_linear_cross_entropy(
             )
         if input.dtype != local_linear_weight.dtype:
             raise TypeError(f"{where}: input is {input.dtype} but local_linear_weight {local_linear_weight.dtype}")
+        rows = local_linear_weight.shape[0]
         if local_linear_bias is not None and (
-            not isinstance(local_linear_bias, Tensor) or tuple(local_linear_bias.shape) != (local_linear_weight.shape[0],)
+            not isinstance(local_linear_bias, Tensor) or tuple(local_linear_bias.shape) != (rows,)
         ):
             raise ValueError(f"{where}: local_linear_bias must have shape [{local_linear_weight.shape[0]}]")
         if not isinstance(target, Tensor) or tuple(target.shape) != tuple(input.shape[:-1]):
