@@ -302,8 +302,26 @@ def _errors(rank, world, seed, device, result):
         "prob_ignore_index": lambda: D.vocab_parallel_cross_entropy(x, torch.softmax(x, 1), ignore_index=0),
         "not_a_tensor": lambda: D.vocab_parallel_cross_entropy(x.tolist() if rank else x, y),
         "good_after": lambda: D.vocab_parallel_cross_entropy(x, y, label_smoothing=0.1),
+        "empty_shard": lambda: _empty_shard(rank, seed, device),
     }
     result["outcomes"] = [[name] + _outcome(fn) for name, fn in cases.items()]
+
+
+def _empty_shard(rank, seed, device):
+    """A rank that holds no classes: the loss and gradient of the one that holds them all."""
+    full = torch.randn(4, V, generator=torch.Generator().manual_seed(seed)).to(device)
+    y = torch.tensor([3, -100, V - 1, 0], device=device)
+    local = (full if rank == 0 else full[:, :0]).clone().requires_grad_()
+    ref_x = full.clone().requires_grad_()
+    ref = xent_ext.cross_entropy(ref_x, y, label_smoothing=0.1, z_loss=0.01)
+    ours = xent_ext.distributed.vocab_parallel_cross_entropy(local, y, label_smoothing=0.1, z_loss=0.01)
+    ref.backward()
+    ours.backward()
+    failures = []
+    _close("loss", ours, ref, torch.float32, "empty shard", failures)
+    if rank == 0:
+        _close("grad", local.grad, ref_x.grad, torch.float32, "empty shard", failures)
+    assert not failures, failures
 
 
 def _counting(calls):
@@ -543,6 +561,7 @@ def test_errors_raise_on_every_rank(two_ranks):
         "prob_ignore_index": ("ValueError", "ignore_index is not supported for probability targets"),
         "not_a_tensor": ("TypeError", "local_logits must be a Tensor, got list [on rank 1 of 2]"),
         "good_after": ("ok", ""),
+        "empty_shard": ("ok", ""),
     }
     for name, (kind, words) in expected.items():
         outcomes = [r[name] for r in per_rank]

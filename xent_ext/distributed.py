@@ -517,7 +517,8 @@ def _loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> _Resu
         if eps > 0.0:
             w_c = w.to(acc).view(1, v_r, 1) if w is not None else torch.ones((), dtype=acc, device=x.device)
             g = g - coef_d.to(acc).unsqueeze(1) * w_c
-        g = g.scatter_add(1, idx, -coef_b.to(acc).unsqueeze(1))
+        if v_r > 0:
+            g = g.scatter_add(1, idx, -coef_b.to(acc).unsqueeze(1))
         if softcap is not None or logit_scale != 1.0:
             g = g * _extras.logit_slope(x.to(acc), logit_scale, softcap)
         out.grad = g.to(x.dtype)
