@@ -460,8 +460,7 @@ def _loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> _Resu
     if eps > 0.0:
         # sum_c w_c z_c: without a softcap z = logit_scale * x, so a reduction of x itself.
         if softcap is None:
-            xs = x.to(acc)
-            s = (xs * w.to(acc).view(1, v_r, 1)).sum(1) if w is not None else xs.sum(1)
+            s = torch.einsum("nck,c->nk", x.to(acc), w.to(acc)) if w is not None else x.sum(1, dtype=acc)
             parts.append(s.to(f64) * logit_scale)
         else:
             z = _extras.logit_map(x.to(acc), logit_scale, softcap)
@@ -513,14 +512,15 @@ def _loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> _Resu
         coef_a = torch.where(counted, coef_a, zero)
         if z is None:
             z = _extras.logit_map(x.to(acc), logit_scale, softcap)
-        g = torch.exp(z - lse.to(acc).unsqueeze(1)) * coef_a.to(acc).unsqueeze(1)
+        # One logits-sized buffer, updated in place.
+        g = torch.sub(z, lse.to(acc).unsqueeze(1)).exp_().mul_(coef_a.to(acc).unsqueeze(1))
         if eps > 0.0:
             w_c = w.to(acc).view(1, v_r, 1) if w is not None else torch.ones((), dtype=acc, device=x.device)
-            g = g - coef_d.to(acc).unsqueeze(1) * w_c
+            g.sub_(coef_d.to(acc).unsqueeze(1) * w_c)
         if v_r > 0:
-            g = g.scatter_add(1, idx, -coef_b.to(acc).unsqueeze(1))
+            g.scatter_add_(1, idx, -coef_b.to(acc).unsqueeze(1))
         if softcap is not None or logit_scale != 1.0:
-            g = g * _extras.logit_slope(x.to(acc), logit_scale, softcap)
+            g.mul_(_extras.logit_slope(x.to(acc), logit_scale, softcap))
         out.grad = g.to(x.dtype)
     return out
 
@@ -575,9 +575,9 @@ def _prob_loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> 
     if want_grad:
         scale = 1.0 / count if a.reduction == _extras.REDUCTION_MEAN else 1.0
         coef = (scale * (coef_sum + (2.0 * z_loss) * lse)).to(acc).unsqueeze(1)
-        g = torch.exp(z - lse.to(acc).unsqueeze(1)) * coef - scale * wq
+        g = torch.sub(z, lse.to(acc).unsqueeze(1)).exp_().mul_(coef).sub_(scale * wq)
         if a.ex.softcap is not None or a.ex.logit_scale != 1.0:
-            g = g * _extras.logit_slope(x.to(acc), a.ex.logit_scale, a.ex.softcap)
+            g.mul_(_extras.logit_slope(x.to(acc), a.ex.logit_scale, a.ex.softcap))
         out.grad = g.to(x.dtype)
     return out
 
