@@ -303,6 +303,7 @@ def _errors(rank, world, seed, device, result):
         "not_a_tensor": lambda: D.vocab_parallel_cross_entropy(x.tolist() if rank else x, y),
         "good_after": lambda: D.vocab_parallel_cross_entropy(x, y, label_smoothing=0.1),
         "empty_shard": lambda: _empty_shard(rank, seed, device),
+        "second_backward": lambda: _second_backward(x, y),
     }
     result["outcomes"] = [[name] + _outcome(fn) for name, fn in cases.items()]
 
@@ -322,6 +323,13 @@ def _empty_shard(rank, seed, device):
     if rank == 0:
         _close("grad", local.grad, ref_x.grad, torch.float32, "empty shard", failures)
     assert not failures, failures
+
+
+def _second_backward(x, y):
+    """The gradient is computed in the forward and handed to the first backward."""
+    loss = xent_ext.distributed.vocab_parallel_cross_entropy(x.clone().requires_grad_(), y)
+    loss.backward(retain_graph=True)
+    loss.backward()
 
 
 def _counting(calls):
@@ -562,6 +570,7 @@ def test_errors_raise_on_every_rank(two_ranks):
         "not_a_tensor": ("TypeError", "local_logits must be a Tensor, got list [on rank 1 of 2]"),
         "good_after": ("ok", ""),
         "empty_shard": ("ok", ""),
+        "second_backward": ("RuntimeError", "a second backward through the same call is not supported"),
     }
     for name, (kind, words) in expected.items():
         outcomes = [r[name] for r in per_rank]

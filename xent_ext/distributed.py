@@ -65,7 +65,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _extras
+from . import _extras, _ops
 from ._extras import CrossEntropyAux
 
 __all__ = [
@@ -582,42 +582,70 @@ def _prob_loss_and_grad(a: _Args, layout: _Layout, pg: Any, want_grad: bool) -> 
     return out
 
 
-def _scale_rows(grad: Tensor, grad_loss: Tensor, reduction: int) -> Tensor:
-    """The stored gradient (N, V_r, K) times the upstream gradient: per row for 'none'."""
-    acc = _extras.accumulation_dtype(grad.dtype)
-    if reduction == _extras.REDUCTION_NONE:
-        n, _, k = grad.shape
-        return (grad.to(acc) * grad_loss.reshape(n, 1, k).to(acc)).to(grad.dtype)
-    return (grad.to(acc) * grad_loss.reshape(()).to(acc)).to(grad.dtype)
-
-
 # Note [Gradient attached to the loss]
 # The loss and the gradient are computed outside autograd (under no_grad); these
 # Functions only attach the gradient to the loss, and their backward scales it by
 # the upstream gradient (per row for 'none'): no recomputation, no collective for
-# the logits. The forward returns a copy of the loss (O(rows)) so that its output
-# is a tensor of its own.
+# the logits. As for the fused single-process ops (Note [Gradient in the
+# forward], _ops.py, whose _apply_upstream does the scaling), the buffer is a
+# plain ctx attribute, handed out as it is for an upstream gradient of exactly 1
+# and scaled in place otherwise, so the backward allocates nothing logits-sized.
+# It is handed out once: a second backward through the same graph
+# (retain_graph=True) and a double backward (create_graph=True) raise. Under
+# torch.compile it is a saved tensor scaled out of place (a traced graph does not
+# mutate its forward's outputs). The forward returns a copy of the loss (O(rows))
+# so that its output is a tensor of its own.
+
+
+def _keep_gradient(ctx: Any, grad: Tensor) -> tuple:
+    """Keep the forward's gradient on ``ctx`` (Note [Gradient attached to the loss]);
+    returns what to add to save_for_backward."""
+    ctx.traced = torch.compiler.is_compiling()
+    ctx.grad = None if ctx.traced else grad
+    return (grad,) if ctx.traced else ()
+
+
+def _take_gradient(ctx: Any, grad_loss: Tensor, saved: tuple, name: str) -> Tensor:
+    """The kept gradient (N, V_r, K) times the upstream gradient (Note [Gradient attached to the loss])."""
+    if ctx.traced:
+        grad = saved[0]
+    else:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"xent_ext.distributed.{name}: double backward (create_graph=True) is not supported; the gradient "
+                "is computed in the forward"
+            )
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(
+                f"xent_ext.distributed.{name}: a second backward through the same call is not supported (its "
+                "gradient, computed in the forward, was handed to the first backward); call it again instead"
+            )
+    n, _, k = grad.shape
+    if ctx.reduction == _extras.REDUCTION_NONE:
+        grad_loss = grad_loss.reshape(n, k)
+    return _ops._apply_upstream((grad,), grad_loss, ctx.reduction, ctx.traced)[0]
 
 
 class _AttachLogitsGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, local_logits: Tensor, loss: Tensor, grad: Tensor, reduction: int) -> Tensor:
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(*_keep_gradient(ctx, grad))
         ctx.reduction = reduction
         ctx.shape = local_logits.shape
         return loss.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple:
-        (grad,) = ctx.saved_tensors
-        return _scale_rows(grad, grad_loss, ctx.reduction).reshape(ctx.shape), None, None, None
+        grad = _take_gradient(ctx, grad_loss, ctx.saved_tensors, "vocab_parallel_cross_entropy")
+        return grad.reshape(ctx.shape), None, None, None
 
 
 class _AttachLinearGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], loss: Tensor,
                 grad: Tensor, reduction: int, group: Any) -> Tensor:
-        ctx.save_for_backward(input, linear_weight, grad)
+        ctx.save_for_backward(input, linear_weight, *_keep_gradient(ctx, grad))
         ctx.reduction = reduction
         ctx.group = group
         ctx.bias_dtype = None if linear_bias is None else linear_bias.dtype
@@ -625,8 +653,8 @@ class _AttachLinearGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple:
-        input, linear_weight, grad = ctx.saved_tensors
-        g = _scale_rows(grad, grad_loss, ctx.reduction).squeeze(-1)  # (N, V_r)
+        input, linear_weight, *saved = ctx.saved_tensors
+        g = _take_gradient(ctx, grad_loss, tuple(saved), "vocab_parallel_linear_cross_entropy").squeeze(-1)
         h = linear_weight.shape[1]
         flat = input.reshape(-1, h)
         grad_input = grad_weight = grad_bias = None
