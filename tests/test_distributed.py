@@ -491,6 +491,14 @@ def _dtensor(rank, world, seed, device, result):
             _close("loss vs loss_parallel", out.full_tensor(), theirs.full_tensor(), torch.float32, ctx, failures)
             result["compared_with_loss_parallel"] = result.get("compared_with_loss_parallel", 0) + 1
     result["cases"] = len(cases)
+    # Another layout is refused on every rank (not redistributed behind the caller's back).
+    replicated = distribute_tensor(torch.randn(n, classes, generator=g).to(device), mesh, [Replicate()])
+    try:
+        xent_ext.cross_entropy(replicated, torch.zeros(n, dtype=torch.int64, device=device))
+        failures.append(f"rank {rank}: a replicated DTensor was not refused")
+    except ValueError as e:
+        if "sharded on the class dimension" not in str(e):
+            failures.append(f"rank {rank}: unexpected error {e}")
 
 
 def _autocast(rank, world, seed, device, result):

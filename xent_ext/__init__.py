@@ -47,7 +47,6 @@ __all__ = [
     "cuda_target_check",
     "set_cuda_target_check",
     "__version__",
-    "distributed",
 ]
 
 
