@@ -1,14 +1,16 @@
 """xent_ext.distributed: vocabulary-parallel cross-entropy against the single-process loss.
 
-Each test spawns 2 or 3 processes that form one gloo process group on the CPU (NCCL on
-GPUs for the CUDA twin). Every rank builds the FULL logits (or the full projection) from
-the test's fresh seed, computes xent_ext.cross_entropy on them in one process, and
-compares that with what vocab_parallel_cross_entropy / vocab_parallel_linear_cross_entropy
-compute from its slice: the loss, the aux result, and its slice of the gradient (the
-linear form: its rows of the projection's gradient, the full input gradient). One spawn
-runs many cases in one process group; each rank writes what failed to a file that the
-parent reads, so pytest shows it. A rank that hangs is killed at the timeout (a hang is a
-failure).
+Each test runs ranks that form one gloo process group on the CPU (NCCL on GPUs for the
+CUDA twin), started from a forkserver. Every rank builds the FULL logits (or the full
+projection, or the full probabilities) from the test's seed, computes
+xent_ext.cross_entropy on them in one process, and compares that with what
+vocab_parallel_cross_entropy / vocab_parallel_linear_cross_entropy compute from its slice:
+the loss, the aux result, and its slice of the gradient (the linear form: its rows of the
+projection's gradient, the full input gradient). The two-rank scenarios (every argument
+combination, errors, collective counts, torch.compile, DTensor, autocast) share one spawn
+(the module fixture ``two_ranks``); the three-rank parity has its own. Each rank writes
+what failed to a file that the parent reads, so pytest shows it; a rank that hangs is
+killed at the timeout (a hang is a failure).
 """
 
 import json

@@ -163,8 +163,11 @@ def _resolve_group(group: Any, fn: str) -> tuple[Any, int, int]:
 # target's fingerprint) run on the gathered vectors, the same everywhere; the
 # class-index range check on the target, which is the same everywhere once the
 # fingerprints agree, raises the same IndexError on every rank.
-# These checks read the gathered vector on the host (one sync), in eager only:
-# under torch.compile the local checks raise while tracing, and the gathered
+# Any exception of the local checks travels (types other than TypeError,
+# ValueError and IndexError as RuntimeError). These checks read the gathered
+# vector on the host (one sync), in eager only: under torch.compile the local
+# checks raise while tracing, on the ranks whose arguments are wrong only (the
+# others then wait: check a new configuration in eager first), and the gathered
 # numbers are used as tensors, unchecked (a compiled graph does not branch on
 # data).
 
@@ -682,7 +685,7 @@ def _run(fn: str, local_logits: Any, target: Any, weight: Any, vocab_start: Any,
     else:
         try:
             a = _check_args(*args)
-        except (TypeError, ValueError, IndexError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - shared with every rank (Note [Errors on every rank])
             error = e
     layout = _exchange(fn, a, error, device, pg, rank, world)
     if not torch.compiler.is_compiling() and not a.prob:
@@ -854,7 +857,7 @@ def vocab_parallel_linear_cross_entropy(
             if local_linear_bias is not None:
                 logits = logits + local_linear_bias.to(logits.dtype)
         flat_target = target.reshape(-1)
-    except (TypeError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - shared with every rank (Note [Errors on every rank])
         if torch.compiler.is_compiling():
             raise
         error = e
