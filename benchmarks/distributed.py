@@ -17,7 +17,10 @@ grad, and the same ``N`` targets. Per shape it times forward + backward
   the gathered logits (how much of ``gather+torch`` is the gather);
 * ``loss_parallel``: torch's own, ``F.cross_entropy`` inside
   ``torch.distributed.tensor.parallel.loss_parallel()`` on a DTensor sharded
-  on the class dimension (``Shard(1)``).
+  on the class dimension (``Shard(1)``);
+* ``xent-dtensor`` (with ``--impls``): ``xent_ext.cross_entropy`` on that same
+  DTensor (which computes ``xent-vp`` on its local shard and returns a
+  replicated DTensor, as ``loss_parallel`` does).
 
 Each rank runs ``--threads`` torch threads (default: the logical CPUs divided
 by the ranks). A sample is the slowest rank's time: the ranks meet at a
@@ -77,8 +80,8 @@ from harness.timing import TimingConfig, blocked_samples, interleaved_samples  #
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_SHAPES = ("4096x32000:fp32", "4096x32000:bf16", "2048x128256:fp32", "2048x128256:bf16")
-IMPLS = ("xent-vp", "gather+torch", "gather+xent", "loss_parallel")
-DEFAULT_IMPLS = ("xent-vp", "gather+torch", "loss_parallel")  # gather+xent on request: it keeps the run short
+IMPLS = ("xent-vp", "gather+torch", "gather+xent", "loss_parallel", "xent-dtensor")
+DEFAULT_IMPLS = ("xent-vp", "gather+torch", "loss_parallel")  # the others on request: it keeps the run short
 BASELINE = "xent-vp"
 
 
@@ -217,7 +220,7 @@ class GatherLogits(torch.autograd.Function):
 
 def make_mesh(names: list[str], world: int) -> Any:
     """The 1-D device mesh over all ranks that loss_parallel's DTensors live on (None if not needed)."""
-    if "loss_parallel" not in names:
+    if "loss_parallel" not in names and "xent-dtensor" not in names:
         return None
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -252,19 +255,26 @@ def implementations(names: list[str], world: int, vocab: int, mesh: Any) -> tupl
         fns["gather+torch"] = lambda x, y, start: F.cross_entropy(GatherLogits.apply(x, start, widths), y)
     if "gather+xent" in names:
         fns["gather+xent"] = lambda x, y, start: xent_ext.cross_entropy(GatherLogits.apply(x, start, widths), y)
-    if "loss_parallel" in names:
+    if "loss_parallel" in names or "xent-dtensor" in names:
         try:
             from torch.distributed.tensor import DTensor, Shard
             from torch.distributed.tensor.parallel import loss_parallel
         except ImportError as exc:
-            missing["loss_parallel"] = f"not importable: {exc}"
+            for name in ("loss_parallel", "xent-dtensor"):
+                if name in names:
+                    missing[name] = f"not importable: {exc}"
         else:
+            def sharded(x: torch.Tensor) -> Any:
+                return DTensor.from_local(x, mesh, [Shard(1)], run_check=False, shape=(x.shape[0], vocab),
+                                          stride=(vocab, 1))
+
             def lp(x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
-                dx = DTensor.from_local(x, mesh, [Shard(1)], run_check=False, shape=(x.shape[0], vocab),
-                                        stride=(vocab, 1))
-                return F.cross_entropy(dx, y)
+                return F.cross_entropy(sharded(x), y)
             lp.context = loss_parallel  # type: ignore[attr-defined]  (its backward must run inside it too)
-            fns["loss_parallel"] = lp
+            if "loss_parallel" in names:
+                fns["loss_parallel"] = lp
+            if "xent-dtensor" in names:
+                fns["xent-dtensor"] = lambda x, y, start: xent_ext.cross_entropy(sharded(x), y)
     return fns, missing
 
 
