@@ -88,7 +88,7 @@ def _isas() -> list[str]:
     unknown = sorted(set(isas) - set(ISA_FLAGS))
     if unknown or "default" not in isas:
         raise SystemExit(f"XENT_EXT_ISAS={requested!r}: expected a list from {sorted(ISA_FLAGS)} including 'default'")
-    return isas
+    return [isa for isa in ISA_FLAGS if isa in isas]  # lowest ISA first: Note [Link the lowest ISA first]
 
 
 ISAS = _isas()
@@ -254,7 +254,11 @@ class XentBuildExtension(BuildExtension):
             )
 
         with ThreadPoolExecutor(max_workers=min(JOBS, len(jobs))) as pool:
-            objects = [obj for objs in pool.map(compile_one, jobs) for obj in objs]
+            compiled = dict(zip((source for source, _ in jobs), pool.map(compile_one, jobs)))
+        # Note [Link the lowest ISA first] (csrc/build_flags.txt): the baseline
+        # objects, then the kernels from the lowest ISA up.
+        link_order = [*pooled, *reversed([source for source, _ in kernels])]
+        objects = [obj for source in link_order for obj in compiled[source]]
         ext.sources = [source for source in ext.sources if source not in pooled]
         ext.extra_objects = [*getattr(ext, "extra_objects", []), *objects]
         super().build_extension(ext)
