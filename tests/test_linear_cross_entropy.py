@@ -364,18 +364,19 @@ def test_never_materializes_the_logits(fresh_seed):
     ours = _peak_bytes(lambda: step(lambda: lce(x, w, t)))
     theirs = _peak_bytes(lambda: step(lambda: F.linear_cross_entropy(x, w, t)))
     chunk = xlinear._chunk_rows(n, c * 4, None) * c * 4
-    assert chunk == logits_bytes // 8
+    assert chunk == logits_bytes // 16
     grads = (n * h + c * h) * 4
     assert ours <= chunk + grads + (64 << 10), (ours, chunk, grads)
     assert theirs >= 2 * logits_bytes
 
 
 def test_chunk_size_rule():
-    # Note [Chunk size]: 1/8 of the logits, at most 256 MiB, at least 256 rows, spread evenly.
-    assert xlinear._chunk_rows(8192, 128256 * 2, None) == 1024
+    # Note [Chunk size]: 1/16 of the logits, at most 256 MiB, at least 128 rows, spread evenly.
+    assert xlinear._chunk_rows(8192, 128256 * 2, None) == 512
     assert xlinear._chunk_rows(65536, 128256 * 2, None) * 128256 * 2 <= 256 << 20
     assert xlinear._chunk_rows(100, 4 * 32000, None) == 100
-    assert xlinear._chunk_rows(1000, 4 * 32000, None) == 250  # 4 chunks of 250, not 3 x 256 + 232
+    assert xlinear._chunk_rows(1000, 4 * 32000, None) == 125  # 8 chunks of 125, not 7 x 128 + 104
+    assert xlinear._chunk_rows(2048, 4 * 32000, None) == 128
     assert xlinear._chunk_rows(1000, 4 * 32000, 7) == 7  # options.batch_chunk_size
 
 

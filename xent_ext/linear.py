@@ -63,15 +63,21 @@ _xops = torch.ops.xent_ext
 # ---------------------------------------------------------------------------
 # Note [Chunk size]
 # The rows per chunk follow from the shapes alone (so a run is deterministic
-# and repeatable): a chunk's logits take at most 1/8 of the full logits and
-# at most 256 MiB, but a chunk has at least 256 rows where the byte cap
+# and repeatable): a chunk's logits take at most 1/16 of the full logits and
+# at most 256 MiB, but a chunk has at least 128 rows where the byte cap
 # allows (below that the matmuls lose much of their speed, and logits of so
 # few rows are small anyway). The rows are then spread evenly over the chunks
-# that gives, so the last chunk is not a sliver. ``options.batch_chunk_size``
-# (torch's LinearCrossEntropyOptions) overrides it.
-_CHUNK_FRACTION = 8
+# that gives, so the last chunk is not a sliver. 1/16 rather than 1/8: the
+# step's peak is the chunk plus the gradients of the input and the weight,
+# and for a head as small as 512 x 32000 the weight's gradient is already a
+# tenth of what the unfused path peaks at, so an eighth of the logits on top
+# of it would pass 1/8 of that peak. Smaller chunks cost time instead: each
+# one reads and writes the whole weight gradient once (its addmm), which is
+# why the rows stop at 128. ``options.batch_chunk_size`` (torch's
+# LinearCrossEntropyOptions) overrides it.
+_CHUNK_FRACTION = 16
 _CHUNK_MAX_BYTES = 256 << 20
-_CHUNK_MIN_ROWS = 256
+_CHUNK_MIN_ROWS = 128
 
 
 def _chunk_rows(n: int, row_bytes: int, requested: Optional[int]) -> int:
@@ -597,7 +603,7 @@ def linear_cross_entropy(
     A drop-in for :func:`torch.nn.functional.linear_cross_entropy`: the same
     arguments, shapes, results (forward and gradients) and errors, computed a
     chunk of rows at a time so that the full ``(N, C)`` logits never exist
-    (the working set is one chunk of logits, at most 1/8 of them and at most
+    (the working set is one chunk of logits, at most 1/16 of them and at most
     256 MiB). The gradients with respect to ``input``, ``linear_weight``,
     ``linear_bias`` (and probability targets) are formed during the forward
     for ``'mean'`` and ``'sum'``; the backward scales them.
