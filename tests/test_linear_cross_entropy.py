@@ -135,6 +135,29 @@ def test_matches_float64_definition(device, fresh_seed, dtype, prob, reduction, 
         check(a, e, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("rows", (4, 64), ids=("chunks", "one-chunk"))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("native", (True, False), ids=("native-matmul", "widened-matmul"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_low_precision_matmul_routes(monkeypatch, fresh_seed, dtype, native, reduction, rows):
+    """Note [Widened matmuls on the CPU]: bf16/fp16 products run in torch's own matmul where the
+    CPU has a native one, else widened to fp32 a block of W's rows at a time; both routes (each
+    forced here, whatever this CPU has) give the float64 definition's values and gradients."""
+    monkeypatch.setitem(xlinear._NATIVE_MATMUL, dtype, native)
+    monkeypatch.setattr(xlinear, "_WIDEN_ROWS_ELEMENTS", 3 * 8)  # blocks of 3 of W's 11 rows (h = 8)
+    calls = []
+    real = xlinear._WidenedWeight.blocks
+    monkeypatch.setattr(xlinear._WidenedWeight, "blocks", lambda self: calls.append(1) or real(self))
+    x, w, b, wt, t = make_case("cpu", dtype, bias=True, weighted=True)
+    kwargs = dict(linear_bias=b, weight=wt, reduction=reduction, label_smoothing=0.1, options=chunks(rows))
+    got, want, g_got, g_want = run_both((x, w, t), kwargs)
+    assert bool(calls) == (not native)
+    check(got, want, dtype, "loss")
+    for name, a, e in zip(("input", "linear_weight", "linear_bias"), g_got, g_want):
+        assert a.dtype == dtype
+        check(a, e, dtype, f"grad {name}")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("prob", (False, True), ids=("index", "prob"))
 def test_k_dimensional(device, fresh_seed, prob, reduction):

@@ -168,26 +168,118 @@ def _scale_rows_(grad: Tensor, rows: Tensor) -> None:
         _ops._mul_rows_widened_(grad.unsqueeze(-1), rows.view(-1, 1, 1))
 
 
+# Note [Widened matmuls on the CPU]
+# Where torch has no native bf16 (fp16) matmul for this CPU (oneDNN's needs
+# AVX512-BF16 or AMX; `torch.ops.mkldnn._is_mkldnn_bf16_supported()`), its
+# bf16 products fall back to a generic kernel that is several times slower
+# than its fp32 matmul, and for the input's gradient's layout (dlogits @ W)
+# tens of times slower (benchmarks/matmul_dtypes.py). There the chunk's three
+# products run in fp32 instead, a block of rows of W at a time: the block is
+# widened into one reused fp32 buffer (never the whole of W, which would cost
+# 4 bytes per weight for the whole call), multiplied with the chunk's widened
+# rows, and the result rounded once to the logits' dtype (the logits) or
+# added into the fp32 accumulators (the gradients). Each product is then one
+# rounding from the exact one, as a native matmul with fp32 accumulation is;
+# the cost is widening W twice per chunk, small beside the products.
+_WIDEN_ROWS_ELEMENTS = 1 << 20  # 4 MiB of fp32 per block of W's rows
+
+
+def _native_low_precision_matmul(dtype: torch.dtype) -> bool:
+    """Whether torch has a native (oneDNN) CPU matmul for ``dtype`` on this machine."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return True  # no way to tell: torch's own matmul, as everywhere else
+
+
+_NATIVE_MATMUL: dict = {}
+
+
+def _widen_matmuls(dtype: torch.dtype, device: torch.device) -> bool:
+    """Note [Widened matmuls on the CPU]: whether the chunk's products run widened to fp32."""
+    if device.type != "cpu" or dtype not in _LOW_PRECISION:
+        return False
+    if dtype not in _NATIVE_MATMUL:
+        _NATIVE_MATMUL[dtype] = _native_low_precision_matmul(dtype)
+    return not _NATIVE_MATMUL[dtype]
+
+
+class _WidenedWeight:
+    """The blocks of W's rows, widened to fp32 one at a time into a reused buffer, and the
+    fp32 products of a chunk with them (Note [Widened matmuls on the CPU])."""
+
+    def __init__(self, linear_weight: Tensor, linear_bias: Optional[Tensor], max_rows: int) -> None:
+        v, h = linear_weight.shape
+        self.weight, self.bias = linear_weight, linear_bias
+        self.step = max(1, min(v, _WIDEN_ROWS_ELEMENTS // max(h, 1)))
+        self.block = torch.empty((self.step, h), dtype=torch.float32)
+        self.part = torch.empty(max_rows * self.step, dtype=torch.float32)
+
+    def _part(self, rows: int, cols: int) -> Tensor:
+        return self.part[: rows * cols].view(rows, cols)
+
+    def blocks(self):
+        """(start, end, W[start:end] in fp32) for each block of W's rows."""
+        v = self.weight.shape[0]
+        for start in range(0, v, self.step):
+            end = min(start + self.step, v)
+            wide = self.block[: end - start]
+            wide.copy_(self.weight[start:end])
+            yield start, end, wide
+
+    def logits(self, x: Tensor, out: Tensor) -> None:
+        """out = x @ W.T (+ b), each block's product in fp32 rounded once into ``out``."""
+        xw = x.float()
+        for start, end, wide in self.blocks():
+            part = self._part(x.shape[0], end - start)
+            if self.bias is None:
+                torch.mm(xw, wide.t(), out=part)
+            else:
+                torch.addmm(self.bias[start:end].float(), xw, wide.t(), out=part)
+            out[:, start:end].copy_(part)
+
+    def gradients(self, dl: Tensor, x: Tensor, gi: Optional[Tensor], gw_acc: Optional[Tensor], first: bool) -> None:
+        """gi = dl @ W (rounded once into ``gi``) and gw_acc (+)= dl.T @ x, in fp32."""
+        xw = x.float() if gw_acc is not None else None
+        gi_acc = torch.zeros(gi.shape, dtype=torch.float32) if gi is not None else None
+        for start, end, wide in self.blocks():
+            dlw = self._part(dl.shape[0], end - start)
+            dlw.copy_(dl[:, start:end])
+            if gi_acc is not None:
+                gi_acc.addmm_(dlw, wide)
+            if gw_acc is not None:
+                if first:
+                    torch.mm(dlw.t(), xw, out=gw_acc[start:end])
+                else:
+                    gw_acc[start:end].addmm_(dlw.t(), xw)
+        if gi is not None:
+            gi.copy_(gi_acc)
+
+
 class _GradientSink:
     """The gradients of one pass over the chunks: each chunk's logit gradient ``dl``
     (rows, V) is folded into the input's, the weight's and the bias's (and a
     probability target's is stored) as it comes; ``finish`` scales and returns them."""
 
     def __init__(self, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                 chunks: int, wants: tuple) -> None:
+                 chunks: int, wants: tuple, widened: Optional[_WidenedWeight] = None) -> None:
         want_gi, want_gw, want_gb, want_gt = wants
         self.weight = linear_weight
+        self.widened = widened
         acc = _accumulation_dtype(input.dtype)
         self.gi = torch.empty_like(input, memory_format=torch.contiguous_format) if want_gi else None
         self.gw = torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if want_gw else None
         if self.gw is not None and chunks == 0:
             self.gw.zero_()
-        # Note [Weight gradient accumulation]
+        # Note [Weight gradient accumulation]; widened products always go
+        # through the fp32 accumulator (Note [Widened matmuls on the CPU]).
         self.gw_acc = (torch.empty(linear_weight.shape, dtype=acc, device=linear_weight.device)
-                       if want_gw and linear_weight.dtype in _LOW_PRECISION and chunks > 1 else None)
+                       if want_gw and linear_weight.dtype in _LOW_PRECISION and (chunks > 1 or widened is not None)
+                       else None)
         # torch's CPU kernels would widen the whole bf16 operand of a mixed-dtype add.
         self.widen_block = (torch.empty(min(_WIDEN_BLOCK_ELEMENTS, linear_weight.numel()), dtype=acc)
-                            if self.gw_acc is not None and not linear_weight.is_cuda else None)
+                            if self.gw_acc is not None and not linear_weight.is_cuda and widened is None else None)
         self.gb_acc = (torch.zeros(linear_bias.shape, dtype=acc, device=linear_bias.device)
                        if want_gb and linear_bias is not None else None)
         self.bias_dtype = linear_bias.dtype if linear_bias is not None else None
@@ -195,6 +287,10 @@ class _GradientSink:
         self.first = True
 
     def add(self, dl: Tensor, s: int, e: int, x: Tensor, gt: Optional[Tensor]) -> None:
+        if self.widened is not None:
+            self.widened.gradients(dl, x, self.gi[s:e] if self.gi is not None else None, self.gw_acc, self.first)
+            self._add_rest(dl, s, e, gt)
+            return
         if self.gi is not None:
             torch.mm(dl, self.weight, out=self.gi[s:e])
         if self.gw is not None:
@@ -208,6 +304,9 @@ class _GradientSink:
                 torch.mm(dl.t(), x, out=self.gw)
             else:
                 self.gw.addmm_(dl.t(), x)
+        self._add_rest(dl, s, e, gt)
+
+    def _add_rest(self, dl: Tensor, s: int, e: int, gt: Optional[Tensor]) -> None:
         if self.gb_acc is not None:
             # A reduction in the logits' dtype (the CPU and CUDA sums accumulate
             # bf16/fp16 in fp32 and round the (V,) result once); asking sum for
@@ -263,6 +362,8 @@ class _Problem:
         self.logit_scale, self.softcap, self.z_loss = logit_scale, softcap, z_loss
         self.rows = max(1, chunk_rows)
         self.acc = _accumulation_dtype(input.dtype)
+        self.widened = (_WidenedWeight(linear_weight, linear_bias, min(self.rows, self.n))
+                        if self.n and _widen_matmuls(input.dtype, input.device) else None)
         # The op's weight and z-loss: the z-loss 'mean' with class weights is
         # folded into the one division by the total weight (Note [Z-loss 'mean'
         # with class weights]).
@@ -297,7 +398,9 @@ class _Problem:
         """The chunk's logits x @ W.T (+ b), written into ``buf`` (rows, V)."""
         out = buf[: e - s]
         x = self.input[s:e]
-        if self.linear_bias is None:
+        if self.widened is not None:
+            self.widened.logits(x, out)
+        elif self.linear_bias is None:
             torch.mm(x, self.linear_weight.t(), out=out)
         else:
             torch.addmm(self.linear_bias, x, self.linear_weight.t(), out=out)
@@ -343,7 +446,8 @@ def _forward_impl(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Te
         loss = torch.zeros((), dtype=acc, device=input.device)
         op_reduction, op_loss_dtype = REDUCTION_SUM, acc
     sink = (_GradientSink(input, linear_weight, linear_bias, target, p.num_chunks(),
-                          (input_grad, weight_grad, bias_grad and linear_bias is not None, target_grad and p.prob))
+                          (input_grad, weight_grad, bias_grad and linear_bias is not None, target_grad and p.prob),
+                          p.widened)
             if with_grad else None)
     buf = p.new_buffer() if n else None
     extras = p.extras()
@@ -401,7 +505,7 @@ def _backward_impl(grad_loss: Tensor, input: Tensor, linear_weight: Tensor, line
     n, k = p.n, p.k
     target_grad = target_grad and p.prob
     sink = _GradientSink(input, linear_weight, linear_bias, target, p.num_chunks(),
-                         (input_grad, weight_grad, bias_grad and linear_bias is not None, target_grad))
+                         (input_grad, weight_grad, bias_grad and linear_bias is not None, target_grad), p.widened)
     op_reduction = REDUCTION_NONE if reduction == REDUCTION_NONE else REDUCTION_SUM
     g = grad_loss if reduction == REDUCTION_NONE else grad_loss.reshape(())
     buf = p.new_buffer() if n else None
