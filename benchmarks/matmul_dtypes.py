@@ -22,6 +22,10 @@ from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the harness package
+try:  # installed, or on PYTHONPATH (the harness reports its build)
+    import xent_ext  # noqa: F401
+except ModuleNotFoundError:  # built in place: the repository root
+    sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
