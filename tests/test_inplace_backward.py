@@ -285,6 +285,46 @@ def test_refuses_double_and_second_backward(device):
         loss.backward()
 
 
+def test_refuses_logits_that_retain_grad(device):
+    # autograd cannot keep the gradient of a tensor a Function overwrites (it fails inside
+    # torch, after the write), so the call refuses first.
+    h, W = _head(4, 9, 5, torch.float32, device)
+    logits = h @ W.t()
+    logits.retain_grad()
+    _refused(logits, torch.randint(9, (4,), device=device), r"retains its gradient \(retain_grad\(\)\)")
+
+
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "identity"])
+def test_refuses_saved_tensor_hooks(hooks, device):
+    # Tensors saved through hooks are read back without torch's version check: tanh's
+    # saved output would silently be the gradient, so the call refuses.
+    h, W = _head(4, 9, 5, torch.float32, device)
+    if hooks == "save_on_cpu":
+        region = torch.autograd.graph.save_on_cpu()
+    else:
+        region = torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x)
+    with region:
+        logits = torch.tanh(h @ W.t())
+        _refused(logits, torch.randint(9, (4,), device=device), "under saved-tensor hooks")
+
+
+def test_activation_checkpointing(device, fresh_seed):
+    # Checkpointing's hooks recompute what was saved instead of reading it back: allowed,
+    # and the gradients are the out-of-place call's.
+    from torch.utils.checkpoint import checkpoint
+
+    h, W = _head(6, 11, 5, torch.float64, device)
+    t = torch.randint(11, (6,), device=device)
+
+    def block(h, W, inplace):
+        return xent_ext.cross_entropy(torch.tanh(h @ W.t()) * 3, t, z_loss=0.1, inplace_backward=inplace)
+
+    got = torch.autograd.grad(checkpoint(block, h, W, True, use_reentrant=False), (h, W))
+    want = torch.autograd.grad(block(h, W, False), (h, W))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_refuses_logits_used_after_forward(device):
     h, W = _head(4, 9, 5, torch.float64, device)
     logits = h @ W.t()

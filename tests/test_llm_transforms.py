@@ -15,7 +15,7 @@ from torch.func import grad, jvp, vmap
 
 import xent_ext
 from helpers import REDUCTIONS, assert_bitwise_equal, is_cuda
-from test_inplace_backward import _peak_bytes
+from test_inplace_backward import INPLACE_ERROR, _peak_bytes
 from test_llm_extras import definition
 
 # torch.jit.script is deprecated in favour of torch.compile; its warnings say nothing here.
@@ -143,6 +143,32 @@ def test_compile_inplace_backward_writes_a_graph_input(device):
     torch.testing.assert_close(logits.detach(), unit, rtol=1e-12, atol=1e-14)
     for a, b in zip(torch.autograd.grad(loss, (h, W)), want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("producer", ["tanh", "softmax", "pow_regularizer"])
+def test_compile_saved_logits_raise_torchs_error(producer, device):
+    """A node of the compiled graph that saved the logits (tanh and softmax keep their
+    output, pow its input): compiling the graph fails with torch's in-place error, as it
+    does for torch's own in-place ops on a saved tensor, instead of giving that node the
+    gradient in place of its logits (Note [Gradient written into the logits])."""
+    torch._dynamo.reset()
+    h = torch.randn(4, 5, device=device, requires_grad=True)
+    W = torch.randn(9, 5, device=device, requires_grad=True)
+    t = _index_target((4,), 9, device)
+
+    def step(h, W, t):
+        logits = h @ W.t()
+        extra = 0
+        if producer == "tanh":
+            logits = torch.tanh(logits)
+        elif producer == "softmax":
+            logits = torch.softmax(logits, dim=1)
+        else:
+            extra = (logits ** 2).mean()
+        return xent_ext.cross_entropy(logits, t, inplace_backward=True, **ALL) + extra
+
+    with pytest.raises(Exception, match=INPLACE_ERROR):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(h, W, t).backward()
 
 
 def test_compile_refuses_a_leaf(device):

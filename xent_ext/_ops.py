@@ -495,7 +495,12 @@ fused_prob_loss = _eager_function(
 # loss's graph), the backward scales out of place (the traced branch of
 # _apply_upstream), and where the buffers go is the compiler's memory
 # planning (inductor reinplaces the write where nothing else reads the
-# logits). The guards of the eager path that read autograd's metadata (second
+# logits). Without mark_dirty nothing would tell autograd of the write while
+# the graph is traced, and a node that saved the logits (torch.tanh) would
+# read the gradient in the compiled backward: the traced forward bumps the
+# logits' version counter itself (increment_version), so compiling such a
+# graph fails with torch's in-place error, as it does for torch's own
+# in-place ops on a saved tensor. The guards of the eager path that read autograd's metadata (second
 # and double backward, the returned logits' gradient) do not apply there: the
 # compiled backward reads the stored gradient without changing it.
 
@@ -525,7 +530,10 @@ def _into_logits_setup(ctx: Any, input: Tensor, reduction: int, layout: Any) -> 
     if torch.compiler.is_compiling():
         # Functionalization tracks the op's declared write (Tensor(a!)) itself, and
         # writes the result back into a graph input; mark_dirty would cut the
-        # loss's graph there (Note [Gradient written into the logits]).
+        # loss's graph there. The version counter still moves, so a node of the
+        # traced graph that saved the logits raises torch's in-place error when
+        # the graph is compiled (Note [Gradient written into the logits]).
+        torch.autograd.graph.increment_version(input)
         ctx.save_for_backward(input)
         return ()
     ctx.mark_dirty(input)

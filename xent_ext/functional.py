@@ -725,7 +725,12 @@ def _reference(
 # distinct, a sufficient rule that every strided layout torch makes passes),
 # trailing dimensions that cannot be viewed as one (the kernels would write a
 # copy), a view of part of a larger tensor (Note [Gradient written into the
-# logits]), and a probability target that overlaps the logits. Under
+# logits]), a probability target that overlaps the logits, logits that
+# retain their gradient (autograd cannot keep the gradient of a tensor a
+# Function overwrites, and fails inside torch after the write), and a call
+# under saved-tensor hooks other than activation checkpointing's (torch
+# reads what such hooks return without its version check, so a node that
+# saved the logits would read the gradient silently). Under
 # torch.compile the view and shared-memory checks are left out (dynamo cannot
 # trace them); the leaf check runs when the graph is traced, which dynamo does
 # not guard on, so a graph traced for a non-leaf and called with a leaf
@@ -750,14 +755,25 @@ def _gradient_into_input(input: Tensor) -> Optional[tuple]:
     if not (input.requires_grad and torch.is_grad_enabled()):
         return None
     problem = None
-    if input.is_leaf:
+    if not torch.compiler.is_compiling() and _saved_tensor_hooks_hide_writes():
+        problem = (
+            "is computed under saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks, save_on_cpu), "
+            "which skip torch's in-place check for the tensors they save, so an op that saved these logits "
+            "would read their gradient without an error; leave the loss out of the hooks' region"
+        )
+    elif input.is_leaf:
         problem = (
             "is a leaf tensor that requires grad (a parameter, or a tensor made with requires_grad=True), "
             "whose values would be replaced by the gradient. inplace_backward is for logits computed in "
             "the graph, e.g. the output of a Linear layer"
         )
     elif not torch.compiler.is_compiling():
-        if input._is_view() and input._base.is_leaf and input._base.requires_grad:
+        if input.retains_grad:
+            problem = (
+                "retains its gradient (retain_grad()), which autograd cannot keep for a tensor that this "
+                "call overwrites with the gradient; the gradient is what the input holds after the forward"
+            )
+        elif input._is_view() and input._base.is_leaf and input._base.requires_grad:
             problem = (
                 "is a view of a leaf tensor that requires grad, whose values would be replaced by the "
                 "gradient. inplace_backward is for logits computed in the graph, e.g. the output of a Linear layer"
@@ -796,6 +812,17 @@ def _gradient_into_input(input: Tensor) -> Optional[tuple]:
 
 
 _DEFAULT_CREATION = torch._C._autograd.CreationMeta.DEFAULT
+
+
+def _saved_tensor_hooks_hide_writes() -> bool:
+    """Whether default saved-tensor hooks are active whose saved tensors torch reads back
+    without its version check (Note [inplace_backward checks]). Activation checkpointing's
+    hooks are not among them: they recompute what was saved instead of reading it."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None:
+        return False
+    pack = hooks[0]
+    return getattr(pack, "__module__", None) != "torch.utils.checkpoint"
 
 
 def _elements_distinct(t: Tensor) -> bool:
