@@ -261,6 +261,41 @@ def test_invalid_extras(kwargs, error, words):
         xent_ext.CrossEntropyLoss(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(softcap=-1.0), "softcap"),
+    (dict(softcap=float("inf")), "softcap"),
+    (dict(logit_scale=0.0), "logit_scale"),
+    (dict(logit_scale=float("nan")), "logit_scale"),
+    (dict(z_loss=-1e-4), "z_loss"),
+], ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]!r}" for k in v))
+def test_invalid_extras_at_the_ops(kwargs, words):
+    # The ops repeat the value checks for callers that skip the front end.
+    x, t = torch.randn(3, 4, 1), torch.randint(4, (3, 1))
+    extras = dict(logit_scale=1.0, softcap=None, z_loss=0.0)
+    extras.update(kwargs)
+    args = (extras["logit_scale"], extras["softcap"], extras["z_loss"])
+    with pytest.raises(ValueError, match=words):
+        torch.ops.xent_ext.cross_entropy_index_forward(x, t, None, -100, 0.0, 1, None, *args)
+    with pytest.raises(ValueError, match=words):
+        torch.ops.xent_ext.cross_entropy_prob_forward(x, torch.softmax(x, 1), None, 0.0, 1, None, *args)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_invalid_extras_under_compile(fullgraph):
+    # A value known only as a symbolic float (the second value of an argument recompiles
+    # it as one): the ValueError still comes, or with fullgraph=True dynamo's report of
+    # the ValueError it observed, with the message (not a failure to format it).
+    torch._dynamo.reset()
+    x, t = torch.randn(3, 4), torch.randint(4, (3,))
+    f = torch.compile(lambda x, t, s: xent_ext.cross_entropy(x, t, softcap=s), fullgraph=fullgraph,
+                      backend="aot_eager")
+    f(x, t, 2.0)
+    f(x, t, 3.0)
+    with pytest.raises(ValueError if not fullgraph else Exception,
+                       match="softcap must be None \\(off\\) or a finite number > 0"):
+        f(x, t, -1.0)
+
+
 def test_extras_are_keyword_only():
     x, t = torch.randn(3, 4), torch.randint(4, (3,))
     with pytest.raises(TypeError):

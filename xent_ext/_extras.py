@@ -101,22 +101,29 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _got(value: Any) -> str:
+    """The value for an error message, left out while dynamo traces: it cannot format a
+    symbolic float, and would report that failure instead of the ValueError (which
+    torch.compile(fullgraph=True) shows as the exception it observed)."""
+    return "" if torch.compiler.is_compiling() else f", got {value}"
+
+
 def parse(logit_scale: Any, softcap: Any, z_loss: Any, return_aux: Any, inplace_backward: Any) -> Extras:
     """The keyword arguments as an :class:`Extras`; TypeError for a wrong type,
     ValueError for a value with no meaning (the ops repeat the value checks for
     their direct callers, ops_common.h make_extras)."""
     logit_scale = _real("logit_scale", logit_scale)
     if not _finite(logit_scale) or logit_scale == 0.0:
-        raise ValueError(f"xent_ext.cross_entropy: logit_scale must be finite and non-zero, got {logit_scale}")
+        raise ValueError("xent_ext.cross_entropy: logit_scale must be finite and non-zero" + _got(logit_scale))
     if softcap is not None:
         softcap = _real("softcap", softcap)
         if not (_finite(softcap) and softcap > 0.0):
             raise ValueError(
-                f"xent_ext.cross_entropy: softcap must be None (off) or a finite number > 0, got {softcap}"
+                "xent_ext.cross_entropy: softcap must be None (off) or a finite number > 0" + _got(softcap)
             )
     z_loss = _real("z_loss", z_loss)
     if not (_finite(z_loss) and z_loss >= 0.0):
-        raise ValueError(f"xent_ext.cross_entropy: z_loss must be a finite number >= 0, got {z_loss}")
+        raise ValueError("xent_ext.cross_entropy: z_loss must be a finite number >= 0" + _got(z_loss))
     return_aux = _flag("return_aux", return_aux)
     inplace_backward = _flag("inplace_backward", inplace_backward)
     return Extras(logit_scale, softcap, z_loss, return_aux, inplace_backward, (logit_scale, softcap, z_loss))
