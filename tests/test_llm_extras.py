@@ -208,11 +208,20 @@ def test_ignored_rows_stay_zero(device):
     torch.testing.assert_close(mean.cpu(), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_every_row_ignored_mean_is_nan(device):
-    x = torch.randn(3, 5, dtype=torch.float64).to(device)
-    t = torch.full((3,), -100).to(device)
-    loss, aux = xent_ext.cross_entropy(x, t, z_loss=0.1, return_aux=True)
+@pytest.mark.parametrize("shape", [(3, 5), (5,)], ids=["NC", "C"])
+def test_every_row_ignored_mean_is_nan(shape, device):
+    # The definition's z-loss mean over no counted row is 0/0 = nan, also for a (C,) input
+    # on CUDA, whose cross-entropy part torch gives as 0 there. The gradient is 0, as
+    # torch's for an all-ignored 'mean' (the definition's literal 0/0 would make it nan):
+    # no row counts, so no logit moves the loss (docs/semantics.md, the LLM extras).
+    x = torch.randn(shape, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.full(shape[:1] if len(shape) > 1 else (), -100).to(device)
+    loss, aux = xent_ext.cross_entropy(x, t, z_loss=0.1, softcap=3.0, return_aux=True)
     assert math.isnan(loss.item()) and math.isnan(aux.z_loss.item())
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g, torch.zeros_like(g))
+    (torch_g,) = torch.autograd.grad(F.cross_entropy(x, t), x)
+    assert torch.equal(torch_g, torch.zeros_like(g))
     assert xent_ext.cross_entropy(x, t, z_loss=0.1, reduction="sum").item() == 0.0
 
 

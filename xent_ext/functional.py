@@ -599,7 +599,7 @@ def _index_loss_with_extras(
         loss, row_stats = outs[0], outs[1]
         if uint8_smoothing and _uint8_smoothing_differs(input, target, weight, reduction, ignore_index):
             return _reference(input, target, weight, reduction, ignore_index, label_smoothing, ex)
-    loss = _index_loss_like_torch(loss, input, target, y, reduction, ignore_index, smoothing)
+    loss = _index_loss_like_torch(loss, input, target, y, reduction, ignore_index, smoothing, ex.z_loss)
     if not ex.return_aux:
         return loss
     shape = target.shape if input.dim() > 1 else torch.Size()
@@ -609,7 +609,8 @@ def _index_loss_with_extras(
 
 
 def _index_loss_like_torch(
-    loss: Tensor, input: Tensor, target: Tensor, y: Tensor, reduction: int, ignore_index: int, smoothing: float
+    loss: Tensor, input: Tensor, target: Tensor, y: Tensor, reduction: int, ignore_index: int, smoothing: float,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """The kernels' loss with torch's conventions for a single CUDA row and its 'none' shape."""
     if (
@@ -617,6 +618,7 @@ def _index_loss_like_torch(
         and input.is_cuda
         and reduction == _ops.REDUCTION_MEAN
         and smoothing == 0
+        and z_loss == 0  # the z-loss's mean over no counted row is 0/0 = nan, as the kernels give
         and (target.dtype == torch.int64 or 0 <= ignore_index <= 255)
     ):
         # torch's CUDA kernel for a single (C,) input returns 0, not 0/0 = nan
