@@ -55,16 +55,18 @@ def _step(kind, h, W, t, grad_out, inplace, **kw):
     return loss.detach(), aux, after, grads
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=dtype_name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64), ids=dtype_name)
 @pytest.mark.parametrize("extras", list(EXTRAS))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
 @pytest.mark.parametrize("spatial", [0, 3], ids=["2d", "3d_view"])
-def test_same_as_out_of_place(spatial, kind, reduction, extras, dtype, device, fresh_seed):
+def test_same_as_out_of_place(spatial, weighted, kind, reduction, extras, dtype, device, fresh_seed):
     h, W = _head(6, 17, 8, dtype, device, spatial)
     t = _target(kind, _logits(h, W), device)
-    kw = dict(reduction=reduction, label_smoothing=0.1, **EXTRAS[extras])
-    ctx = f"{kind} {reduction} {extras} {dtype_name(dtype)} spatial={spatial} seed={fresh_seed}"
+    weight = (torch.rand(17, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype) if weighted else None
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=0.1, **EXTRAS[extras])
+    ctx = f"{kind} {reduction} {extras} {dtype_name(dtype)} weight={weighted} spatial={spatial} seed={fresh_seed}"
     probe = xent_ext.cross_entropy(_logits(h, W).detach(), t.detach(), **kw)
     # A non-uniform upstream gradient per row for 'none'; a random factor otherwise.
     grad_out = (torch.rand(probe.shape, dtype=torch.float64) * 3 + 0.25).to(device=device, dtype=probe.dtype)

@@ -28,6 +28,9 @@ EXTRAS = {
     "scale": dict(logit_scale=0.6),
     "softcap": dict(softcap=2.5),
     "z_loss": dict(z_loss=0.05),
+    "scale+softcap": dict(logit_scale=1.3, softcap=3.0),
+    "scale+z_loss": dict(logit_scale=0.7, z_loss=0.02),
+    "softcap+z_loss": dict(softcap=5.0, z_loss=0.03),
     "all": dict(logit_scale=-1.7, softcap=4.0, z_loss=1e-2),
 }
 
