@@ -3,7 +3,8 @@
 torch's cross_entropy keeps log_softmax's output, not its input, so editing the logits
 in place after the forward leaves its gradient unchanged. xent_ext computes the
 gradient in the forward and its first backward only scales it (Note [Gradient in the
-forward], xent_ext/_ops.py): the same gradient, for every reduction and target kind. A
+forward], xent_ext/_ops.py): the same gradient, for every reduction and target kind,
+also under vmap and for a loss recorded while a forward-AD level was open. A
 second backward through the same graph, or a double backward, reads the logits again,
 and then raises autograd's own in-place-modification error instead of returning the
 gradient of other logits.
@@ -151,3 +152,69 @@ def test_upstream_gradient_scales_the_stored_gradient(reduction, device, fresh_s
     scaled = _Run(xent_ext.cross_entropy, x, t, None, reduction, {}, EDITS["zero_"], False, False, g)
     rows = g.reshape(-1, 1) if reduction == "none" else g
     torch.testing.assert_close(scaled.grads[0], one.grads[0] * rows, rtol=1e-15, atol=0)
+
+
+def _edited_gradients(fn, call, x, t, w, target_grad, g, args):
+    """Gradients w.r.t. a leaf (and the target) of ``call(fn, logits, target)`` with the
+    logits edited in place after the forward."""
+    leaf = x.detach().clone().requires_grad_()
+    logits = leaf.clone()
+    target = t.detach().clone().requires_grad_() if target_grad else t
+    loss = call(fn, logits, target, w, args)
+    logits.mul_(-1.5)
+    return torch.autograd.grad(loss, [leaf] + ([target] if target_grad else []), g)
+
+
+def _under_vmap(reduction):
+    def call(fn, logits, target, w, args):
+        return torch.func.vmap(lambda a, b: fn(a, b, weight=w, reduction=reduction, **args))(logits, target)
+    return call
+
+
+def _sample_by_sample(reduction):
+    # vmap's meaning, for torch, whose weighted 'mean' with smoothing vmap cannot batch
+    def call(fn, logits, target, w, args):
+        return torch.stack([fn(logits[i], target[i], weight=w, reduction=reduction, **args)
+                            for i in range(logits.shape[0])])
+    return call
+
+
+def _under_forward_ad(reduction):
+    def call(fn, logits, target, w, args):
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(logits, torch.randn_like(logits))
+            loss = fn(dual, target, weight=w, reduction=reduction, **args)
+            tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
+            assert tangent is not None
+            return torch.autograd.forward_ad.unpack_dual(loss).primal
+    return call
+
+
+@pytest.mark.parametrize("how", ["vmap", "forward_ad_level"])
+@pytest.mark.parametrize("target_case", TARGETS, ids=[t[0] for t in TARGETS])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_edit_after_forward_under_vmap_or_forward_ad(how, reduction, target_case, device, fresh_seed):
+    # vmap alone: the folded call forms the gradient in the forward (a BatchedTensor does
+    # not say that the logits it wraps require grad; the front end looks through it).
+    # Forward AD: the loss recorded while a level was open, backpropagated after it closed.
+    # Either way torch's gradient, which the edit does not change.
+    _, kind, kw = target_case
+    shape = (4, 5, 6)  # vmap over the first dimension: samples of (5, 6) logits
+    x, t, w, args = _problem(kind, kw, shape, torch.float64, device)
+    if how == "vmap":  # the class dimension of each (5, 6) sample is the last
+        if kind == "index":
+            t = torch.randint(0, 6, (4, 5), device=device)
+            t = torch.where(torch.rand(t.shape, device=device) < 0.2, torch.full_like(t, 1), t)
+        else:
+            t = torch.softmax(torch.randn(shape, dtype=torch.float64), 2).to(device)
+        if w is not None:
+            w = (torch.rand(6, dtype=torch.float64) + 0.1).to(device)
+    target_grad = kw.get("target_grad", False)
+    call = _under_vmap(reduction) if how == "vmap" else _under_forward_ad(reduction)
+    torch_call = _sample_by_sample(reduction) if how == "vmap" else call
+    with torch.no_grad():
+        g = random_like_loss(torch_call(F.cross_entropy, x, t, w, args))
+    ours = _edited_gradients(xent_ext.cross_entropy, call, x, t, w, target_grad, g, args)
+    theirs = _edited_gradients(F.cross_entropy, torch_call, x, t, w, target_grad, g, args)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -74,16 +74,19 @@ from . import _extras, _ops
 # error; with probability targets the weight tangent is computed.
 
 
+def forward_ad_level_open() -> bool:
+    """Whether a ``torch.autograd.forward_ad`` level is open (one attribute read)."""
+    return _forward_ad._current_level >= 0
+
+
 def gradient_in_forward_unused() -> bool:
     """Whether a gradient computed in the forward would go unused: under a
-    differentiating transform (grad, vjp, jvp; not vmap alone) or while a
-    forward-AD level is open, the loss is recorded by the transform Function,
-    whose backward is the composite one (Note [Transforms and forward-mode AD]
-    in _ops). Under vmap alone the folded call is recorded by ordinary
-    autograd, which does use it.
+    differentiating transform (grad, vjp, jvp; not vmap alone) the loss is
+    recorded by the transform Function, whose backward is then the composite
+    one (Note [Transforms and forward-mode AD] in _ops). Under vmap alone the
+    folded call is recorded by ordinary autograd, which does use it; with a
+    forward-AD level open, a backward run after the level closes uses it.
     """
-    if _forward_ad._current_level >= 0:
-        return True
     if not torch._C._are_functorch_transforms_active():
         return False
     stack = torch._C._functorch.get_interpreter_stack() or ()

@@ -386,7 +386,11 @@ torch.library.register_autograd(
 # tangent: while a forward-AD level is open (torch.autograd.forward_ad keeps
 # its count in a module global, one attribute read) every call goes through
 # the transform Function, whose apply gives each dual input's tangent to the
-# jvp.
+# jvp. Its backward is the composite one only while a transform is active or a
+# level is open (forward-over-reverse: the gradient then carries a tangent);
+# a backward run after the level has closed is the ordinary one, which uses a
+# gradient formed in the forward, so the logits may be edited in place after
+# the forward there too, as with torch.
 
 
 def _eager_function(op: Any, setup_context: Any, backward: Any, name: str) -> Any:
@@ -424,6 +428,11 @@ def _eager_function(op: Any, setup_context: Any, backward: Any, name: str) -> An
         _functorch.save_for_forward(ctx, inputs, output)
 
     def composite_backward(ctx: Any, *grads: Any) -> Any:
+        if not (torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0):
+            # The loss was recorded while a forward-AD level was open, and the level
+            # has closed: no tangent can flow through this backward, so it is the
+            # ordinary one, which uses a gradient formed in the forward.
+            return backward(ctx, *grads)
         # Grad mode on selects the composite formulas (Note [Double backward]).
         with torch.enable_grad():
             return backward(ctx, *grads)

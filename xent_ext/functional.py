@@ -391,7 +391,7 @@ def _prob_target_loss(
         x = _as_ncK(input if loss_dtype is not None else input.to(dtype))
         q = _as_ncK(target if loss_dtype is not None else target.to(dtype))
         if _gradient_in_forward(x, q):
-            loss = _ops.fused_prob_loss(x, q, w, smoothing, reduction, x.requires_grad, q.requires_grad, loss_dtype)[0]
+            loss = _ops.fused_prob_loss(x, q, w, smoothing, reduction, _requires_grad(x), _requires_grad(q), loss_dtype)[0]
         elif torch.compiler.is_compiling():
             loss = torch.ops.xent_ext.cross_entropy_prob_forward(x, q, w, smoothing, reduction, loss_dtype)[0]
         else:
@@ -430,7 +430,7 @@ def _prob_loss_with_extras(
         q = _as_ncK(target if loss_dtype is not None else target.to(dtype))
         args = (x, q, w, smoothing, reduction)
         if _gradient_in_forward(x, q):
-            outs = _ops.fused_prob_loss(*args, x.requires_grad, q.requires_grad, loss_dtype, *ex.op_args)
+            outs = _ops.fused_prob_loss(*args, _requires_grad(x), _requires_grad(q), loss_dtype, *ex.op_args)
         elif torch.compiler.is_compiling():
             outs = torch.ops.xent_ext.cross_entropy_prob_forward(*args, loss_dtype, *ex.op_args)
         else:
@@ -665,6 +665,14 @@ def _autocast_loss_dtype(input: Tensor) -> Optional[torch.dtype]:
     return None
 
 
+def _requires_grad(t: Tensor) -> bool:
+    """Whether ``t`` requires grad, seen through vmap's batching: a BatchedTensor does not
+    say, the tensor it wraps does (and the vmap rule calls the op on that one)."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
+
+
 def _gradient_in_forward(*tensors: Tensor) -> bool:
     """Whether to compute the gradients inside the forward (Note [Gradient in the forward], _ops.py).
 
@@ -679,7 +687,7 @@ def _gradient_in_forward(*tensors: Tensor) -> bool:
     backward does not use it.
     """
     return (
-        any(t.requires_grad for t in tensors)
+        any(_requires_grad(t) for t in tensors)
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
@@ -744,10 +752,9 @@ def _gradient_into_input(input: Tensor) -> Optional[tuple]:
     grad mode: (the tensor the write is declared on, the logits' layout within it or None),
     Note [Gradient written into the logits] (_ops.py); None when no gradient is needed.
     Raises where it cannot write (Note [inplace_backward checks])."""
-    if not torch.compiler.is_compiling() and (
-        torch._C._are_functorch_transforms_active() or _ops._functorch.gradient_in_forward_unused()
-    ):
-        if _ops._functorch.gradient_in_forward_unused() or (input.requires_grad and torch.is_grad_enabled()):
+    transformed = _ops._functorch.gradient_in_forward_unused() or _ops._functorch.forward_ad_level_open()
+    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active() or transformed):
+        if transformed or (input.requires_grad and torch.is_grad_enabled()):
             raise RuntimeError(
                 "xent_ext.cross_entropy(inplace_backward=True) is not supported under torch.func transforms "
                 "(grad, vjp, jvp, vmap) or forward-mode AD, whose gradients cannot be written into the "
