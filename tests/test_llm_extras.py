@@ -228,6 +228,30 @@ def test_every_row_ignored_mean_is_nan(shape, device):
     assert xent_ext.cross_entropy(x, t, z_loss=0.1, reduction="sum").item() == 0.0
 
 
+def test_fp32_softcap_tanh_accuracy(device):
+    """The fp32 tanh of the softcap (Note [Fast tanh] on the CPU), alone: a row of one class
+    has lse = z exactly, so aux.lse with softcap=1 is tanh(x) for every logit. Every 1024th
+    float of [2^-30, 24] and its negative, within 2 eps of float64 (measured: 1.2); infinities
+    give +-1 and nan stays nan."""
+    eps = torch.finfo(torch.float32).eps
+    lo, hi = (torch.tensor(v, dtype=torch.float32).view(torch.int32).item() for v in (2.0 ** -30, 24.0))
+    x = torch.arange(lo, hi, 1024, dtype=torch.int32).view(torch.float32)
+    x = torch.cat([x, -x, torch.tensor([0.625, -0.625, 20.0, 1e30, -1e30])])
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan")])
+
+    def tanh(v):
+        v = v.to(device)
+        t = torch.zeros(v.numel(), dtype=torch.long, device=device)
+        return xent_ext.cross_entropy(v.view(-1, 1), t, softcap=1.0, reduction="none", return_aux=True)[1].lse.cpu()
+
+    ref = torch.tanh(x.double())
+    rel = (tanh(x).double() - ref).abs() / ref.abs()
+    assert rel.max().item() <= 2 * eps, (
+        f"tanh off by {rel.max().item() / eps:.2f} eps at x = {x[rel.argmax()].item()!r}")
+    got = tanh(specials)
+    assert got[:2].tolist() == [1.0, -1.0] and math.isnan(got[2].item()), got
+
+
 def test_softcap_bounds_huge_logits(device):
     """Logits far beyond any exp range: the capped loss is finite and the definition's."""
     x = (torch.randn(6, 11, dtype=torch.float64) * 1e5).to(device=device, dtype=torch.float32)

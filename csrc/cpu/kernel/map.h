@@ -5,6 +5,7 @@
 
 #include "common/xent_math.h"
 #include "cpu/kernel/coef.h"
+#include "cpu/kernel/exp.h"
 #include "cpu/kernel/layout.h"
 #include "cpu/kernel/vec.h"
 
@@ -22,8 +23,8 @@ namespace {
 // inner) and slope = scale * (1 - t * t) with t = tanh(x * inner) when
 // softcap is on, z = x * scale and slope = scale when it is not (no FMA
 // contraction on the CPU, so the vector products round as the scalar ones).
-// tanh is Vectorized's (Sleef's 1-ulp tanh on AVX2/AVX512, std::tanh lane by
-// lane on the default ISA), which may differ from std::tanh by an ulp. So
+// tanh is vtanh (Note [Fast tanh], exp.h: a few ulp for fp32, Sleef's for
+// fp64), which may differ from std::tanh by a few ulp. So
 // every logit of a call, the target logit and the one-hot element of the
 // gradient included, is mapped by these vector functions (one element as a
 // broadcast vector): a row's z values are then the same numbers wherever they
@@ -43,11 +44,11 @@ struct VecMap {
       : scale(m.scale), cap(m.cap), inner(m.inner), capped(m.cap != acc_t(0)) {}
 
   V z(const V& x) const {
-    return capped ? cap * (x * inner).tanh() : x * scale;
+    return capped ? cap * vtanh(x * inner) : x * scale;
   }
   void z_slope(const V& x, V& z, V& slope) const {
     if (capped) {
-      const V t = (x * inner).tanh();
+      const V t = vtanh(x * inner);
       z = cap * t;
       slope = scale * (V(acc_t(1)) - t * t);
     } else {
