@@ -239,10 +239,9 @@ def test_refuses_a_cast_copy(device):
     h, W = _head(4, 9, 5, torch.float32, device)
     q = torch.softmax(torch.randn(4, 9, dtype=torch.float64, device=device), 1)
     _refused(h @ W.t(), q, "would be cast")  # promoted to float64: a copy of the logits
-    if not is_cuda(device):
-        hb, Wb = _head(4, 9, 5, torch.bfloat16, device)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _refused(hb @ Wb.t(), q.float(), "under autocast")
+    hb, Wb = _head(4, 9, 5, torch.bfloat16, device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        _refused(hb @ Wb.t(), q.float(), "under autocast")
 
 
 def test_refuses_target_sharing_memory(device):

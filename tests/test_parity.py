@@ -890,6 +890,11 @@ def test_empty_uint8_target_with_3_or_more_dims(shape, ls, weighted, device, fre
         torch.testing.assert_close(got, ref, equal_nan=True)
         (g,) = torch.autograd.grad(got, xi)
         assert g.shape == x.shape
+        # torch's backward rejects them (the difference section 16 lists; if torch's
+        # backward stops raising, this fails: update the list)
+        xt = x.detach().requires_grad_()
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(F.cross_entropy(xt, t, **kw), xt)
     with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
         F.cross_entropy(x, t, weight=w, reduction="none", label_smoothing=ls)
     with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
@@ -989,7 +994,12 @@ def test_infinite_weight_or_target_at_the_row_max(what, reduction, ls, device, f
     else:
         w[top[1]] = INF
     kw = dict(weight=w if what != "prob_target" else None, reduction=reduction, label_smoothing=ls)
-    _nan_where_torch_is_inf(ours(x, t, **kw), F.cross_entropy(x, t, **kw), f"{what} {reduction} ls={ls}")
+    got, ref = ours(x, t, **kw), F.cross_entropy(x, t, **kw)
+    _nan_where_torch_is_inf(got, ref, f"{what} {reduction} ls={ls}")
+    if reduction == "none" and (what != "index_weight" or ls > 0):
+        # The difference listed in docs/semantics.md section 16 still exists: row 1 is nan
+        # here and +inf in torch. When a fix makes it torch's, this fails: update the list.
+        assert got[1].isnan().item() and ref[1].isinf().item(), f"{what} ls={ls}: ours {got} torch {ref}"
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.1])
