@@ -159,7 +159,10 @@ def test_in_cache_cost_scales_with_input():
     x = torch.randn(4096, 64)
     target = torch.randint(64, (4096,))
     cost = cpu.measure_in_cache(x, target, "fwd")
-    assert cost is not None and cost.ms_per_byte > 0 and cost.host_ms >= 0
+    # No time is asserted: when noise hides the difference between the two slices the
+    # per-byte cost is None by design (the whole call is counted as host time).
+    assert cost is not None and cost.host_ms >= 0
+    assert cost.ms_per_byte is None or cost.ms_per_byte > 0
     assert cost.slice_bytes == 2048 * 64 * 4  # half the rows: 1 MiB, under the 4 MiB cap
     assert cpu.measure_in_cache(torch.randn(1, 10), torch.tensor([3]), "fwd") is None
 
