@@ -309,20 +309,38 @@ def test_refuses_saved_tensor_hooks(hooks, device):
         _refused(logits, torch.randint(9, (4,), device=device), "under saved-tensor hooks")
 
 
+def test_refuses_a_view_whose_base_retains_grad(device):
+    # The write goes through the base of a full view, whose retained gradient autograd would drop.
+    h, W = _head(4, 6, 5, torch.float32, device)
+    base = (h @ W.t()).reshape(2, 2, 6).clone()
+    base.retain_grad()
+    _refused(base.view(-1, 6), torch.randint(6, (4,), device=device), "view of a tensor that retains its gradient")
+
+
 def test_activation_checkpointing(device, fresh_seed):
-    # Checkpointing's hooks recompute what was saved instead of reading it back: allowed,
-    # and the gradients are the out-of-place call's.
+    # Non-reentrant checkpointing is saved-tensor hooks: its recomputation would write the
+    # gradient again into logits that another node (pow) saved, silently, so it is refused.
+    # Reentrant checkpointing runs the forward under no_grad and again in the backward with
+    # ordinary autograd: torch's in-place error where a node saved the logits, the
+    # out-of-place gradients where none did.
     from torch.utils.checkpoint import checkpoint
 
     h, W = _head(6, 11, 5, torch.float64, device)
     t = torch.randint(11, (6,), device=device)
 
-    def block(h, W, inplace):
-        return xent_ext.cross_entropy(torch.tanh(h @ W.t()) * 3, t, z_loss=0.1, inplace_backward=inplace)
+    def block(h, W, inplace, regularized):
+        logits = h @ W.t() if regularized else torch.tanh(h @ W.t()) * 3
+        extra = 0.01 * logits.pow(2).sum() if regularized else 0
+        return xent_ext.cross_entropy(logits, t, z_loss=0.1, inplace_backward=inplace) + extra
 
-    got = torch.autograd.grad(checkpoint(block, h, W, True, use_reentrant=False), (h, W))
-    want = torch.autograd.grad(block(h, W, False), (h, W))
-    for a, b in zip(got, want):
+    with pytest.raises(RuntimeError, match="under saved-tensor hooks"):
+        checkpoint(block, h, W, True, True, use_reentrant=False)
+    with pytest.raises(RuntimeError, match=INPLACE_ERROR):
+        checkpoint(block, h, W, True, True, use_reentrant=True).backward()
+    want = torch.autograd.grad(block(h, W, False, False), (h, W))
+    h.grad = W.grad = None
+    checkpoint(block, h, W, True, False, use_reentrant=True).backward()  # reentrant: no autograd.grad
+    for a, b in zip((h.grad, W.grad), want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 

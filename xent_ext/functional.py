@@ -736,11 +736,13 @@ def _reference(
 # trailing dimensions that cannot be viewed as one (the kernels would write a
 # copy), a view of part of a larger tensor (Note [Gradient written into the
 # logits]), a probability target that overlaps the logits, logits that
-# retain their gradient (autograd cannot keep the gradient of a tensor a
-# Function overwrites, and fails inside torch after the write), and a call
-# under saved-tensor hooks other than activation checkpointing's (torch
+# retain their gradient, or whose base does (autograd cannot keep the
+# gradient of a tensor a Function overwrites: it fails inside torch after the
+# write, or drops the base's), and a call under saved-tensor hooks (torch
 # reads what such hooks return without its version check, so a node that
-# saved the logits would read the gradient silently). Under
+# saved the logits would read the gradient silently; non-reentrant
+# activation checkpointing is such hooks too: its recomputation writes the
+# gradient again into logits another node saved). Under
 # torch.compile the view and shared-memory checks are left out (dynamo cannot
 # trace them); the leaf check runs when the graph is traced, which dynamo does
 # not guard on, so a graph traced for a non-leaf and called with a leaf
@@ -766,9 +768,10 @@ def _gradient_into_input(input: Tensor) -> Optional[tuple]:
     problem = None
     if not torch.compiler.is_compiling() and _saved_tensor_hooks_hide_writes():
         problem = (
-            "is computed under saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks, save_on_cpu), "
-            "which skip torch's in-place check for the tensors they save, so an op that saved these logits "
-            "would read their gradient without an error; leave the loss out of the hooks' region"
+            "is computed under saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks, save_on_cpu, "
+            "or non-reentrant activation checkpointing), which skip torch's in-place check for the tensors "
+            "they save, so an op that saved these logits would read their gradient without an error; leave "
+            "the loss out of the hooks' region (or checkpoint with use_reentrant=True)"
         )
     elif input.is_leaf:
         problem = (
@@ -812,6 +815,11 @@ def _gradient_into_input(input: Tensor) -> Optional[tuple]:
                 "is a view of part of a larger tensor, whose gradient autograd would assemble with "
                 "logits-sized copies; make it a tensor of its own first (.clone())"
             )
+        elif base.retains_grad:
+            problem = (
+                "is a view of a tensor that retains its gradient (retain_grad()), which autograd cannot "
+                "keep for a tensor that this call overwrites with the gradient"
+            )
         written, layout = base, (input.shape, input.stride(), input.storage_offset())
     if problem is not None:
         raise RuntimeError(
@@ -824,14 +832,9 @@ _DEFAULT_CREATION = torch._C._autograd.CreationMeta.DEFAULT
 
 
 def _saved_tensor_hooks_hide_writes() -> bool:
-    """Whether default saved-tensor hooks are active whose saved tensors torch reads back
-    without its version check (Note [inplace_backward checks]). Activation checkpointing's
-    hooks are not among them: they recompute what was saved instead of reading it."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is None:
-        return False
-    pack = hooks[0]
-    return getattr(pack, "__module__", None) != "torch.utils.checkpoint"
+    """Whether default saved-tensor hooks are active: torch reads what they saved back
+    without its version check (Note [inplace_backward checks])."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _elements_distinct(t: Tensor) -> bool:

@@ -123,14 +123,12 @@ inline Vectorized<double> vexp(const Vectorized<double>& x) {
 // a is clamped at 20 before the exp (tanh(20) rounds to 1, and the AVX512 exp
 // takes no infinite input), so +-inf give +-1; nan stays nan (the clamp, the
 // exp and both branches propagate it; the comparison is false and picks the
-// exp side). fp64 keeps Sleef's tanh: accuracy is the point there.
+// exp side). Where every lane of a vector is below the cut (the common case
+// for a softcap of tens: |logit| under 0.625 cap) the exp side is skipped.
+// fp64 keeps Sleef's tanh: accuracy is the point there.
 inline Vectorized<float> vtanh(const Vectorized<float>& y) {
   using V = Vectorized<float>;
-  const V sign_bit(-0.0f);
   const V a = y.abs();
-  const V a_clamped = at::vec::minimum(a, V(20.0f));
-  const V e = fast_exp(a_clamped + a_clamped);
-  const V large = (V(1.0f) - V(2.0f) / (e + V(1.0f))) | (y & sign_bit);
   const V s = y * y;
   V p(-5.705772899e-3f);
   p = at::vec::fmadd(p, s, V(2.063977905e-2f));
@@ -138,6 +136,16 @@ inline Vectorized<float> vtanh(const Vectorized<float>& y) {
   p = at::vec::fmadd(p, s, V(1.333144456e-1f));
   p = at::vec::fmadd(p, s, V(-3.333328068e-1f));
   const V small = at::vec::fmadd(y * s, p, y);
+  // Each lane's result depends on its own input alone, so skipping the exp side
+  // when no lane needs it gives the same bits as blending (nan lanes count as
+  // small, and the polynomial keeps them nan).
+  constexpr int kAllLanes = (1 << V::size()) - 1;
+  if ((a >= V(0.625f)).zero_mask() == kAllLanes) {
+    return small;
+  }
+  const V a_clamped = at::vec::minimum(a, V(20.0f));
+  const V e = fast_exp(a_clamped + a_clamped);
+  const V large = (V(1.0f) - V(2.0f) / (e + V(1.0f))) | (y & V(-0.0f));
   return V::blendv(large, small, a < V(0.625f));
 }
 
